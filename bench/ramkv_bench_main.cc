@@ -1,0 +1,23 @@
+// ramkv-bench: whole-system benchmarks. Each subcommand prints a table for people and,
+// with --json, one JSON object for tools. Figures meant for comparison are reported next
+// to a reference measured in the same run.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "bench/ramkv_bench_memory.h"
+#include "common/log.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"ramkv-bench: benchmarks for ramkv (storage engine; clusters in later releases)"};
+  app.require_subcommand(1);
+  ramkv::bench::MemoryBenchOptions memory;
+  ramkv::bench::add_memory_command(app, memory);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (app.got_subcommand("memory")) return ramkv::bench::run_memory_bench(memory);
+  return 2;
+}

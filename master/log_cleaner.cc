@@ -1,0 +1,291 @@
+#include "master/log_cleaner.h"
+
+#include <algorithm>
+#include <array>
+#include <string>
+
+#include "common/config.h"
+#include "common/log.h"
+
+namespace ramkv::master {
+
+LogCleaner::LogCleaner(Log& log, LogEntryHandlers& handlers, const Clock& clock)
+    : log_(log), handlers_(handlers), clock_(clock), seglet_bytes_(log.pool().seglet_bytes()) {}
+
+LogCleaner::~LogCleaner() { stop(); }
+
+void LogCleaner::start() {
+  RAMKV_CHECK(!thread_.joinable());
+  log_.set_cleaner_wakeup([this] { wake(); });
+  thread_ = std::thread([this] { run(); });
+}
+
+void LogCleaner::stop() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void LogCleaner::wake() {
+  {
+    std::lock_guard lock(mutex_);
+    woken_ = true;
+  }
+  cv_.notify_one();
+}
+
+CleanerStats LogCleaner::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+void LogCleaner::count_copied(uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  stats_.bytes_copied += bytes;
+}
+
+void LogCleaner::run() {
+  const uint64_t low = log_.low_free_seglets();
+  const uint64_t high = 2 * low;
+  std::unique_lock lock(mutex_);
+  while (!stop_) {
+    cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stop_ || woken_; });
+    woken_ = false;
+    if (stop_) break;
+    if (log_.free_for_data() >= low) {
+      // Nothing to do; answer writers that asked while memory was fine.
+      lock.unlock();
+      log_.finish_cleaning_round(log_.cleaning_requests(), false);
+      lock.lock();
+      continue;
+    }
+    lock.unlock();
+    uint64_t request = log_.cleaning_requests();
+    bool stuck = false;
+    while (log_.free_for_data() < high) {
+      if (clean_once() == 0) {
+        stuck = log_.free_for_data() == 0;
+        break;
+      }
+      std::lock_guard check(mutex_);
+      if (stop_) break;
+    }
+    log_.finish_cleaning_round(request, stuck);
+    lock.lock();
+  }
+}
+
+double LogCleaner::score(const Segment& s, uint64_t now_ns, bool combined) const {
+  double denom = combined ? static_cast<double>(s.capacity())
+                          : static_cast<double>(std::max<uint64_t>(s.memory_bytes(), 1));
+  double u = std::min(1.0, static_cast<double>(s.live_bytes()) / denom);
+  double age = 1.0 + static_cast<double>(now_ns > s.created_ns() ? now_ns - s.created_ns() : 0) / 1e9;
+  return (1.0 - u) * age / (1.0 + u);
+}
+
+uint64_t LogCleaner::clean_once() {
+  std::vector<Segment*> segments = log_.cleanable_segments();
+  if (segments.empty()) return 0;
+  const MasterConfig& cfg = log_.config();
+  if (static_cast<double>(segments.size() + 1) > 0.9 * static_cast<double>(cfg.max_log_segments())) {
+    if (uint64_t freed = clean_combined(segments); freed > 0) return freed;
+  }
+  // Best segment to compact: frees at least one seglet and fits the memory the cleaner
+  // can count on. The copy is at most the live bytes (entries are packed end to end and
+  // a closed segment's live bytes only shrink), so it needs no seglet of slack.
+  uint64_t now = clock_.now_ns();
+  const uint64_t available = cleaner_seglets();
+  Segment* best = nullptr;
+  double best_score = -1;
+  for (Segment* s : segments) {
+    uint64_t needed = (s->live_bytes() + seglet_bytes_ - 1) / seglet_bytes_;
+    if (needed >= s->seglet_count() || needed > available) continue;
+    double sc = score(*s, now, false);
+    if (sc > best_score) {
+      best_score = sc;
+      best = s;
+    }
+  }
+  if (best != nullptr) {
+    if (uint64_t freed = compact(best); freed > 0) return freed;
+  }
+  // Memory is the goal here: a pass that would only merge segments costs memory (the
+  // new head), and repeating it would drain the reserve without end.
+  return clean_combined_for(std::move(segments), /*memory_only=*/true);
+}
+
+uint64_t LogCleaner::cleaner_seglets() const {
+  // The head never takes the last reserve_seglets, so that many (or what is free, if a
+  // cleaning pass already dipped into them) stay free for the cleaner however writers run.
+  return std::min(log_.pool().free_count(), log_.pool().reserve_seglets());
+}
+
+// Fills survivor segments for one combined pass.
+class LogCleaner::Survivors final : public EntryRelocator {
+ public:
+  Survivors(Log& log, uint64_t created_ns) : log_(log), created_ns_(created_ns) {}
+  Result<LogRef> append(std::span<const std::byte> raw, uint32_t header_bytes) override {
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      if (!current_) {
+        current_ = log_.new_survivor(created_ns_);
+      }
+      auto off = current_->append_raw(raw, header_bytes);
+      if (off.ok()) {
+        current_->add_live_bytes(raw.size());
+        copied_ += raw.size();
+        return current_->arena_offset(*off);
+      }
+      if (off.status() != Status::kNoSpace) return off.status();
+      current_->close();
+      done_.push_back(std::move(current_));
+    }
+    return Status::kInternal;
+  }
+  std::vector<std::unique_ptr<Segment>> take() {
+    if (current_) done_.push_back(std::move(current_));
+    return std::move(done_);
+  }
+  uint64_t memory_bytes() const {
+    uint64_t n = current_ ? current_->memory_bytes() : 0;
+    for (const auto& s : done_) n += s->memory_bytes();
+    return n;
+  }
+  uint64_t copied() const { return copied_; }
+
+ private:
+  Log& log_;
+  uint64_t created_ns_;
+  std::unique_ptr<Segment> current_;
+  std::vector<std::unique_ptr<Segment>> done_;
+  uint64_t copied_ = 0;
+};
+
+namespace {
+// Relocates into one compaction target.
+class CompactionTarget final : public EntryRelocator {
+ public:
+  explicit CompactionTarget(Segment& target) : target_(target) {}
+  Result<LogRef> append(std::span<const std::byte> raw, uint32_t header_bytes) override {
+    auto off = target_.append_raw(raw, header_bytes);
+    if (!off.ok()) return off.status();
+    target_.add_live_bytes(raw.size());
+    copied_ += raw.size();
+    return target_.arena_offset(*off);
+  }
+  uint64_t copied() const { return copied_; }
+
+ private:
+  Segment& target_;
+  uint64_t copied_ = 0;
+};
+
+// Moves every entry of `victim` through `to`; false at the first failure. Entries go in
+// small batches whose hash-table buckets are prefetched first: the bucket miss is most of
+// the cost of moving a small object, and the batch lets the misses overlap.
+bool relocate_all(const Segment& victim, LogEntryHandlers& handlers, EntryRelocator& to) {
+  constexpr size_t kBatch = 8;
+  std::array<std::string, kBatch> scratch;  // for entries that cross seglets
+  std::array<std::pair<uint32_t, Segment::Entry>, kBatch> batch;
+  uint32_t offset = 0;
+  while (offset < victim.length()) {
+    size_t n = 0;
+    for (; n < kBatch && offset < victim.length(); ++n) {
+      Segment::Entry e = victim.entry_at(offset, &scratch[n]);
+      handlers.prefetch(e);
+      batch[n] = {offset, e};
+      offset += e.header.total_bytes();
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (handlers.relocate(victim, batch[i].first, batch[i].second, to) != Status::kOk) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+}  // namespace
+
+uint64_t LogCleaner::compact(Segment* victim) {
+  std::unique_ptr<Segment> target = log_.new_compaction_target(*victim);
+  CompactionTarget to(*target);
+  bool ok = relocate_all(*victim, handlers_, to);
+  // The sizes were checked against the reserve, which only the cleaner draws on.
+  RAMKV_CHECK_MSG(ok, "compaction ran out of reserved memory");
+  uint64_t before = victim->memory_bytes();
+  uint64_t after = target->memory_bytes();
+  log_.finish_compaction(victim, std::move(target));
+  uint64_t freed = before > after ? before - after : 0;
+  std::lock_guard lock(mutex_);
+  stats_.compactions++;
+  stats_.bytes_copied += to.copied();
+  stats_.bytes_freed += freed;
+  return freed;
+}
+
+uint64_t LogCleaner::clean_combined(std::vector<Segment*> candidates) {
+  return clean_combined_for(std::move(candidates), /*memory_only=*/false);
+}
+
+uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool memory_only) {
+  uint64_t now = clock_.now_ns();
+  std::sort(candidates.begin(), candidates.end(), [&](Segment* a, Segment* b) {
+    return score(*a, now, true) > score(*b, now, true);
+  });
+  // Survivors must fit the memory the cleaner can count on (the victims are freed only
+  // after them): a seglet of slack per survivor and two for the head.
+  const uint64_t segment_bytes = log_.config().segment_bytes;
+  const uint64_t reserve_bytes = cleaner_seglets() * seglet_bytes_;
+  std::vector<Segment*> victims;
+  uint64_t live = 0;
+  uint64_t victim_memory = 0;
+  for (Segment* s : candidates) {
+    uint64_t next_live = live + s->live_bytes();
+    uint64_t survivors = next_live / segment_bytes + 1;
+    if (next_live + (survivors + 2) * seglet_bytes_ > reserve_bytes) break;
+    victims.push_back(s);
+    live = next_live;
+    victim_memory += s->memory_bytes();
+  }
+  uint64_t expected_memory = (live / seglet_bytes_ + live / segment_bytes + 2) * seglet_bytes_;
+  bool frees_memory = victim_memory > expected_memory;
+  bool frees_segments = victims.size() > live / segment_bytes + 1;
+  if (victims.size() < 2 || (!frees_memory && (memory_only || !frees_segments))) return 0;
+
+  uint64_t created = 0;
+  {
+    // Survivors inherit the live-byte-weighted age of their victims.
+    double weighted = 0;
+    for (Segment* v : victims) {
+      weighted += static_cast<double>(v->created_ns()) * static_cast<double>(v->live_bytes() + 1);
+    }
+    created = static_cast<uint64_t>(weighted / static_cast<double>(live + victims.size()));
+  }
+  Survivors to(log_, created);
+  size_t done = 0;
+  for (Segment* v : victims) {
+    if (!relocate_all(*v, handlers_, to)) break;
+    ++done;
+  }
+  // A victim not fully relocated stays in the log; what moved out of it is dead there.
+  std::vector<Segment*> cleaned(victims.begin(), victims.begin() + static_cast<ptrdiff_t>(done));
+  uint64_t before = 0;
+  for (Segment* v : cleaned) before += v->memory_bytes();
+  uint64_t after = to.memory_bytes();
+  uint64_t copied = to.copied();
+  log_.commit_cleaning(to.take(), cleaned);
+  uint64_t freed = before > after ? before - after : 0;
+  std::lock_guard lock(mutex_);
+  stats_.combined_passes++;
+  stats_.segments_cleaned += cleaned.size();
+  stats_.bytes_copied += copied;
+  stats_.bytes_freed += freed;
+  if (done == 0) return 0;
+  // Fewer segments in the log is progress even when no memory came back, unless memory
+  // was the point.
+  return memory_only ? freed : std::max<uint64_t>(freed, 1);
+}
+
+}  // namespace ramkv::master

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The README's test command: sets up, builds and runs every test.
+#   1. installs the build dependencies (scripts/setup.sh);
+#   2. checks formatting;
+#   3. builds with warnings as errors (build/) and runs every ctest test, the
+#      benchmarks' smoke runs included;
+#   4. builds with AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/) and runs
+#      the unit tests again.
+# Prints each ctest summary, then one closing line "N passed, N failed".
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+jobs=${JOBS:-2}
+
+bash scripts/setup.sh || { echo "test: setup failed"; exit 1; }
+
+passed=0
+failed=0
+# Runs ctest in a build dir and adds its counts to the totals.
+run_ctest() {
+  local dir=$1
+  shift
+  local log
+  log=$(mktemp)
+  (cd "$dir" && ctest --output-on-failure -j "$jobs" "$@") 2>&1 | tee "$log"
+  local line total nfail
+  line=$(grep -E 'tests passed, [0-9]+ tests? failed out of [0-9]+' "$log" | tail -n 1)
+  if [ -z "$line" ]; then
+    echo "test: ctest in $dir printed no summary"
+    failed=$((failed + 1))
+  else
+    nfail=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$line")
+    total=$(sed -E 's/.* failed out of ([0-9]+).*/\1/' <<<"$line")
+    passed=$((passed + total - nfail))
+    failed=$((failed + nfail))
+  fi
+  rm -f "$log"
+}
+
+echo "== format"
+if bash scripts/check-format.sh; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+
+echo "== build (warnings are errors)"
+if JOBS=$jobs bash scripts/build.sh build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRAMKV_WERROR=ON; then
+  echo "== tests"
+  run_ctest build
+else
+  echo "test: build failed"
+  failed=$((failed + 1))
+fi
+
+echo "== build with ASan + UBSan"
+if JOBS=$jobs bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DRAMKV_SANITIZE=ON \
+    -DRAMKV_WERROR=ON -DRAMKV_BUILD_BENCH=OFF; then
+  echo "== unit tests under ASan + UBSan"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    run_ctest build-asan
+else
+  echo "test: sanitizer build failed"
+  failed=$((failed + 1))
+fi
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
