@@ -193,25 +193,52 @@ Result<ObjectManager::Incremented> ObjectManager::increment(uint64_t table_id,
   });
 }
 
-Result<uint64_t> ObjectManager::enumerate(uint64_t table_id, uint64_t cursor,
+Result<uint64_t> ObjectManager::enumerate(uint64_t table_id, uint64_t hash_begin,
+                                          uint64_t hash_end, uint64_t cursor,
                                           size_t max_objects, std::vector<Object>* out) {
-  if (cursor > end_cursor()) return Status::kBadRequest;
+  if (cursor > end_cursor() || hash_begin > hash_end) return Status::kBadRequest;
+  cursor = std::max(cursor, hash_table_.bucket_of(hash_begin));
+  const uint64_t last = hash_table_.bucket_of(hash_end);
+  const bool whole_table = hash_begin == 0 && hash_end == UINT64_MAX;
   std::string scratch;
   size_t added = 0;
-  while (cursor < end_cursor() && (added < max_objects || max_objects == 0)) {
+  while (cursor <= last && cursor < end_cursor() && (added < max_objects || max_objects == 0)) {
     std::lock_guard lock(stripes_[cursor % stripes_.size()].mutex);
     hash_table_.for_each_in_bucket(cursor, [&](LogRef ref) {
       auto [seg, offset] = log_->resolve(ref);
       auto obj = decode_object(seg->entry_at(offset, &scratch).payload);
       RAMKV_CHECK(obj.ok());
       if (obj->table_id != table_id) return;
+      if (!whole_table) {
+        uint64_t h = key_hash(table_id, obj->key);
+        if (h < hash_begin || h > hash_end) return;
+      }
       out->push_back({std::string(obj->key), std::string(obj->value), obj->version});
       ++added;
     });
     ++cursor;
     if (max_objects == 0) break;
   }
-  return cursor;
+  return cursor > last ? end_cursor() : cursor;
+}
+
+Result<uint64_t> ObjectManager::remove_range(uint64_t table_id, uint64_t hash_begin,
+                                             uint64_t hash_end) {
+  uint64_t removed = 0;
+  uint64_t cursor = 0;
+  std::vector<Object> batch;
+  while (cursor != end_cursor()) {
+    batch.clear();
+    auto next = enumerate(table_id, hash_begin, hash_end, cursor, 256, &batch);
+    if (!next.ok()) return next.status();
+    for (const auto& o : batch) {
+      auto r = remove(table_id, o.key);
+      if (!r.ok()) return r.status();
+      ++removed;
+    }
+    cursor = *next;
+  }
+  return removed;
 }
 
 std::vector<TableStat> ObjectManager::table_stats() const {

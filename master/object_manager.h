@@ -99,7 +99,16 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
     uint64_t version = 0;
   };
   Result<uint64_t> enumerate(uint64_t table_id, uint64_t cursor, size_t max_objects,
-                             std::vector<Object>* out);
+                             std::vector<Object>* out) {
+    return enumerate(table_id, 0, UINT64_MAX, cursor, max_objects, out);
+  }
+  // The same over one tablet: only keys whose hash is in [hash_begin, hash_end]. Buckets
+  // are in hash order, so the walk covers just the tablet's buckets.
+  Result<uint64_t> enumerate(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end,
+                             uint64_t cursor, size_t max_objects, std::vector<Object>* out);
+  // Removes every object of the table whose key hash is in [hash_begin, hash_end] (a
+  // dropped table or a tablet given away). Returns how many.
+  Result<uint64_t> remove_range(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end);
   uint64_t end_cursor() const { return hash_table_.bucket_count(); }
 
   ObjectManagerStats stats() const;

@@ -1,0 +1,554 @@
+// TCP implementation of transport.h. Non-blocking sockets under epoll; every message is
+// framed by wire::MessageHeader. A peer that breaks framing (bad magic, version or
+// length) has its connection closed; the loop carries on with everyone else.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <unordered_map>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "common/transport.h"
+
+namespace ramkv {
+
+std::string Locator::to_string() const { return host + ":" + std::to_string(port); }
+
+Result<Locator> parse_locator(std::string_view text) {
+  size_t colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 >= text.size()) {
+    return Status::kInvalidArgument;
+  }
+  Locator l;
+  l.host = std::string(text.substr(0, colon));
+  auto port_text = text.substr(colon + 1);
+  unsigned port = 0;
+  auto [ptr, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (ec != std::errc() || ptr != port_text.data() + port_text.size() || port > 65535) {
+    return Status::kInvalidArgument;
+  }
+  l.port = static_cast<uint16_t>(port);
+  return l;
+}
+
+size_t Reply::total_bytes() const {
+  size_t n = body_.size();
+  for (auto p : external_) n += p.size();
+  return n;
+}
+
+namespace {
+
+constexpr size_t kHeaderBytes = sizeof(wire::MessageHeader);
+constexpr size_t kReadChunk = 64 * 1024;
+
+Result<sockaddr_in> resolve(const Locator& l) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(l.port);
+  if (inet_pton(AF_INET, l.host.c_str(), &addr.sin_addr) == 1) return addr;
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(l.host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
+    return Status::kInvalidArgument;
+  }
+  addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
+  freeaddrinfo(res);
+  return addr;
+}
+
+void set_socket_options(int fd, const TransportOptions& o) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  unsigned timeout = o.tcp_user_timeout_ms;
+  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout, sizeof(timeout));
+}
+
+// Bytes received but not yet parsed, and bytes to send that the socket did not take.
+struct Connection {
+  int fd = -1;
+  std::vector<std::byte> in;
+  size_t in_start = 0;  // parsed prefix of `in`
+  std::deque<std::byte> out;
+  bool want_write = false;
+
+  // Appends whatever read() gives until EAGAIN. false on EOF or error.
+  bool fill() {
+    while (true) {
+      if (in_start > 0 && in_start == in.size()) {
+        in.clear();
+        in_start = 0;
+      }
+      size_t at = in.size();
+      in.resize(at + kReadChunk);
+      ssize_t n = ::read(fd, in.data() + at, kReadChunk);
+      if (n > 0) {
+        in.resize(at + static_cast<size_t>(n));
+        if (static_cast<size_t>(n) < kReadChunk) return true;
+        continue;
+      }
+      in.resize(at);
+      if (n == 0) return false;
+      return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+    }
+  }
+
+  // The next whole message, if one is buffered. kBadRequest when framing is broken.
+  Status next(const TransportOptions& o, wire::MessageHeader* h, std::span<const std::byte>* body) {
+    size_t have = in.size() - in_start;
+    if (have < kHeaderBytes) return Status::kRetry;
+    std::memcpy(h, in.data() + in_start, kHeaderBytes);
+    if (wire::check_header(*h) != Status::kOk ||
+        h->body_bytes + kHeaderBytes > o.max_message_bytes) {
+      return Status::kBadRequest;
+    }
+    if (have < kHeaderBytes + h->body_bytes) return Status::kRetry;
+    *body = {in.data() + in_start + kHeaderBytes, h->body_bytes};
+    in_start += kHeaderBytes + h->body_bytes;
+    return Status::kOk;
+  }
+
+  // Sends pieces now as far as the socket takes them; the rest is queued. false on error.
+  bool send(std::span<const std::span<const std::byte>> pieces) {
+    size_t total = 0;
+    for (auto p : pieces) total += p.size();
+    size_t sent = 0;
+    if (out.empty()) {
+      iovec iov[16];
+      size_t n = 0;
+      for (auto p : pieces) {
+        if (n == 16) break;
+        if (p.empty()) continue;
+        iov[n++] = {const_cast<std::byte*>(p.data()), p.size()};
+      }
+      ssize_t w = ::writev(fd, iov, static_cast<int>(n));
+      if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return false;
+      sent = w > 0 ? static_cast<size_t>(w) : 0;
+    }
+    if (sent == total) return true;
+    size_t skip = sent;
+    for (auto p : pieces) {
+      if (skip >= p.size()) {
+        skip -= p.size();
+        continue;
+      }
+      out.insert(out.end(), p.begin() + static_cast<ptrdiff_t>(skip), p.end());
+      skip = 0;
+    }
+    return true;
+  }
+
+  // Writes queued bytes. false on error.
+  bool flush() {
+    while (!out.empty()) {
+      std::byte chunk[kReadChunk];
+      size_t n = std::min(out.size(), sizeof(chunk));
+      std::copy(out.begin(), out.begin() + static_cast<ptrdiff_t>(n), chunk);
+      ssize_t w = ::write(fd, chunk, n);
+      if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+      out.erase(out.begin(), out.begin() + w);
+    }
+    return true;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+class TcpServerTransport final : public ServerTransport {
+ public:
+  explicit TcpServerTransport(const TransportOptions& o) : options_(o) {
+    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+    stop_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  }
+  ~TcpServerTransport() override {
+    for (auto& [fd, c] : connections_) ::close(fd);
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    ::close(stop_fd_);
+    ::close(epoll_fd_);
+  }
+
+  Status listen(const std::string& text) override {
+    auto loc = parse_locator(text);
+    if (!loc.ok()) return loc.status();
+    auto addr = resolve(*loc);
+    if (!addr.ok()) return addr.status();
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0 ||
+        ::listen(listen_fd_, 1024) != 0) {
+      LOG_ERROR("cannot listen on {}: {}", text, std::strerror(errno));
+      return Status::kIoError;
+    }
+    sockaddr_in bound{};
+    socklen_t len = sizeof(bound);
+    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &len);
+    locator_ = Locator{loc->host, ntohs(bound.sin_port)}.to_string();
+    add(listen_fd_, EPOLLIN);
+    add(stop_fd_, EPOLLIN);
+    return Status::kOk;
+  }
+
+  std::string locator() const override { return locator_; }
+
+  void stop() override {
+    stopping_.store(true);
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(stop_fd_, &one, sizeof(one));
+  }
+
+  void run(const Handler& handler) override {
+    epoll_event events[64];
+    Reply reply;
+    while (!stopping_.load(std::memory_order_relaxed)) {
+      int n = epoll_wait(epoll_fd_, events, 64, options_.busy_poll ? 0 : -1);
+      if (n < 0 && errno != EINTR) {
+        LOG_ERROR("epoll_wait: {}", std::strerror(errno));
+        return;
+      }
+      for (int i = 0; i < n; ++i) {
+        int fd = events[i].data.fd;
+        if (fd == listen_fd_) {
+          accept_all();
+        } else if (fd != stop_fd_) {
+          serve(fd, events[i].events, handler, reply);
+        }
+      }
+    }
+  }
+
+ private:
+  void add(int fd, uint32_t events) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.fd = fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  }
+
+  void accept_all() {
+    while (true) {
+      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) return;
+      if (connections_.size() >= options_.max_connections) {
+        LOG_WARNING("refusing a connection: already {} open", connections_.size());
+        ::close(fd);
+        continue;
+      }
+      set_socket_options(fd, options_);
+      connections_[fd].fd = fd;
+      add(fd, EPOLLIN | EPOLLRDHUP);
+    }
+  }
+
+  void close_connection(int fd, const char* why) {
+    if (why != nullptr) LOG_DEBUG("closing connection {}: {}", fd, why);
+    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+    ::close(fd);
+    connections_.erase(fd);
+  }
+
+  void serve(int fd, uint32_t events, const Handler& handler, Reply& reply) {
+    auto it = connections_.find(fd);
+    if (it == connections_.end()) return;
+    Connection& c = it->second;
+    if (events & EPOLLOUT) {
+      if (!c.flush()) return close_connection(fd, "write failed");
+    }
+    bool open = true;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) open = c.fill();
+    wire::MessageHeader h;
+    std::span<const std::byte> body;
+    while (true) {
+      Status s = c.next(options_, &h, &body);
+      if (s == Status::kRetry) break;
+      if (s != Status::kOk) {
+        LOG_WARNING("closing a connection that sent a malformed message header");
+        return close_connection(fd, nullptr);
+      }
+      if (h.flags & wire::kFlagResponse) continue;  // not a request: ignore
+      reply.clear();
+      if (!wire::opcode_known(h.opcode)) {
+        reply.set_status(Status::kBadRequest);
+      } else {
+        handler(h, body, reply);
+      }
+      wire::MessageHeader rh = h;
+      rh.flags = wire::kFlagResponse;
+      rh.status = static_cast<uint16_t>(reply.status());
+      rh.body_bytes = static_cast<uint32_t>(reply.total_bytes());
+      std::vector<std::span<const std::byte>> pieces;
+      pieces.reserve(2 + reply.external().size());
+      pieces.push_back({reinterpret_cast<const std::byte*>(&rh), kHeaderBytes});
+      pieces.push_back(reply.body());
+      for (auto p : reply.external()) pieces.push_back(p);
+      if (!c.send(pieces)) return close_connection(fd, "send failed");
+    }
+    if (!open) return close_connection(fd, "peer closed");
+    bool want = !c.out.empty();
+    if (want != c.want_write) {
+      c.want_write = want;
+      epoll_event ev{};
+      ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u);
+      ev.data.fd = fd;
+      epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, fd, &ev);
+    }
+  }
+
+  TransportOptions options_;
+  int epoll_fd_ = -1;
+  int stop_fd_ = -1;
+  int listen_fd_ = -1;
+  std::string locator_;
+  std::atomic<bool> stopping_{false};
+  std::unordered_map<int, Connection> connections_;
+};
+
+// ---------------------------------------------------------------------------------------
+class TcpClientTransport final : public ClientTransport {
+ public:
+  explicit TcpClientTransport(const TransportOptions& o) : options_(o) {
+    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  }
+  ~TcpClientTransport() override {
+    for (auto& [loc, s] : sessions_) ::close(s.conn.fd);
+    ::close(epoll_fd_);
+  }
+
+  void send(const std::string& locator, const Request& request, std::span<const std::byte> body,
+            Callback callback) override {
+    uint64_t id = next_request_id_++;
+    uint64_t deadline = clock_.now_ns() + request.timeout_ns;
+    Session* s = session(locator);
+    if (s == nullptr) {
+      failed_.push_back({std::move(callback), Status::kUnavailable});
+      return;
+    }
+    wire::MessageHeader h;
+    h.opcode = static_cast<uint16_t>(request.opcode);
+    h.request_id = id;
+    h.body_bytes = static_cast<uint32_t>(body.size());
+    h.client_id = request.client_id;
+    h.rpc_seq = request.rpc_seq;
+    std::span<const std::byte> pieces[] = {
+        {reinterpret_cast<const std::byte*>(&h), kHeaderBytes}, body};
+    s->pending[id] = {std::move(callback), deadline};
+    if (!s->conn.send(pieces)) {
+      fail_session(locator, Status::kUnavailable);
+      return;
+    }
+    update_interest(*s);
+  }
+
+  int poll(uint64_t timeout_ns) override {
+    int done = run_failed();
+    if (done > 0) timeout_ns = 0;
+    uint64_t now = clock_.now_ns();
+    uint64_t wait_ns = timeout_ns;
+    for (auto& [loc, s] : sessions_) {
+      for (auto& [id, p] : s.pending) {
+        wait_ns = std::min(wait_ns, p.deadline > now ? p.deadline - now : 0);
+      }
+    }
+    int timeout_ms = options_.busy_poll ? 0 : static_cast<int>((wait_ns + 999'999) / 1'000'000);
+    epoll_event events[64];
+    int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
+    for (int i = 0; i < n; ++i) {
+      auto it = by_fd_.find(events[i].data.fd);
+      if (it == by_fd_.end()) continue;
+      done += handle(it->second, events[i].events);
+    }
+    done += expire();
+    return done;
+  }
+
+  size_t outstanding() const override {
+    size_t n = failed_.size();
+    for (const auto& [loc, s] : sessions_) n += s.pending.size();
+    return n;
+  }
+
+  void disconnect(const std::string& locator) override {
+    fail_session(locator, Status::kUnavailable);
+  }
+
+ private:
+  struct Pending {
+    Callback callback;
+    uint64_t deadline = 0;
+  };
+  struct Session {
+    Connection conn;
+    bool connected = false;
+    std::map<uint64_t, Pending> pending;
+  };
+  struct Failed {
+    Callback callback;
+    Status status;
+  };
+
+  Session* session(const std::string& locator) {
+    auto it = sessions_.find(locator);
+    if (it != sessions_.end()) return &it->second;
+    auto loc = parse_locator(locator);
+    if (!loc.ok()) return nullptr;
+    auto addr = resolve(*loc);
+    if (!addr.ok()) return nullptr;
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return nullptr;
+    set_socket_options(fd, options_);
+    int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr));
+    if (rc != 0 && errno != EINPROGRESS) {
+      ::close(fd);
+      return nullptr;
+    }
+    Session& s = sessions_[locator];
+    s.conn.fd = fd;
+    s.connected = rc == 0;
+    by_fd_[fd] = locator;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP;
+    ev.data.fd = fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    s.conn.want_write = true;
+    return &s;
+  }
+
+  void update_interest(Session& s) {
+    bool want = !s.conn.out.empty() || !s.connected;
+    if (want == s.conn.want_write) return;
+    s.conn.want_write = want;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u);
+    ev.data.fd = s.conn.fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, s.conn.fd, &ev);
+  }
+
+  int handle(const std::string& locator, uint32_t events) {
+    Session& s = sessions_[locator];
+    if (events & EPOLLERR) {
+      fail_session(locator, Status::kUnavailable);
+      return run_failed();
+    }
+    if (events & EPOLLOUT) {
+      s.connected = true;
+      if (!s.conn.flush()) {
+        fail_session(locator, Status::kUnavailable);
+        return run_failed();
+      }
+    }
+    bool open = true;
+    int done = 0;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) open = s.conn.fill();
+    wire::MessageHeader h;
+    std::span<const std::byte> body;
+    while (true) {
+      Status st = s.conn.next(options_, &h, &body);
+      if (st == Status::kRetry) break;
+      if (st != Status::kOk) {
+        LOG_WARNING("malformed response from {}: closing the session", locator);
+        open = false;
+        break;
+      }
+      auto it = s.pending.find(h.request_id);
+      if (it == s.pending.end()) continue;  // timed out already
+      Callback cb = std::move(it->second.callback);
+      s.pending.erase(it);
+      cb(Status::kOk, h, body);
+      ++done;
+      // The callback may have sent more; the session object is stable (std::map node).
+    }
+    if (!open) {
+      fail_session(locator, Status::kUnavailable);
+      return done + run_failed();
+    }
+    update_interest(s);
+    return done;
+  }
+
+  void fail_session(const std::string& locator, Status status) {
+    auto it = sessions_.find(locator);
+    if (it == sessions_.end()) return;
+    for (auto& [id, p] : it->second.pending) failed_.push_back({std::move(p.callback), status});
+    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, it->second.conn.fd, nullptr);
+    ::close(it->second.conn.fd);
+    by_fd_.erase(it->second.conn.fd);
+    sessions_.erase(it);
+  }
+
+  int run_failed() {
+    int n = 0;
+    while (!failed_.empty()) {
+      Failed f = std::move(failed_.front());
+      failed_.pop_front();
+      f.callback(f.status, wire::MessageHeader{}, {});
+      ++n;
+    }
+    return n;
+  }
+
+  int expire() {
+    uint64_t now = clock_.now_ns();
+    int n = 0;
+    for (auto& [loc, s] : sessions_) {
+      for (auto it = s.pending.begin(); it != s.pending.end();) {
+        if (it->second.deadline <= now) {
+          failed_.push_back({std::move(it->second.callback), Status::kTimeout});
+          it = s.pending.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    n += run_failed();
+    return n;
+  }
+
+  TransportOptions options_;
+  const Clock& clock_ = SystemClock::instance();
+  int epoll_fd_ = -1;
+  uint64_t next_request_id_ = 1;
+  std::map<std::string, Session> sessions_;  // std::map: stable nodes across callbacks
+  std::unordered_map<int, std::string> by_fd_;
+  std::deque<Failed> failed_;
+};
+
+}  // namespace
+
+std::unique_ptr<ServerTransport> make_tcp_server_transport(const TransportOptions& options) {
+  return std::make_unique<TcpServerTransport>(options);
+}
+
+std::unique_ptr<ClientTransport> make_tcp_client_transport(const TransportOptions& options) {
+  return std::make_unique<TcpClientTransport>(options);
+}
+
+CallResult call(ClientTransport& transport, const std::string& locator,
+                const ClientTransport::Request& request, std::span<const std::byte> body) {
+  CallResult result;
+  bool done = false;
+  transport.send(locator, request, body,
+                 [&](Status st, const wire::MessageHeader& h, std::span<const std::byte> b) {
+                   done = true;
+                   result.status = st != Status::kOk ? st : static_cast<Status>(h.status);
+                   result.body.assign(b.begin(), b.end());
+                 });
+  while (!done) transport.poll(request.timeout_ns);
+  return result;
+}
+
+}  // namespace ramkv

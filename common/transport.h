@@ -1,0 +1,119 @@
+// The RPC transport: how requests and responses travel between processes. One interface,
+// implemented over TCP (tcp_transport.h, the default and what every test runs on) and,
+// later, RDMA verbs. The shape is chosen for both:
+//   - A server runs one dispatch loop that owns its connections; handlers run to
+//     completion on it (STYLE.md). The loop either busy-polls (lowest latency, one core
+//     spinning) or blocks in the kernel (the default on small machines).
+//   - A reply is a header, a body the handler filled, and optional external pieces that
+//     are sent without copying (value bytes that already sit in the log, or registered
+//     memory under RDMA). External pieces must stay valid until the handler's caller
+//     returns from sending; the transport copies whatever it cannot send at once.
+//   - Clients send asynchronously and collect completions by polling on their own
+//     thread: no hand-off to another thread on the fast path (a wake-up across vCPUs
+//     costs ~50 us here, REFERENCE-FIGURES.md).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/result.h"
+#include "common/wire_format.h"
+
+namespace ramkv {
+
+// "host:port" split; kInvalidArgument when malformed. Port 0 is allowed for listening.
+struct Locator {
+  std::string host;
+  uint16_t port = 0;
+  std::string to_string() const;
+};
+Result<Locator> parse_locator(std::string_view text);
+
+class Reply {
+ public:
+  void set_status(Status s) { status_ = s; }
+  Status status() const { return status_; }
+  std::vector<std::byte>& body() { return body_; }
+  wire::BodyWriter writer() { return wire::BodyWriter(&body_); }
+  // Appended after body() without a copy; see the file comment for lifetime.
+  void add_external(std::span<const std::byte> piece) { external_.push_back(piece); }
+  const std::vector<std::span<const std::byte>>& external() const { return external_; }
+  size_t total_bytes() const;
+  void clear() {
+    status_ = Status::kOk;
+    body_.clear();
+    external_.clear();
+  }
+
+ private:
+  Status status_ = Status::kOk;
+  std::vector<std::byte> body_;
+  std::vector<std::span<const std::byte>> external_;
+};
+
+struct TransportOptions {
+  // Spin on the socket instead of sleeping in epoll_wait.
+  bool busy_poll = false;
+  // Abort a connection whose sent data stays unacknowledged this long (TCP_USER_TIMEOUT).
+  uint32_t tcp_user_timeout_ms = 10'000;
+  // A peer's message above this is refused (connection closed).
+  uint32_t max_message_bytes = wire::kMaxBodyBytes + sizeof(wire::MessageHeader);
+  // Server: most connections at once; more are accepted and closed at once.
+  uint32_t max_connections = 4096;
+};
+
+class ServerTransport {
+ public:
+  using Handler = std::function<void(const wire::MessageHeader& request,
+                                     std::span<const std::byte> body, Reply& reply)>;
+  virtual ~ServerTransport() = default;
+  // Binds and listens; "127.0.0.1:0" picks a free port (see locator()).
+  virtual Status listen(const std::string& locator) = 0;
+  virtual std::string locator() const = 0;
+  // Runs the dispatch loop on the calling thread until stop().
+  virtual void run(const Handler& handler) = 0;
+  // Thread-safe and async-signal-safe: makes run() return soon.
+  virtual void stop() = 0;
+};
+
+class ClientTransport {
+ public:
+  // Called once per request from poll(): kOk with the response (whose own status is in
+  // header.status), or the transport's failure (kTimeout, kUnavailable) with no body.
+  using Callback = std::function<void(Status transport_status, const wire::MessageHeader& header,
+                                      std::span<const std::byte> body)>;
+  struct Request {
+    wire::Opcode opcode = wire::Opcode::kEcho;
+    uint64_t client_id = 0;
+    uint64_t rpc_seq = 0;
+    uint64_t timeout_ns = 5'000'000'000;
+  };
+  virtual ~ClientTransport() = default;
+  // Queues a request to the server at `locator` (connecting if needed) and sends what
+  // it can now. The callback runs from a later poll(), never from send().
+  virtual void send(const std::string& locator, const Request& request,
+                    std::span<const std::byte> body, Callback callback) = 0;
+  // Waits up to timeout_ns for progress, runs completions; returns how many ran.
+  virtual int poll(uint64_t timeout_ns) = 0;
+  virtual size_t outstanding() const = 0;
+  // Closes the connection to `locator`, failing its requests with kUnavailable.
+  virtual void disconnect(const std::string& locator) = 0;
+};
+
+std::unique_ptr<ServerTransport> make_tcp_server_transport(const TransportOptions& options);
+std::unique_ptr<ClientTransport> make_tcp_client_transport(const TransportOptions& options);
+
+// A synchronous call on a client transport: sends and polls until the response or the
+// timeout. status is the transport's or, on delivery, the response header's status.
+struct CallResult {
+  Status status = Status::kOk;
+  std::vector<std::byte> body;
+};
+CallResult call(ClientTransport& transport, const std::string& locator,
+                const ClientTransport::Request& request, std::span<const std::byte> body);
+
+}  // namespace ramkv

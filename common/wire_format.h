@@ -1,0 +1,305 @@
+// The wire format: every RPC message ramkv sends, in one place (RAMCloud's WireFormat.h).
+//
+// A message is a fixed header followed by a body of `body_bytes`:
+//
+//   0       4       6       8               16      20      22      24              32              40
+//   +-------+-------+-------+---------------+-------+-------+-------+---------------+---------------+
+//   | magic |version|opcode | request id    | body  |status | flags | client id     | rpc sequence  |
+//   +-------+-------+-------+---------------+-------+-------+-------+---------------+---------------+
+//   magic "RKV1" (0x31564b52), version kProtocolVersion, status 0 in requests, flags bit 0 =
+//   response. client id and rpc sequence identify a request across retries (exactly-once
+//   semantics come with recovery; the fields exist from the start).
+//
+// A body is a fixed-size struct below (little-endian, packed, sizes static_asserted),
+// then the variable-length parts it announces (keys, values, names), in the order the
+// struct's comment gives. Bodies are decoded only through BodyReader, which checks every
+// length against the bytes received: a short or lying body is Status::kBadRequest, never
+// an out-of-bounds read.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "common/buffer.h"
+#include "common/status.h"
+
+namespace ramkv::wire {
+
+constexpr uint32_t kMagic = 0x31564b52;  // "RKV1" little-endian
+constexpr uint16_t kProtocolVersion = 1;
+// The largest body a peer may send: a 1 MiB value, a 64 KiB key, and room for multi-ops.
+constexpr uint32_t kMaxBodyBytes = 16u << 20;
+
+enum class Opcode : uint16_t {
+  kEcho = 1,  // body echoed back: the bare round trip for benchmarks and health checks
+
+  // Coordinator.
+  kEnlistServer = 10,
+  kGetServerList = 11,
+  kCreateTable = 12,
+  kDropTable = 13,
+  kGetTableId = 14,
+  kGetTabletMap = 15,
+
+  // Master.
+  kRead = 30,
+  kWrite = 31,
+  kRemove = 32,
+  kIncrement = 33,
+  kMultiRead = 34,
+  kMultiWrite = 35,
+  kMultiRemove = 36,
+  kEnumerate = 37,
+  kTakeTablets = 38,   // coordinator -> master: you own these tablets now
+  kDropTablets = 39,   // coordinator -> master: forget these tablets and their objects
+  kServerListUpdate = 40,  // coordinator -> server: the server list changed
+  kGetServerStats = 41,
+};
+std::string_view opcode_name(Opcode op);
+bool opcode_known(uint16_t op);
+
+#pragma pack(push, 1)
+struct MessageHeader {
+  uint32_t magic = kMagic;
+  uint16_t version = kProtocolVersion;
+  uint16_t opcode = 0;
+  uint64_t request_id = 0;
+  uint32_t body_bytes = 0;
+  uint16_t status = 0;
+  uint16_t flags = 0;
+  uint64_t client_id = 0;
+  uint64_t rpc_seq = 0;
+};
+static_assert(sizeof(MessageHeader) == 40);
+constexpr uint16_t kFlagResponse = 1;
+
+// Reject rules as they travel (master/object_manager.h RejectRules).
+struct RejectRulesWire {
+  uint8_t doesnt_exist = 0;
+  uint8_t exists = 0;
+  uint8_t version_le_given = 0;
+  uint8_t version_ne_given = 0;
+  uint64_t given_version = 0;
+};
+static_assert(sizeof(RejectRulesWire) == 12);
+
+// ---- Coordinator -------------------------------------------------------------------
+// kEnlistServer: + locator (address "host:port"). The coordinator answers with the new id.
+struct EnlistServerRequest {
+  uint32_t services = 0;  // bit 0 master, bit 1 backup
+  uint32_t locator_bytes = 0;
+  uint64_t replaces_id = 0;  // a restarted server's previous id, or 0
+};
+static_assert(sizeof(EnlistServerRequest) == 16);
+struct EnlistServerResponse {
+  uint64_t server_id = 0;  // index in the low 32 bits, generation in the high 32
+};
+static_assert(sizeof(EnlistServerResponse) == 8);
+constexpr uint32_t kServiceMaster = 1;
+constexpr uint32_t kServiceBackup = 2;
+
+// kGetServerList: empty request. Response: ServerListHeader, then `count` x
+// (ServerEntry + locator).
+struct ServerListHeader {
+  uint64_t version = 0;  // bumped on every change
+  uint32_t count = 0;
+};
+static_assert(sizeof(ServerListHeader) == 12);
+struct ServerEntry {
+  uint64_t server_id = 0;
+  uint32_t services = 0;
+  uint8_t status = 0;  // 0 up, 1 crashed, 2 removed
+  uint8_t pad[3] = {};
+  uint32_t locator_bytes = 0;
+};
+static_assert(sizeof(ServerEntry) == 20);
+
+// kCreateTable: + name. Response: TableIdResponse.
+struct CreateTableRequest {
+  uint32_t name_bytes = 0;
+  uint32_t tablet_count = 0;  // 0: one per master
+};
+static_assert(sizeof(CreateTableRequest) == 8);
+// kDropTable, kGetTableId: + name.
+struct TableNameRequest {
+  uint32_t name_bytes = 0;
+};
+static_assert(sizeof(TableNameRequest) == 4);
+struct TableIdResponse {
+  uint64_t table_id = 0;
+};
+static_assert(sizeof(TableIdResponse) == 8);
+
+// A tablet: a range of key hashes of one table, owned by one master.
+struct TabletWire {
+  uint64_t table_id = 0;
+  uint64_t start_hash = 0;  // inclusive
+  uint64_t end_hash = 0;    // inclusive
+  uint64_t server_id = 0;
+};
+static_assert(sizeof(TabletWire) == 32);
+// kGetTabletMap: TabletMapRequest. Response: TabletMapHeader, count x TabletWire, then
+// for each distinct server in the map a ServerEntry + locator (server_count of them).
+struct TabletMapRequest {
+  uint64_t table_id = 0;  // 0: every table
+};
+static_assert(sizeof(TabletMapRequest) == 8);
+struct TabletMapHeader {
+  uint64_t version = 0;
+  uint32_t count = 0;
+  uint32_t server_count = 0;
+};
+static_assert(sizeof(TabletMapHeader) == 16);
+
+// kTakeTablets / kDropTablets: TabletListHeader + count x TabletWire. Empty response.
+struct TabletListHeader {
+  uint32_t count = 0;
+};
+static_assert(sizeof(TabletListHeader) == 4);
+
+// ---- Master ------------------------------------------------------------------------
+// kRead: + key. Response: ReadResponse + value.
+struct ReadRequest {
+  uint64_t table_id = 0;
+  uint32_t key_bytes = 0;
+  RejectRulesWire rules;
+};
+static_assert(sizeof(ReadRequest) == 24);
+struct ReadResponse {
+  uint64_t version = 0;
+  uint32_t value_bytes = 0;
+};
+static_assert(sizeof(ReadResponse) == 12);
+
+// kWrite: + key + value. Response: VersionResponse.
+struct WriteRequest {
+  uint64_t table_id = 0;
+  uint32_t key_bytes = 0;
+  uint32_t value_bytes = 0;
+  RejectRulesWire rules;
+};
+static_assert(sizeof(WriteRequest) == 28);
+struct VersionResponse {
+  uint64_t version = 0;
+};
+static_assert(sizeof(VersionResponse) == 8);
+
+// kRemove: + key. Response: VersionResponse (of the removed object, 0 if none).
+using RemoveRequest = ReadRequest;
+
+// kIncrement: + key. Response: IncrementResponse.
+struct IncrementRequest {
+  uint64_t table_id = 0;
+  int64_t delta = 0;
+  uint32_t key_bytes = 0;
+  RejectRulesWire rules;
+};
+static_assert(sizeof(IncrementRequest) == 32);
+struct IncrementResponse {
+  int64_t value = 0;
+  uint64_t version = 0;
+};
+static_assert(sizeof(IncrementResponse) == 16);
+
+// Multi-operations: MultiHeader, then count items. Each response item starts with a
+// u16 status.
+//   kMultiRead   item: ReadRequest + key        -> status, ReadResponse + value
+//   kMultiWrite  item: WriteRequest + key + value -> status, VersionResponse
+//   kMultiRemove item: RemoveRequest + key      -> status, VersionResponse
+// Failed items carry only their status.
+struct MultiHeader {
+  uint32_t count = 0;
+};
+static_assert(sizeof(MultiHeader) == 4);
+constexpr uint32_t kMaxMultiCount = 4096;
+
+// kEnumerate: EnumerateRequest. Response: EnumerateResponse, count x (EnumeratedObject +
+// key + value).
+struct EnumerateRequest {
+  uint64_t table_id = 0;
+  uint64_t start_hash = 0;  // the tablet being walked: [start_hash, end_hash]
+  uint64_t end_hash = 0;
+  uint64_t cursor = 0;      // 0 to begin
+  uint32_t max_objects = 0;
+};
+static_assert(sizeof(EnumerateRequest) == 36);
+struct EnumerateResponse {
+  uint64_t next_cursor = 0;  // kEnumerateDone when this tablet is finished
+  uint32_t count = 0;
+};
+static_assert(sizeof(EnumerateResponse) == 12);
+constexpr uint64_t kEnumerateDone = UINT64_MAX;
+struct EnumeratedObject {
+  uint64_t version = 0;
+  uint32_t key_bytes = 0;
+  uint32_t value_bytes = 0;
+};
+static_assert(sizeof(EnumeratedObject) == 16);
+
+// kGetServerStats: empty request. Response: text ("name value" lines).
+#pragma pack(pop)
+
+// ---- Encoding helpers ----------------------------------------------------------------
+
+// Appends bytes to a growing message body.
+class BodyWriter {
+ public:
+  explicit BodyWriter(std::vector<std::byte>* out) : out_(out) {}
+  template <typename T>
+    requires std::is_trivially_copyable_v<T>
+  void put(const T& v) {
+    size_t at = out_->size();
+    out_->resize(at + sizeof(T));
+    std::memcpy(out_->data() + at, &v, sizeof(T));
+  }
+  void put_bytes(std::string_view s) {
+    size_t at = out_->size();
+    out_->resize(at + s.size());
+    if (!s.empty()) std::memcpy(out_->data() + at, s.data(), s.size());
+  }
+  void put_bytes(std::span<const std::byte> b) {
+    put_bytes(std::string_view(reinterpret_cast<const char*>(b.data()), b.size()));
+  }
+
+ private:
+  std::vector<std::byte>* out_;
+};
+
+// Decodes a received body; every read is bounds-checked (sticky failure, as ByteReader).
+class BodyReader {
+ public:
+  explicit BodyReader(std::span<const std::byte> body) : r_(body) {}
+  template <typename T>
+    requires std::is_trivially_copyable_v<T>
+  bool get(T* v) {
+    auto b = r_.get_bytes(sizeof(T));
+    if (!r_.ok()) return false;
+    std::memcpy(v, b.data(), sizeof(T));
+    return true;
+  }
+  // A string of `n` bytes as a view into the body; false if the body is shorter.
+  bool get_string(uint64_t n, std::string_view* s) {
+    if (n > r_.remaining()) {
+      r_.get_bytes(r_.remaining() + 1);  // sets the failure flag
+      return false;
+    }
+    *s = r_.get_string(static_cast<size_t>(n));
+    return r_.ok();
+  }
+  bool ok() const { return r_.ok(); }
+  bool at_end() const { return r_.ok() && r_.remaining() == 0; }
+  size_t remaining() const { return r_.remaining(); }
+
+ private:
+  ByteReader r_;
+};
+
+// Checks a received header: magic, version, body size. kBadRequest if any is wrong.
+Status check_header(const MessageHeader& h);
+
+}  // namespace ramkv::wire
