@@ -75,8 +75,8 @@ class Zipf {
     } else if (uz < 1.0 + std::pow(0.5, theta_)) {
       rank = 1;
     } else {
-      rank = static_cast<uint64_t>(static_cast<double>(n_) *
-                                   std::pow(eta_ * u - eta_ + 1.0, alpha_));
+      rank =
+          static_cast<uint64_t>(static_cast<double>(n_) * std::pow(eta_ * u - eta_ + 1.0, alpha_));
     }
     rank = std::min(rank, n_ - 1);
     // Scramble: a fixed permutation-like spread of ranks over the key space.
@@ -110,7 +110,8 @@ int run_one(const MemoryBenchOptions& o, int utilization, RunResult* out) {
   auto segment = parse_bytes(o.segment_bytes);
   auto seglet = parse_bytes(o.seglet_bytes);
   if (!memory.ok() || !segment.ok() || !seglet.ok()) {
-    fmt::print(stderr, "ramkv-bench memory: bad size in --memory, --segment-bytes or --seglet-bytes\n");
+    fmt::print(stderr,
+               "ramkv-bench memory: bad size in --memory, --segment-bytes or --seglet-bytes\n");
     return 2;
   }
   cfg.memory_bytes = *memory;
@@ -229,7 +230,8 @@ std::string to_json(const RunResult& r, const MemoryBenchOptions& o) {
       "\"combined_passes\": {}, \"write_retries\": {}, \"read_errors\": {}, "
       "\"seconds\": {}, \"memcpy_gib_per_sec\": {:.2f}}}",
       r.target_utilization, r.utilization, r.writes_per_sec, r.reads_per_sec, r.rss_bytes,
-      r.live_bytes, static_cast<double>(r.rss_bytes) / static_cast<double>(std::max<uint64_t>(r.live_bytes, 1)),
+      r.live_bytes,
+      static_cast<double>(r.rss_bytes) / static_cast<double>(std::max<uint64_t>(r.live_bytes, 1)),
       r.cleaner_copied_per_written, r.objects, o.object_bytes, o.key_bytes, o.distribution,
       r.memory_bytes, r.hash_table_bytes, r.compactions, r.combined_passes, r.write_retries,
       r.read_errors, o.seconds, r.memcpy_gib_per_sec);
@@ -261,8 +263,7 @@ int run_in_child(const MemoryBenchOptions& o, int utilization, RunResult* out) {
 
 void add_memory_command(CLI::App& app, MemoryBenchOptions& o) {
   auto* cmd = app.add_subcommand(
-      "memory",
-      "Storage engine in one process: fill to a utilisation, overwrite at random, read");
+      "memory", "Storage engine in one process: fill to a utilisation, overwrite at random, read");
   cmd->add_option("--utilization", o.utilization_percent,
                   "Target memory utilisation in percent (live log bytes / log memory); "
                   "a list runs each in turn, e.g. --utilization 50 90")
@@ -297,8 +298,9 @@ int run_memory_bench(const MemoryBenchOptions& o) {
   std::vector<RunResult> results;
   int rc = 0;
   if (!o.json) {
-    fmt::print("ramkv-bench memory: {} B values, {} B keys, {} keys, {} log memory, {} s of writes\n",
-               o.object_bytes, o.key_bytes, o.distribution, o.memory, o.seconds);
+    fmt::print(
+        "ramkv-bench memory: {} B values, {} B keys, {} keys, {} log memory, {} s of writes\n",
+        o.object_bytes, o.key_bytes, o.distribution, o.memory, o.seconds);
     fmt::print("{:>6} {:>8} {:>12} {:>12} {:>10} {:>10} {:>9} {:>9}\n", "target", "util",
                "writes/s", "reads/s", "rss/live", "copied/w", "compact", "combined");
   }

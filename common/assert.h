@@ -7,14 +7,14 @@ namespace ramkv::internal {
 [[noreturn]] void check_failed(const char* expr, const char* file, int line, const char* msg);
 }  // namespace ramkv::internal
 
-#define RAMKV_CHECK(cond)                                                          \
-  do {                                                                             \
-    if (__builtin_expect(!(cond), 0))                                              \
-      ::ramkv::internal::check_failed(#cond, __FILE__, __LINE__, nullptr);         \
+#define RAMKV_CHECK(cond)                                                  \
+  do {                                                                     \
+    if (__builtin_expect(!(cond), 0))                                      \
+      ::ramkv::internal::check_failed(#cond, __FILE__, __LINE__, nullptr); \
   } while (0)
 
-#define RAMKV_CHECK_MSG(cond, msg)                                                 \
-  do {                                                                             \
-    if (__builtin_expect(!(cond), 0))                                              \
-      ::ramkv::internal::check_failed(#cond, __FILE__, __LINE__, (msg));           \
+#define RAMKV_CHECK_MSG(cond, msg)                                       \
+  do {                                                                   \
+    if (__builtin_expect(!(cond), 0))                                    \
+      ::ramkv::internal::check_failed(#cond, __FILE__, __LINE__, (msg)); \
   } while (0)

@@ -33,7 +33,7 @@ class ByteWriter {
   explicit ByteWriter(std::span<std::byte> out) : out_(out) {}
 
   template <typename T>
-    requires std::is_integral_v<T>
+  requires std::is_integral_v<T>
   void put(T v) {
     if (!reserve(sizeof(T))) return;
     std::memcpy(out_.data() + pos_, &v, sizeof(T));  // little-endian hosts only (x86, arm)
@@ -78,8 +78,7 @@ class ByteReader {
   explicit ByteReader(std::span<const std::byte> in) : in_(in) {}
 
   template <typename T>
-    requires std::is_integral_v<T>
-  T get() {
+  requires std::is_integral_v<T> T get() {
     T v{};
     if (!need(sizeof(T))) return v;
     std::memcpy(&v, in_.data() + pos_, sizeof(T));

@@ -24,9 +24,7 @@ bool split_number(std::string_view text, uint64_t* number, std::string_view* suf
   return true;
 }
 
-bool multiply(uint64_t a, uint64_t b, uint64_t* out) {
-  return !__builtin_mul_overflow(a, b, out);
-}
+bool multiply(uint64_t a, uint64_t b, uint64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 
 }  // namespace
 

@@ -26,11 +26,16 @@ std::atomic<int>& level_storage() {
 
 const char* level_letter(LogLevel level) {
   switch (level) {
-    case LogLevel::kDebug: return "D";
-    case LogLevel::kInfo: return "I";
-    case LogLevel::kWarning: return "W";
-    case LogLevel::kError: return "E";
-    case LogLevel::kSilent: break;
+    case LogLevel::kDebug:
+      return "D";
+    case LogLevel::kInfo:
+      return "I";
+    case LogLevel::kWarning:
+      return "W";
+    case LogLevel::kError:
+      return "E";
+    case LogLevel::kSilent:
+      break;
   }
   return "?";
 }
@@ -45,7 +50,9 @@ void write_all(int fd, std::string_view text) {
 
 }  // namespace
 
-LogLevel log_level() { return static_cast<LogLevel>(level_storage().load(std::memory_order_relaxed)); }
+LogLevel log_level() {
+  return static_cast<LogLevel>(level_storage().load(std::memory_order_relaxed));
+}
 
 void set_log_level(LogLevel level) {
   level_storage().store(static_cast<int>(level), std::memory_order_relaxed);
@@ -53,8 +60,10 @@ void set_log_level(LogLevel level) {
 
 bool parse_log_level(std::string_view text, LogLevel* level) {
   static constexpr std::pair<std::string_view, LogLevel> kNames[] = {
-      {"debug", LogLevel::kDebug},     {"info", LogLevel::kInfo},
-      {"warning", LogLevel::kWarning}, {"error", LogLevel::kError},
+      {"debug", LogLevel::kDebug},
+      {"info", LogLevel::kInfo},
+      {"warning", LogLevel::kWarning},
+      {"error", LogLevel::kError},
       {"silent", LogLevel::kSilent}};
   for (const auto& [name, value] : kNames) {
     if (text == name) {
@@ -72,8 +81,8 @@ void log_line(LogLevel level, const char* file, int line, std::string_view messa
   auto now = duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
   const char* base = std::strrchr(file, '/');
   base = base != nullptr ? base + 1 : file;
-  std::string text = fmt::format("{} {}.{:06} {}:{}] {}\n", level_letter(level),
-                                 now / 1000000, now % 1000000, base, line, message);
+  std::string text = fmt::format("{} {}.{:06} {}:{}] {}\n", level_letter(level), now / 1000000,
+                                 now % 1000000, base, line, message);
   write_all(STDERR_FILENO, text);
 }
 

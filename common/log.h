@@ -22,11 +22,11 @@ namespace internal {
 void log_line(LogLevel level, const char* file, int line, std::string_view message);
 }  // namespace internal
 
-#define RAMKV_LOG(level, ...)                                                          \
-  do {                                                                                 \
-    if (::ramkv::LogLevel::level >= ::ramkv::log_level())                              \
-      ::ramkv::internal::log_line(::ramkv::LogLevel::level, __FILE__, __LINE__,        \
-                                  ::fmt::format(__VA_ARGS__));                         \
+#define RAMKV_LOG(level, ...)                                                   \
+  do {                                                                          \
+    if (::ramkv::LogLevel::level >= ::ramkv::log_level())                       \
+      ::ramkv::internal::log_line(::ramkv::LogLevel::level, __FILE__, __LINE__, \
+                                  ::fmt::format(__VA_ARGS__));                  \
   } while (0)
 
 #define LOG_DEBUG(...) RAMKV_LOG(kDebug, __VA_ARGS__)

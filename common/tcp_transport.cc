@@ -90,11 +90,14 @@ struct Connection {
 
   // Appends whatever read() gives until EAGAIN. false on EOF or error.
   bool fill() {
+    // Drop the parsed prefix first: with pipelined requests a partial message is almost
+    // always buffered, and without this the buffer would grow for the connection's life.
+    // Views into the prefix are dead by now (handlers and callbacks ran to completion).
+    if (in_start > 0) {
+      in.erase(in.begin(), in.begin() + static_cast<ptrdiff_t>(in_start));
+      in_start = 0;
+    }
     while (true) {
-      if (in_start > 0 && in_start == in.size()) {
-        in.clear();
-        in_start = 0;
-      }
       size_t at = in.size();
       in.resize(at + kReadChunk);
       ssize_t n = ::read(fd, in.data() + at, kReadChunk);
@@ -137,7 +140,12 @@ struct Connection {
         if (p.empty()) continue;
         iov[n++] = {const_cast<std::byte*>(p.data()), p.size()};
       }
-      ssize_t w = ::writev(fd, iov, static_cast<int>(n));
+      // sendmsg with MSG_NOSIGNAL, not writev: a peer that went away must give EPIPE,
+      // not a SIGPIPE that kills the process.
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = n;
+      ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
       if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return false;
       sent = w > 0 ? static_cast<size_t>(w) : 0;
     }
@@ -160,7 +168,7 @@ struct Connection {
       std::byte chunk[kReadChunk];
       size_t n = std::min(out.size(), sizeof(chunk));
       std::copy(out.begin(), out.begin() + static_cast<ptrdiff_t>(n), chunk);
-      ssize_t w = ::write(fd, chunk, n);
+      ssize_t w = ::send(fd, chunk, n, MSG_NOSIGNAL);
       if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
       out.erase(out.begin(), out.begin() + w);
     }
@@ -344,8 +352,8 @@ class TcpClientTransport final : public ClientTransport {
     h.body_bytes = static_cast<uint32_t>(body.size());
     h.client_id = request.client_id;
     h.rpc_seq = request.rpc_seq;
-    std::span<const std::byte> pieces[] = {
-        {reinterpret_cast<const std::byte*>(&h), kHeaderBytes}, body};
+    std::span<const std::byte> pieces[] = {{reinterpret_cast<const std::byte*>(&h), kHeaderBytes},
+                                           body};
     s->pending[id] = {std::move(callback), deadline};
     if (!s->conn.send(pieces)) {
       fail_session(locator, Status::kUnavailable);
@@ -438,8 +446,10 @@ class TcpClientTransport final : public ClientTransport {
     epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, s.conn.fd, &ev);
   }
 
-  int handle(const std::string& locator, uint32_t events) {
+  // `locator` is a copy: fail_session() erases the by_fd_ entry it may come from.
+  int handle(const std::string locator, uint32_t events) {
     Session& s = sessions_[locator];
+    const int fd = s.conn.fd;
     if (events & EPOLLERR) {
       fail_session(locator, Status::kUnavailable);
       return run_failed();
@@ -470,7 +480,10 @@ class TcpClientTransport final : public ClientTransport {
       s.pending.erase(it);
       cb(Status::kOk, h, body);
       ++done;
-      // The callback may have sent more; the session object is stable (std::map node).
+      // The callback may have sent more (the session is a stable std::map node), or
+      // disconnected this session: then `s` is gone and so is the rest of its input.
+      auto again = sessions_.find(locator);
+      if (again == sessions_.end() || again->second.conn.fd != fd) return done + run_failed();
     }
     if (!open) {
       fail_session(locator, Status::kUnavailable);

@@ -4,32 +4,49 @@ namespace ramkv::wire {
 
 std::string_view opcode_name(Opcode op) {
   switch (op) {
-    case Opcode::kEcho: return "echo";
-    case Opcode::kEnlistServer: return "enlist server";
-    case Opcode::kGetServerList: return "get server list";
-    case Opcode::kCreateTable: return "create table";
-    case Opcode::kDropTable: return "drop table";
-    case Opcode::kGetTableId: return "get table id";
-    case Opcode::kGetTabletMap: return "get tablet map";
-    case Opcode::kRead: return "read";
-    case Opcode::kWrite: return "write";
-    case Opcode::kRemove: return "remove";
-    case Opcode::kIncrement: return "increment";
-    case Opcode::kMultiRead: return "multi read";
-    case Opcode::kMultiWrite: return "multi write";
-    case Opcode::kMultiRemove: return "multi remove";
-    case Opcode::kEnumerate: return "enumerate";
-    case Opcode::kTakeTablets: return "take tablets";
-    case Opcode::kDropTablets: return "drop tablets";
-    case Opcode::kServerListUpdate: return "server list update";
-    case Opcode::kGetServerStats: return "get server stats";
+    case Opcode::kEcho:
+      return "echo";
+    case Opcode::kEnlistServer:
+      return "enlist server";
+    case Opcode::kGetServerList:
+      return "get server list";
+    case Opcode::kCreateTable:
+      return "create table";
+    case Opcode::kDropTable:
+      return "drop table";
+    case Opcode::kGetTableId:
+      return "get table id";
+    case Opcode::kGetTabletMap:
+      return "get tablet map";
+    case Opcode::kRead:
+      return "read";
+    case Opcode::kWrite:
+      return "write";
+    case Opcode::kRemove:
+      return "remove";
+    case Opcode::kIncrement:
+      return "increment";
+    case Opcode::kMultiRead:
+      return "multi read";
+    case Opcode::kMultiWrite:
+      return "multi write";
+    case Opcode::kMultiRemove:
+      return "multi remove";
+    case Opcode::kEnumerate:
+      return "enumerate";
+    case Opcode::kTakeTablets:
+      return "take tablets";
+    case Opcode::kDropTablets:
+      return "drop tablets";
+    case Opcode::kServerListUpdate:
+      return "server list update";
+    case Opcode::kGetServerStats:
+      return "get server stats";
   }
   return "unknown opcode";
 }
 
-bool opcode_known(uint16_t op) {
-  return opcode_name(static_cast<Opcode>(op)) != "unknown opcode";
-}
+bool opcode_known(uint16_t op) { return opcode_name(static_cast<Opcode>(op)) != "unknown opcode"; }
 
 Status check_header(const MessageHeader& h) {
   if (h.magic != kMagic || h.version != kProtocolVersion || h.body_bytes > kMaxBodyBytes) {

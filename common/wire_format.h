@@ -2,9 +2,10 @@
 //
 // A message is a fixed header followed by a body of `body_bytes`:
 //
-//   0       4       6       8               16      20      22      24              32              40
+//   0       4       6       8               16      20      22      24              32 40
 //   +-------+-------+-------+---------------+-------+-------+-------+---------------+---------------+
-//   | magic |version|opcode | request id    | body  |status | flags | client id     | rpc sequence  |
+//   | magic |version|opcode | request id    | body  |status | flags | client id     | rpc sequence
+//   |
 //   +-------+-------+-------+---------------+-------+-------+-------+---------------+---------------+
 //   magic "RKV1" (0x31564b52), version kProtocolVersion, status 0 in requests, flags bit 0 =
 //   response. client id and rpc sequence identify a request across retries (exactly-once
@@ -55,8 +56,8 @@ enum class Opcode : uint16_t {
   kMultiWrite = 35,
   kMultiRemove = 36,
   kEnumerate = 37,
-  kTakeTablets = 38,   // coordinator -> master: you own these tablets now
-  kDropTablets = 39,   // coordinator -> master: forget these tablets and their objects
+  kTakeTablets = 38,       // coordinator -> master: you own these tablets now
+  kDropTablets = 39,       // coordinator -> master: forget these tablets and their objects
   kServerListUpdate = 40,  // coordinator -> server: the server list changed
   kGetServerStats = 41,
 };
@@ -224,7 +225,7 @@ struct EnumerateRequest {
   uint64_t table_id = 0;
   uint64_t start_hash = 0;  // the tablet being walked: [start_hash, end_hash]
   uint64_t end_hash = 0;
-  uint64_t cursor = 0;      // 0 to begin
+  uint64_t cursor = 0;  // 0 to begin
   uint32_t max_objects = 0;
 };
 static_assert(sizeof(EnumerateRequest) == 36);
@@ -251,7 +252,7 @@ class BodyWriter {
  public:
   explicit BodyWriter(std::vector<std::byte>* out) : out_(out) {}
   template <typename T>
-    requires std::is_trivially_copyable_v<T>
+  requires std::is_trivially_copyable_v<T>
   void put(const T& v) {
     size_t at = out_->size();
     out_->resize(at + sizeof(T));
@@ -275,7 +276,7 @@ class BodyReader {
  public:
   explicit BodyReader(std::span<const std::byte> body) : r_(body) {}
   template <typename T>
-    requires std::is_trivially_copyable_v<T>
+  requires std::is_trivially_copyable_v<T>
   bool get(T* v) {
     auto b = r_.get_bytes(sizeof(T));
     if (!r_.ok()) return false;

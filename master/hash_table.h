@@ -24,9 +24,9 @@
 // 15% at 75% slot load, 3% at 50%.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <atomic>
 #include <memory>
 #include <mutex>
 #include <vector>

@@ -46,10 +46,9 @@ Status Log::open_head_locked(bool allow_reserve) {
   std::sort(ids.begin(), ids.end());
 
   std::vector<std::byte> header, digest, safe, stats;
-  encode_segment_header({.master_id = config_.master_id,
-                         .segment_id = id,
-                         .segment_bytes = config_.segment_bytes},
-                        &header);
+  encode_segment_header(
+      {.master_id = config_.master_id, .segment_id = id, .segment_bytes = config_.segment_bytes},
+      &header);
   encode_log_digest(ids, &digest);
   encode_safe_version(metadata_ != nullptr ? metadata_->safe_version() : 1, &safe);
   encode_table_stats(metadata_ != nullptr ? metadata_->table_stats() : std::vector<TableStat>{},
@@ -78,8 +77,7 @@ Status Log::open_head_locked(bool allow_reserve) {
 }
 
 Result<Log::Appended> Log::append(EntryType type,
-                                  std::span<const std::span<const std::byte>> pieces,
-                                  bool live) {
+                                  std::span<const std::span<const std::byte>> pieces, bool live) {
   Result<uint32_t> offset = Status::kInternal;
   Segment* seg = nullptr;
   LogRef ref = 0;
@@ -215,17 +213,19 @@ std::unique_ptr<Segment> Log::new_survivor(uint64_t created_ns) {
   std::lock_guard lock(append_mutex_);
   uint64_t id = next_segment_id_++;
   pending_survivors_.insert(id);
-  return std::make_unique<Segment>(*pool_, Segment::Options{.id = id,
-                                                            .capacity = config_.segment_bytes,
-                                                            .purpose = SegletPool::Purpose::kCleaner,
-                                                            .created_ns = created_ns});
+  return std::make_unique<Segment>(*pool_,
+                                   Segment::Options{.id = id,
+                                                    .capacity = config_.segment_bytes,
+                                                    .purpose = SegletPool::Purpose::kCleaner,
+                                                    .created_ns = created_ns});
 }
 
 std::unique_ptr<Segment> Log::new_compaction_target(const Segment& victim) {
-  return std::make_unique<Segment>(*pool_, Segment::Options{.id = victim.id(),
-                                                            .capacity = victim.capacity(),
-                                                            .purpose = SegletPool::Purpose::kCleaner,
-                                                            .created_ns = victim.created_ns()});
+  return std::make_unique<Segment>(*pool_,
+                                   Segment::Options{.id = victim.id(),
+                                                    .capacity = victim.capacity(),
+                                                    .purpose = SegletPool::Purpose::kCleaner,
+                                                    .created_ns = victim.created_ns()});
 }
 
 void Log::finish_compaction(Segment* victim, std::unique_ptr<Segment> compacted) {

@@ -26,8 +26,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <unordered_map>
 #include <unordered_set>
@@ -38,8 +38,8 @@
 #include "master/hash_table.h"
 #include "master/log_entry.h"
 #include "master/master_config.h"
-#include "master/segment.h"
 #include "master/seglet_pool.h"
+#include "master/segment.h"
 
 namespace ramkv::master {
 
@@ -52,12 +52,12 @@ class HeadMetadataSource {
 };
 
 struct LogStats {
-  uint64_t memory_bytes = 0;        // all log memory
-  uint64_t free_bytes = 0;          // seglets on the free list (reserve included)
-  uint64_t live_bytes = 0;          // object and tombstone entries still needed
-  uint64_t segment_count = 0;       // segments in the log (head included)
+  uint64_t memory_bytes = 0;   // all log memory
+  uint64_t free_bytes = 0;     // seglets on the free list (reserve included)
+  uint64_t live_bytes = 0;     // object and tombstone entries still needed
+  uint64_t segment_count = 0;  // segments in the log (head included)
   uint64_t head_rollovers = 0;
-  uint64_t appended_bytes = 0;     // entries appended for new data (not by the cleaner)
+  uint64_t appended_bytes = 0;  // entries appended for new data (not by the cleaner)
 };
 
 class Log {

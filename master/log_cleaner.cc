@@ -82,7 +82,8 @@ double LogCleaner::score(const Segment& s, uint64_t now_ns, bool combined) const
   double denom = combined ? static_cast<double>(s.capacity())
                           : static_cast<double>(std::max<uint64_t>(s.memory_bytes(), 1));
   double u = std::min(1.0, static_cast<double>(s.live_bytes()) / denom);
-  double age = 1.0 + static_cast<double>(now_ns > s.created_ns() ? now_ns - s.created_ns() : 0) / 1e9;
+  double age =
+      1.0 + static_cast<double>(now_ns > s.created_ns() ? now_ns - s.created_ns() : 0) / 1e9;
   return (1.0 - u) * age / (1.0 + u);
 }
 
@@ -90,7 +91,8 @@ uint64_t LogCleaner::clean_once() {
   std::vector<Segment*> segments = log_.cleanable_segments();
   if (segments.empty()) return 0;
   const MasterConfig& cfg = log_.config();
-  if (static_cast<double>(segments.size() + 1) > 0.9 * static_cast<double>(cfg.max_log_segments())) {
+  if (static_cast<double>(segments.size() + 1) >
+      0.9 * static_cast<double>(cfg.max_log_segments())) {
     if (uint64_t freed = clean_combined(segments); freed > 0) return freed;
   }
   // Best segment to compact: frees at least one seglet and fits the memory the cleaner
@@ -231,9 +233,17 @@ uint64_t LogCleaner::clean_combined(std::vector<Segment*> candidates) {
 
 uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool memory_only) {
   uint64_t now = clock_.now_ns();
-  std::sort(candidates.begin(), candidates.end(), [&](Segment* a, Segment* b) {
-    return score(*a, now, true) > score(*b, now, true);
-  });
+  {
+    // Score each candidate once: live bytes change under writers while we sort, and a
+    // comparator whose answers change is not a strict weak ordering (std::sort then
+    // runs off the end of the vector).
+    std::vector<std::pair<double, Segment*>> scored;
+    scored.reserve(candidates.size());
+    for (Segment* s : candidates) scored.emplace_back(score(*s, now, true), s);
+    std::sort(scored.begin(), scored.end(),
+              [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (size_t i = 0; i < scored.size(); ++i) candidates[i] = scored[i].second;
+  }
   // Survivors must fit the memory the cleaner can count on (the victims are freed only
   // after them): a seglet of slack per survivor and two for the head.
   const uint64_t segment_bytes = log_.config().segment_bytes;

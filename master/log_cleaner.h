@@ -53,11 +53,11 @@ class LogEntryHandlers {
 };
 
 struct CleanerStats {
-  uint64_t compactions = 0;           // segments compacted in memory
+  uint64_t compactions = 0;  // segments compacted in memory
   uint64_t combined_passes = 0;
-  uint64_t segments_cleaned = 0;      // victims of combined cleaning
-  uint64_t bytes_copied = 0;          // entry bytes relocated, both kinds
-  uint64_t bytes_freed = 0;           // memory returned to the pool, net
+  uint64_t segments_cleaned = 0;  // victims of combined cleaning
+  uint64_t bytes_copied = 0;      // entry bytes relocated, both kinds
+  uint64_t bytes_freed = 0;       // memory returned to the pool, net
 };
 
 class LogCleaner {

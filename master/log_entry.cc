@@ -8,13 +8,20 @@ namespace ramkv::master {
 
 std::string_view entry_type_name(EntryType type) {
   switch (type) {
-    case EntryType::kInvalid: return "invalid";
-    case EntryType::kSegmentHeader: return "segment header";
-    case EntryType::kObject: return "object";
-    case EntryType::kTombstone: return "tombstone";
-    case EntryType::kSafeVersion: return "safe version";
-    case EntryType::kLogDigest: return "log digest";
-    case EntryType::kTableStats: return "table stats";
+    case EntryType::kInvalid:
+      return "invalid";
+    case EntryType::kSegmentHeader:
+      return "segment header";
+    case EntryType::kObject:
+      return "object";
+    case EntryType::kTombstone:
+      return "tombstone";
+    case EntryType::kSafeVersion:
+      return "safe version";
+    case EntryType::kLogDigest:
+      return "log digest";
+    case EntryType::kTableStats:
+      return "table stats";
   }
   return "unknown";
 }
@@ -24,8 +31,7 @@ uint64_t entry_checksum_seed(EntryType type, uint32_t payload_bytes) {
 }
 
 uint32_t entry_checksum(EntryType type, std::span<const std::byte> payload) {
-  return checksum32(payload,
-                    entry_checksum_seed(type, static_cast<uint32_t>(payload.size())));
+  return checksum32(payload, entry_checksum_seed(type, static_cast<uint32_t>(payload.size())));
 }
 
 uint32_t encode_entry_header(EntryType type, uint32_t payload_bytes, uint32_t checksum,
@@ -199,8 +205,7 @@ void encode_table_stats(std::span<const TableStat> stats, std::vector<std::byte>
 std::vector<std::byte> build_entry(EntryType type, std::span<const std::byte> payload) {
   auto payload_bytes = static_cast<uint32_t>(payload.size());
   std::vector<std::byte> out(entry_bytes(payload_bytes));
-  uint32_t n = encode_entry_header(type, payload_bytes, entry_checksum(type, payload),
-                                   out.data());
+  uint32_t n = encode_entry_header(type, payload_bytes, entry_checksum(type, payload), out.data());
   if (!payload.empty()) std::memcpy(out.data() + n, payload.data(), payload.size());
   return out;
 }

@@ -56,7 +56,10 @@ constexpr uint32_t kMaxPayloadBytes = (1u << 30);
 
 // Bytes of the length field for a payload of `payload_bytes`.
 constexpr uint32_t length_field_bytes(uint32_t payload_bytes) {
-  return payload_bytes < (1u << 8) ? 1 : payload_bytes < (1u << 16) ? 2 : payload_bytes < (1u << 24) ? 3 : 4;
+  return payload_bytes < (1u << 8)    ? 1
+         : payload_bytes < (1u << 16) ? 2
+         : payload_bytes < (1u << 24) ? 3
+                                      : 4;
 }
 constexpr uint32_t entry_header_bytes(uint32_t payload_bytes) {
   return 1 + length_field_bytes(payload_bytes) + 4;

@@ -35,11 +35,12 @@ Status MasterConfig::finalize() {
   if (disk_expansion_factor < 1.0) return fail("disk expansion factor below 1");
   // The largest object entry must fit an empty head after its metadata (header, digest,
   // safe version, table stats), which is bounded to a quarter of a segment.
-  uint64_t max_entry = entry_bytes(kMaxObjectPrefixBytes) + uint64_t{max_key_bytes} + max_value_bytes;
+  uint64_t max_entry =
+      entry_bytes(kMaxObjectPrefixBytes) + uint64_t{max_key_bytes} + max_value_bytes;
   if (max_entry > segment_bytes / 2) {
-    return fail(fmt::format("the largest object ({} key + {} value) does not fit half a segment of {}",
-                            format_bytes(max_key_bytes), format_bytes(max_value_bytes),
-                            format_bytes(segment_bytes)));
+    return fail(fmt::format(
+        "the largest object ({} key + {} value) does not fit half a segment of {}",
+        format_bytes(max_key_bytes), format_bytes(max_value_bytes), format_bytes(segment_bytes)));
   }
   if (max_log_segments() * 8 + 1024 > segment_bytes / 4) {
     return fail(fmt::format("a log digest of up to {} segments does not fit a quarter segment",
@@ -52,9 +53,8 @@ Status MasterConfig::finalize() {
                               static_cast<uint32_t>(memory_bytes / seglet_bytes / 8)));
   }
   if (cleaner_low_free_bytes == 0) {
-    cleaner_low_free_bytes =
-        std::max<uint64_t>(std::min<uint64_t>(2ULL * segment_bytes, memory_bytes / 100),
-                           4ULL * seglet_bytes);
+    cleaner_low_free_bytes = std::max<uint64_t>(
+        std::min<uint64_t>(2ULL * segment_bytes, memory_bytes / 100), 4ULL * seglet_bytes);
   }
   if (lock_stripes == 0) lock_stripes = 1;
   return Status::kOk;

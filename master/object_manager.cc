@@ -44,8 +44,8 @@ Status ObjectManager::check_sizes(std::string_view key, std::string_view value) 
   return Status::kOk;
 }
 
-ObjectManager::Found ObjectManager::lookup(uint64_t hash, uint64_t table_id,
-                                           std::string_view key, std::string* scratch) {
+ObjectManager::Found ObjectManager::lookup(uint64_t hash, uint64_t table_id, std::string_view key,
+                                           std::string* scratch) {
   Found found;
   found.slot = hash_table_.find(hash, [&](LogRef ref) {
     auto [seg, offset] = log_->resolve(ref);
@@ -87,8 +87,8 @@ auto ObjectManager::with_memory_retry(EntryType type, Op&& op) -> decltype(op())
   }
 }
 
-Result<uint64_t> ObjectManager::read(uint64_t table_id, std::string_view key,
-                                     std::string* value, const RejectRules* rules) {
+Result<uint64_t> ObjectManager::read(uint64_t table_id, std::string_view key, std::string* value,
+                                     const RejectRules* rules) {
   if (key.size() > config_.max_key_bytes) return Status::kKeyTooLarge;
   thread_local std::string scratch;
   uint64_t hash = key_hash(table_id, key);
@@ -101,9 +101,8 @@ Result<uint64_t> ObjectManager::read(uint64_t table_id, std::string_view key,
   return version;
 }
 
-Result<uint64_t> ObjectManager::write_locked(uint64_t hash, uint64_t table_id,
-                                             std::string_view key, std::string_view value,
-                                             Found& found) {
+Result<uint64_t> ObjectManager::write_locked(uint64_t hash, uint64_t table_id, std::string_view key,
+                                             std::string_view value, Found& found) {
   uint64_t version = next_version_.fetch_add(1);
   std::byte prefix[kMaxObjectPrefixBytes];
   uint32_t prefix_bytes = encode_object_prefix(table_id, version, clock_.unix_seconds(),
@@ -153,8 +152,8 @@ Result<uint64_t> ObjectManager::remove(uint64_t table_id, std::string_view key,
     // The tombstone keeps the object dead at recovery for as long as the segment that
     // holds the object is in the log.
     std::byte prefix[kMaxTombstonePrefixBytes];
-    uint32_t prefix_bytes = encode_tombstone_prefix(table_id, version, f.segment->id(),
-                                                    clock_.unix_seconds(), prefix);
+    uint32_t prefix_bytes =
+        encode_tombstone_prefix(table_id, version, f.segment->id(), clock_.unix_seconds(), prefix);
     std::span<const std::byte> pieces[] = {{prefix, prefix_bytes}, as_bytes(key)};
     auto appended = log_->append(EntryType::kTombstone, pieces, /*live=*/true);
     if (!appended.ok()) return appended.status();
@@ -166,8 +165,8 @@ Result<uint64_t> ObjectManager::remove(uint64_t table_id, std::string_view key,
   });
 }
 
-Result<ObjectManager::Incremented> ObjectManager::increment(uint64_t table_id,
-                                                            std::string_view key, int64_t delta,
+Result<ObjectManager::Incremented> ObjectManager::increment(uint64_t table_id, std::string_view key,
+                                                            int64_t delta,
                                                             const RejectRules* rules) {
   if (key.size() > config_.max_key_bytes) return Status::kKeyTooLarge;
   uint64_t hash = key_hash(table_id, key);
@@ -193,9 +192,9 @@ Result<ObjectManager::Incremented> ObjectManager::increment(uint64_t table_id,
   });
 }
 
-Result<uint64_t> ObjectManager::enumerate(uint64_t table_id, uint64_t hash_begin,
-                                          uint64_t hash_end, uint64_t cursor,
-                                          size_t max_objects, std::vector<Object>* out) {
+Result<uint64_t> ObjectManager::enumerate(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end,
+                                          uint64_t cursor, size_t max_objects,
+                                          std::vector<Object>* out) {
   if (cursor > end_cursor() || hash_begin > hash_end) return Status::kBadRequest;
   cursor = std::max(cursor, hash_table_.bucket_of(hash_begin));
   const uint64_t last = hash_table_.bucket_of(hash_end);
@@ -269,8 +268,8 @@ void ObjectManager::prefetch(const Segment::Entry& entry) {
   if (obj.ok()) hash_table_.prefetch(key_hash(obj->table_id, obj->key));
 }
 
-Status ObjectManager::relocate(const Segment& victim, uint32_t offset,
-                               const Segment::Entry& entry, EntryRelocator& to) {
+Status ObjectManager::relocate(const Segment& victim, uint32_t offset, const Segment::Entry& entry,
+                               EntryRelocator& to) {
   thread_local std::string scratch;
   switch (entry.header.type) {
     case EntryType::kObject: {

@@ -54,7 +54,7 @@ Status check_reject_rules(const RejectRules* rules, uint64_t version);
 
 struct ObjectManagerStats {
   uint64_t object_count = 0;
-  uint64_t user_bytes = 0;        // keys plus values of live objects
+  uint64_t user_bytes = 0;  // keys plus values of live objects
   uint64_t hash_table_bytes = 0;
   uint64_t hash_overflow_buckets = 0;
   LogStats log;

@@ -11,8 +11,7 @@ namespace ramkv::master {
 
 Result<std::unique_ptr<SegletPool>> SegletPool::create(const Options& options) {
   if (options.seglet_bytes < 512 || (options.seglet_bytes & (options.seglet_bytes - 1)) != 0) {
-    LOG_ERROR("seglet size {} must be a power of two of at least 512 bytes",
-              options.seglet_bytes);
+    LOG_ERROR("seglet size {} must be a power of two of at least 512 bytes", options.seglet_bytes);
     return Status::kInvalidArgument;
   }
   uint64_t count = options.memory_bytes / options.seglet_bytes;
@@ -23,7 +22,8 @@ Result<std::unique_ptr<SegletPool>> SegletPool::create(const Options& options) {
     return Status::kInvalidArgument;
   }
   if (options.reserve_seglets >= count) {
-    LOG_ERROR("the cleaner's reserve ({} seglets) leaves no memory for the log", options.reserve_seglets);
+    LOG_ERROR("the cleaner's reserve ({} seglets) leaves no memory for the log",
+              options.reserve_seglets);
     return Status::kInvalidArgument;
   }
   std::unique_ptr<SegletPool> pool(new SegletPool());

@@ -53,8 +53,7 @@ void Segment::write(uint32_t offset, std::span<const std::byte> bytes) {
   while (!bytes.empty()) {
     uint32_t in_seglet = offset % seglet_bytes_;
     size_t n = std::min<size_t>(bytes.size(), seglet_bytes_ - in_seglet);
-    std::memcpy(pool_.seglet_memory(seglets_[offset / seglet_bytes_]) + in_seglet,
-                bytes.data(), n);
+    std::memcpy(pool_.seglet_memory(seglets_[offset / seglet_bytes_]) + in_seglet, bytes.data(), n);
     bytes = bytes.subspan(n);
     offset += static_cast<uint32_t>(n);
   }
@@ -65,8 +64,7 @@ void Segment::read(uint32_t offset, std::span<std::byte> out) const {
   while (!out.empty()) {
     uint32_t in_seglet = offset % seglet_bytes_;
     size_t n = std::min<size_t>(out.size(), seglet_bytes_ - in_seglet);
-    std::memcpy(out.data(), pool_.seglet_memory(seglets_[offset / seglet_bytes_]) + in_seglet,
-                n);
+    std::memcpy(out.data(), pool_.seglet_memory(seglets_[offset / seglet_bytes_]) + in_seglet, n);
     out = out.subspan(n);
     offset += static_cast<uint32_t>(n);
   }
@@ -115,8 +113,7 @@ Result<uint32_t> Segment::append(EntryType type,
   return offset;
 }
 
-Result<uint32_t> Segment::append_raw(std::span<const std::byte> entry,
-                                     uint32_t header_bytes) {
+Result<uint32_t> Segment::append_raw(std::span<const std::byte> entry, uint32_t header_bytes) {
   RAMKV_CHECK(!closed_);
   RAMKV_CHECK(header_bytes <= entry.size());
   if (uint64_t{length_} + entry.size() > capacity_) return Status::kNoSpace;

@@ -66,7 +66,8 @@ class Segment {
   Result<uint32_t> append(EntryType type, std::span<const std::span<const std::byte>> pieces);
   // Appends a whole, already-encoded entry (header and payload) byte for byte: the
   // cleaner's relocation. Same failures as append().
-  Result<uint32_t> append_raw(std::span<const std::byte> entry, uint32_t checksum_chain_header_bytes);
+  Result<uint32_t> append_raw(std::span<const std::byte> entry,
+                              uint32_t checksum_chain_header_bytes);
   // Would an entry with this payload size fit the remaining capacity?
   bool fits(uint32_t payload_bytes) const {
     return uint64_t{length_} + entry_bytes(payload_bytes) <= capacity_;

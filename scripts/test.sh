@@ -5,7 +5,9 @@
 #   3. builds with warnings as errors (build/) and runs every ctest test, the
 #      benchmarks' smoke runs included;
 #   4. builds with AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/) and runs
-#      the unit tests again.
+#      the unit tests again;
+#   5. builds the libFuzzer target with clang and fuzzes the master's request decoder
+#      for FUZZ_SECONDS (30).
 # Prints each ctest summary, then one closing line "N passed, N failed".
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,6 +59,27 @@ if JOBS=$jobs bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DRAMKV_
     run_ctest build-asan
 else
   echo "test: sanitizer build failed"
+  failed=$((failed + 1))
+fi
+
+echo "== fuzz: the master's request decoder under libFuzzer (clang, ASan+UBSan), ${FUZZ_SECONDS:-30} s"
+if CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DRAMKV_FUZZ=ON -DRAMKV_BUILD_BENCH=OFF >/dev/null &&
+   cmake --build build-fuzz -j "$jobs" --target master_request_fuzz >build-fuzz.log 2>&1 ||
+   { tail -n 30 build-fuzz.log; false; }; then
+  corpus=$(mktemp -d)
+  if ./build-fuzz/bin/master_request_fuzz -max_total_time="${FUZZ_SECONDS:-30}" -max_len=4096 \
+      "$corpus" >build-fuzz/fuzz.log 2>&1; then
+    echo "fuzz: $(grep -Eo 'Done [0-9]+ runs in [0-9]+ second' build-fuzz/fuzz.log), no failure"
+    passed=$((passed + 1))
+  else
+    tail -n 30 build-fuzz/fuzz.log
+    echo "fuzz: FAILED (crash input saved in the working directory)"
+    failed=$((failed + 1))
+  fi
+  rm -rf "$corpus"
+else
+  echo "test: fuzz build failed"
   failed=$((failed + 1))
 fi
 

@@ -1,5 +1,5 @@
-// ramkv/result.h: public. Result<T>: a T or a Status that is not kOk. Errors are values, never exceptions
-// (LevelDB). Result<void> carries only a Status.
+// ramkv/result.h: public. Result<T>: a T or a Status that is not kOk. Errors are values, never
+// exceptions (LevelDB). Result<void> carries only a Status.
 //
 // Invariants:
 //   1. A Result holds a value exactly when status() == Status::kOk.
@@ -26,8 +26,8 @@ namespace internal {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
-  Result(Status status) : status_(status) {      // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}                // NOLINT: implicit by design
+  Result(Status status) : status_(status) {                    // NOLINT: implicit by design
     if (status == Status::kOk) internal::bad_result_access();  // an ok Result needs a value
   }
 
@@ -71,11 +71,10 @@ class [[nodiscard]] Result<void> {
 };
 
 // Propagates an error Result from the enclosing function.
-#define RAMKV_TRY(expr)                                 \
-  do {                                                  \
-    auto ramkv_try_status_ = (expr).status();           \
-    if (ramkv_try_status_ != ::ramkv::Status::kOk)      \
-      return ramkv_try_status_;                         \
+#define RAMKV_TRY(expr)                                                      \
+  do {                                                                       \
+    auto ramkv_try_status_ = (expr).status();                                \
+    if (ramkv_try_status_ != ::ramkv::Status::kOk) return ramkv_try_status_; \
   } while (0)
 
 }  // namespace ramkv

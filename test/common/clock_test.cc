@@ -103,7 +103,7 @@ TEST_CASE("clock: uniform is roughly uniform", "[common][clock][random]") {
   }
 }
 
-TEST_CASE("clock: uniform_double is in [0, 1)", "[common][clock][random]") {
+TEST_CASE("clock: uniform_double is at least 0 and below 1", "[common][clock][random]") {
   Random r(5);
   double lo = 1.0, hi = 0.0;
   for (int i = 0; i < 10'000; ++i) {

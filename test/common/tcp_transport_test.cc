@@ -22,15 +22,15 @@ class EchoServer {
       : server_(make_tcp_server_transport({.busy_poll = busy_poll})) {
     REQUIRE(server_->listen("127.0.0.1:0") == Status::kOk);
     thread_ = std::thread([this] {
-      server_->run([this](const wire::MessageHeader& h, std::span<const std::byte> body,
-                          Reply& reply) {
-        ++served_;
-        if (h.opcode == static_cast<uint16_t>(wire::Opcode::kRead)) {
-          reply.set_status(Status::kObjectNotFound);
-          return;
-        }
-        reply.body().assign(body.begin(), body.end());
-      });
+      server_->run(
+          [this](const wire::MessageHeader& h, std::span<const std::byte> body, Reply& reply) {
+            ++served_;
+            if (h.opcode == static_cast<uint16_t>(wire::Opcode::kRead)) {
+              reply.set_status(Status::kObjectNotFound);
+              return;
+            }
+            reply.body().assign(body.begin(), body.end());
+          });
     });
   }
   ~EchoServer() {
@@ -53,8 +53,7 @@ std::vector<std::byte> bytes_of(std::string_view s) {
 
 CallResult echo(ClientTransport& client, const std::string& locator, std::string_view text) {
   auto body = bytes_of(text);
-  return call(client, locator, {.opcode = wire::Opcode::kEcho, .timeout_ns = 5'000'000'000},
-              body);
+  return call(client, locator, {.opcode = wire::Opcode::kEcho, .timeout_ns = 5'000'000'000}, body);
 }
 
 // A raw socket to the server, for sending bytes no client would.
@@ -101,8 +100,7 @@ TEST_CASE("tcp transport: an echo request comes back with its body", "[common][t
   auto client = make_tcp_client_transport({});
   auto r = echo(*client, server.locator(), "hello, ramkv");
   REQUIRE(r.status == Status::kOk);
-  CHECK(std::string(reinterpret_cast<const char*>(r.body.data()), r.body.size()) ==
-        "hello, ramkv");
+  CHECK(std::string(reinterpret_cast<const char*>(r.body.data()), r.body.size()) == "hello, ramkv");
 }
 
 TEST_CASE("tcp transport: a handler's status reaches the caller unchanged", "[common][tcp]") {

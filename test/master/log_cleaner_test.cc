@@ -52,8 +52,12 @@ SegmentScan scan(Log& log, uint64_t segment_id) {
   out.status = it.validate();
   for (int i = 0; it.valid() && i < 1'000'000; ++i, it.next()) {
     switch (it.type()) {
-      case EntryType::kObject: ++out.objects; break;
-      case EntryType::kSegmentHeader: ++out.headers; break;
+      case EntryType::kObject:
+        ++out.objects;
+        break;
+      case EntryType::kSegmentHeader:
+        ++out.headers;
+        break;
       case EntryType::kTombstone: {
         auto t = decode_tombstone(it.payload());
         REQUIRE(t.ok());
@@ -78,7 +82,9 @@ SegmentScan scan(Log& log, uint64_t segment_id) {
         out.table_stats = *s;
         break;
       }
-      default: FAIL("unexpected entry type"); break;
+      default:
+        FAIL("unexpected entry type");
+        break;
     }
   }
   CHECK(it.status() == Status::kOk);
@@ -204,8 +210,7 @@ TEST_CASE("log cleaner: compaction frees the seglets of dead objects and keeps l
   check_all(om, model);
 }
 
-TEST_CASE("log cleaner: a compacted segment can be compacted again",
-          "[master][log_cleaner]") {
+TEST_CASE("log cleaner: a compacted segment can be compacted again", "[master][log_cleaner]") {
   ManualClock clock;
   auto created = ObjectManager::create(manual_config(), clock);
   REQUIRE(created.ok());
@@ -277,8 +282,7 @@ TEST_CASE("log cleaner: combined cleaning of a single candidate does nothing",
   check_all(om, model);
 }
 
-TEST_CASE("log cleaner: clean_once with nothing to clean frees nothing",
-          "[master][log_cleaner]") {
+TEST_CASE("log cleaner: clean_once with nothing to clean frees nothing", "[master][log_cleaner]") {
   ManualClock clock;
   auto created = ObjectManager::create(manual_config(), clock);
   REQUIRE(created.ok());
@@ -298,12 +302,12 @@ TEST_CASE("log cleaner: clean_once compacts the segment with the most dead space
   REQUIRE(created.ok());
   auto& om = **created;
   std::map<std::string, std::string> model;
-  write_range(om, 0, 100, 500, 0, &model);    // segment 1
+  write_range(om, 0, 100, 500, 0, &model);  // segment 1
   REQUIRE(om.log().roll_head() == Status::kOk);
   write_range(om, 100, 200, 500, 0, &model);  // segment 2
   REQUIRE(om.log().roll_head() == Status::kOk);
-  write_range(om, 0, 10, 500, 1, &model);      // segment 1: 10% dead
-  write_range(om, 100, 190, 500, 1, &model);   // segment 2: 90% dead
+  write_range(om, 0, 10, 500, 1, &model);     // segment 1: 10% dead
+  write_range(om, 100, 190, 500, 1, &model);  // segment 2: 90% dead
   REQUIRE(om.log().roll_head() == Status::kOk);
   uint64_t seg1 = segment(om.log(), 1)->memory_bytes();
   uint64_t seg2 = segment(om.log(), 2)->memory_bytes();
@@ -492,8 +496,7 @@ TEST_CASE("log cleaner: the table statistics in a new head match the object mana
   CHECK(sorted(*scan(om.log(), head_id(om.log())).table_stats) == in_head);
 }
 
-TEST_CASE("log cleaner: live bytes follow overwrites, removes and moves",
-          "[master][log_cleaner]") {
+TEST_CASE("log cleaner: live bytes follow overwrites, removes and moves", "[master][log_cleaner]") {
   ManualClock clock;
   auto created = ObjectManager::create(manual_config(), clock);
   REQUIRE(created.ok());

@@ -111,8 +111,12 @@ void run_model(uint64_t seed, const ModelParams& p) {
     RejectRules rules;
     uint64_t v = current != nullptr ? current->version : 0;
     switch (rng.uniform(5)) {
-      case 0: rules.doesnt_exist = true; break;
-      case 1: rules.exists = true; break;
+      case 0:
+        rules.doesnt_exist = true;
+        break;
+      case 1:
+        rules.exists = true;
+        break;
       case 2:
         rules.version_le_given = true;
         rules.given_version = v == 0 ? rng.uniform(2) : v - 1 + rng.uniform(3);
@@ -199,14 +203,13 @@ void run_model(uint64_t seed, const ModelParams& p) {
       if (!maybe) continue;
       auto& inc = *maybe;
       if (inc.status() != expected) {
-        fail("increment gave " + status_text(inc.status()) + ", expected " +
-             status_text(expected));
+        fail("increment gave " + status_text(inc.status()) + ", expected " + status_text(expected));
       }
       if (inc.ok()) {
         int64_t before = 0;
         if (current != nullptr) std::memcpy(&before, current->value.data(), 8);
-        auto want = static_cast<int64_t>(static_cast<uint64_t>(before) +
-                                         static_cast<uint64_t>(delta));
+        auto want =
+            static_cast<int64_t>(static_cast<uint64_t>(before) + static_cast<uint64_t>(delta));
         if (inc->value != want) fail("increment computed the wrong value");
         check_new_version(inc->version);
         std::string value(8, '\0');
@@ -274,8 +277,8 @@ void run_model(uint64_t seed, const ModelParams& p) {
   CHECK(stats.object_count == model.size());
   CHECK(stats.user_bytes == user_bytes);
   INFO("compactions " << stats.cleaner.compactions << ", combined passes "
-                      << stats.cleaner.combined_passes << ", retries " << retries
-                      << ", refused " << refused << ", appended " << stats.log.appended_bytes);
+                      << stats.cleaner.combined_passes << ", retries " << retries << ", refused "
+                      << refused << ", appended " << stats.log.appended_bytes);
   CHECK(stats.cleaner.compactions + stats.cleaner.combined_passes > 0);
   if (p.may_run_out) {
     CHECK(refused > 0);  // the test did reach a full memory
@@ -287,15 +290,13 @@ void run_model(uint64_t seed, const ModelParams& p) {
 
 }  // namespace
 
-TEST_CASE("model: random operations with the cleaner running agree with a map",
-          "[master][model]") {
+TEST_CASE("model: random operations with the cleaner running agree with a map", "[master][model]") {
   // A few seeds: each run is well under a second in an optimised build.
   const uint64_t seed = model_seed();
   for (uint64_t i = 0; i < 3; ++i) run_model(seed + i, {});
 }
 
-TEST_CASE("model: near-full memory refuses writes cleanly and loses nothing",
-          "[master][model]") {
+TEST_CASE("model: near-full memory refuses writes cleanly and loses nothing", "[master][model]") {
   // About 7,000 objects of up to 600 bytes do not all fit 2 MiB.
   ModelParams p;
   p.ops = 60'000;

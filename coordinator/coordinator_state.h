@@ -1,0 +1,117 @@
+// CoordinatorState: everything the coordinator must not forget: the server list, the
+// tables and the tablet map (DESIGN.md, Coordinator; docs/rpc.md). A plain value: the
+// service copies it, changes the copy, persists the copy through the ExternalStore and
+// only then makes it current, so a failed write changes nothing.
+//
+// Serialized form (all integers little-endian; "v" is a LEB128 varint):
+//
+//   u32 format version (1) | u64 server list version | u64 tablet map version |
+//   u64 next table id |
+//   v server count,  each: u64 id | u32 services | u8 status | v locator bytes | locator
+//   v table count,   each: u64 id | v name bytes | name
+//   v tablet count,  each: u64 table id | u64 start hash | u64 end hash | u64 server id
+//
+// Owner: the CoordinatorService. Threads: a plain value, not thread-safe.
+// Invariants:
+//   1. A server id is `index | generation << 32`; index and generation start at 1, and the
+//      server with index i is servers()[i - 1], holding that index's newest generation.
+//   2. Table ids start at 1 and are never reused (next_table_id only grows).
+//   3. Every tablet names an existing table; the tablets of a table cover the whole
+//      64-bit hash space exactly once.
+//   4. deserialize() accepts only bytes that satisfy 1-3; anything else is kFormatError.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/result.h"
+
+namespace ramkv::coordinator {
+
+enum class ServerStatus : uint8_t { kUp = 0, kCrashed = 1, kRemoved = 2 };
+
+struct ServerInfo {
+  uint64_t id = 0;
+  uint32_t services = 0;  // wire::kServiceMaster | wire::kServiceBackup
+  ServerStatus status = ServerStatus::kUp;
+  std::string locator;
+  bool operator==(const ServerInfo&) const = default;
+};
+
+struct Tablet {
+  uint64_t table_id = 0;
+  uint64_t start_hash = 0;  // inclusive
+  uint64_t end_hash = 0;    // inclusive
+  uint64_t server_id = 0;
+  bool operator==(const Tablet&) const = default;
+};
+
+constexpr uint64_t make_server_id(uint32_t index, uint32_t generation) {
+  return uint64_t{index} | uint64_t{generation} << 32;
+}
+constexpr uint32_t server_index(uint64_t id) { return static_cast<uint32_t>(id); }
+constexpr uint32_t server_generation(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
+
+class CoordinatorState {
+ public:
+  // The most tablets one table may be split into.
+  static constexpr uint32_t kMaxTabletsPerTable = 4096;
+
+  // ---- Server list ----
+  struct EnlistResult {
+    uint64_t server_id = 0;
+    uint64_t replaced_id = 0;  // the entry this one replaced, or 0
+  };
+  // Adds a server. If `replaces_id` names a listed server, or `locator` is the locator of
+  // a server that is up, that index gets a new generation and the old entry is gone
+  // (its id resolves to "removed"); its tablets move to the new id if it is a master.
+  EnlistResult enlist(uint32_t services, std::string_view locator, uint64_t replaces_id);
+  // The server with exactly this id, or nullptr (unknown or replaced).
+  const ServerInfo* find_server(uint64_t id) const;
+  const std::vector<ServerInfo>& servers() const { return servers_; }
+  // Ids of the masters that are up, in index order.
+  std::vector<uint64_t> up_masters() const;
+  uint64_t server_list_version() const { return server_list_version_; }
+
+  // ---- Tables and tablets ----
+  std::optional<uint64_t> table_id(std::string_view name) const;
+  bool has_table(uint64_t table_id) const;
+  // Creates a table split into `tablet_count` equal hash ranges (0: one per master),
+  // assigned round-robin to `masters` (must not be empty). Returns the new id.
+  uint64_t create_table(std::string_view name, uint32_t tablet_count,
+                        const std::vector<uint64_t>& masters);
+  // Removes the table and returns its tablets; kUnknownTable if there is none.
+  Result<std::vector<Tablet>> drop_table(std::string_view name);
+  // The tablets of one table (table_id != 0) or of all tables, in (table, start) order.
+  std::vector<Tablet> tablets(uint64_t table_id) const;
+  // The tablets owned by one server.
+  std::vector<Tablet> tablets_of(uint64_t server_id) const;
+  uint64_t tablet_map_version() const { return tablet_map_version_; }
+  size_t table_count() const { return tables_.size(); }
+
+  // ---- Persistence ----
+  std::vector<std::byte> serialize() const;
+  static Result<CoordinatorState> deserialize(std::span<const std::byte> bytes);
+
+  bool operator==(const CoordinatorState&) const;
+
+ private:
+  Status validate() const;
+
+  uint64_t server_list_version_ = 0;
+  uint64_t tablet_map_version_ = 0;
+  uint64_t next_table_id_ = 1;
+  std::vector<ServerInfo> servers_;
+  std::map<std::string, uint64_t, std::less<>> tables_;  // name -> id
+  std::vector<Tablet> tablets_;                          // sorted by (table_id, start_hash)
+};
+
+// Splits the hash space into `count` (>= 1) equal inclusive ranges [start, end].
+std::vector<std::pair<uint64_t, uint64_t>> split_hash_space(uint32_t count);
+
+}  // namespace ramkv::coordinator

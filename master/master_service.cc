@@ -1,0 +1,260 @@
+#include "master/master_service.h"
+
+#include <fmt/format.h>
+
+#include <utility>
+
+#include "common/checksum.h"
+#include "common/log.h"
+
+namespace ramkv::master {
+
+namespace {
+
+RejectRules to_reject_rules(const wire::RejectRulesWire& w) {
+  return RejectRules{.doesnt_exist = w.doesnt_exist != 0,
+                     .exists = w.exists != 0,
+                     .version_le_given = w.version_le_given != 0,
+                     .version_ne_given = w.version_ne_given != 0,
+                     .given_version = w.given_version};
+}
+
+void append_stat(std::string* out, std::string_view name, uint64_t value) {
+  fmt::format_to(std::back_inserter(*out), "{} {}\n", name, value);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<MasterService>> MasterService::create(MasterConfig config,
+                                                             const Clock& clock) {
+  auto objects = ObjectManager::create(config, clock);
+  if (!objects.ok()) return objects.status();
+  return std::make_unique<MasterService>(std::move(objects).value());
+}
+
+MasterService::MasterService(std::unique_ptr<ObjectManager> objects)
+    : objects_(std::move(objects)) {}
+
+void MasterService::handle(const wire::MessageHeader& header, std::span<const std::byte> body,
+                           Reply& reply) {
+  using wire::Opcode;
+  ++rpc_count_;
+  reply.clear();
+  Status s = Status::kBadRequest;
+  switch (static_cast<Opcode>(header.opcode)) {
+    case Opcode::kEcho:
+      // The request body stays valid until the reply is sent (transport.h), so no copy.
+      reply.add_external(body);
+      s = Status::kOk;
+      break;
+    case Opcode::kRead:
+      s = read(body, reply);
+      break;
+    case Opcode::kWrite:
+      s = write(body, reply);
+      break;
+    case Opcode::kRemove:
+      s = remove(body, reply);
+      break;
+    case Opcode::kIncrement:
+      s = increment(body, reply);
+      break;
+    case Opcode::kMultiRead:
+      s = multi_read(body, reply);
+      break;
+    case Opcode::kMultiWrite:
+      s = multi_write(body, reply);
+      break;
+    case Opcode::kMultiRemove:
+      s = multi_remove(body, reply);
+      break;
+    case Opcode::kEnumerate:
+      s = enumerate(body, reply);
+      break;
+    case Opcode::kTakeTablets:
+      s = take_tablets(body);
+      break;
+    case Opcode::kDropTablets:
+      s = drop_tablets(body);
+      break;
+    // Accepted and ignored until failure detection needs the server list.
+    case Opcode::kServerListUpdate:
+      s = Status::kOk;
+      break;
+    case Opcode::kGetServerStats:
+      s = server_stats(body, reply);
+      break;
+    default:
+      break;  // coordinator opcodes and unknown numbers
+  }
+  if (s != Status::kOk) {
+    if (s == Status::kBadRequest) ++bad_request_count_;
+    reply.clear();  // invariant 2
+    reply.set_status(s);
+  }
+}
+
+// ---- Decoding ---------------------------------------------------------------------------
+
+bool MasterService::decode_read_item(wire::BodyReader& in, KeyedItem* item) {
+  wire::ReadRequest r;
+  if (!in.get(&r) || !in.get_string(r.key_bytes, &item->key)) return false;
+  item->table_id = r.table_id;
+  item->rules = to_reject_rules(r.rules);
+  return true;
+}
+
+bool MasterService::decode_write_item(wire::BodyReader& in, KeyedItem* item) {
+  wire::WriteRequest r;
+  if (!in.get(&r) || !in.get_string(r.key_bytes, &item->key) ||
+      !in.get_string(r.value_bytes, &item->value)) {
+    return false;
+  }
+  item->table_id = r.table_id;
+  item->rules = to_reject_rules(r.rules);
+  return true;
+}
+
+bool MasterService::decode_increment_item(wire::BodyReader& in, KeyedItem* item) {
+  wire::IncrementRequest r;
+  if (!in.get(&r) || !in.get_string(r.key_bytes, &item->key)) return false;
+  item->table_id = r.table_id;
+  item->delta = r.delta;
+  item->rules = to_reject_rules(r.rules);
+  return true;
+}
+
+// ---- Single-object operations -----------------------------------------------------------
+
+bool MasterService::owns(uint64_t table_id, std::string_view key) const {
+  return tablets_.contains(table_id, key_hash(table_id, key));
+}
+
+Result<uint64_t> MasterService::read_item(const KeyedItem& item, std::string* value) {
+  if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
+  return objects_->read(item.table_id, item.key, value, &item.rules);
+}
+
+Result<uint64_t> MasterService::write_item(const KeyedItem& item) {
+  if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
+  return objects_->write(item.table_id, item.key, item.value, &item.rules);
+}
+
+Result<uint64_t> MasterService::remove_item(const KeyedItem& item) {
+  if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
+  return objects_->remove(item.table_id, item.key, &item.rules);
+}
+
+Status MasterService::read(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  KeyedItem item;
+  if (!decode_read_item(in, &item) || !in.at_end()) return Status::kBadRequest;
+  auto version = read_item(item, &value_scratch_);
+  if (!version.ok()) return version.status();
+  auto w = reply.writer();
+  w.put(wire::ReadResponse{.version = *version,
+                           .value_bytes = static_cast<uint32_t>(value_scratch_.size())});
+  w.put_bytes(value_scratch_);
+  return Status::kOk;
+}
+
+Status MasterService::write(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  KeyedItem item;
+  if (!decode_write_item(in, &item) || !in.at_end()) return Status::kBadRequest;
+  auto version = write_item(item);
+  if (!version.ok()) return version.status();
+  reply.writer().put(wire::VersionResponse{.version = *version});
+  return Status::kOk;
+}
+
+Status MasterService::remove(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  KeyedItem item;
+  if (!decode_read_item(in, &item) || !in.at_end()) return Status::kBadRequest;
+  auto version = remove_item(item);
+  if (!version.ok()) return version.status();
+  reply.writer().put(wire::VersionResponse{.version = *version});
+  return Status::kOk;
+}
+
+Status MasterService::increment(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  KeyedItem item;
+  if (!decode_increment_item(in, &item) || !in.at_end()) return Status::kBadRequest;
+  if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
+  auto r = objects_->increment(item.table_id, item.key, item.delta, &item.rules);
+  if (!r.ok()) return r.status();
+  reply.writer().put(wire::IncrementResponse{.value = r->value, .version = r->version});
+  return Status::kOk;
+}
+
+// ---- Tablets and stats ------------------------------------------------------------------
+
+namespace {
+
+// Decodes a whole tablet list before anything changes, so a bad list changes nothing.
+bool decode_tablets(std::span<const std::byte> body, std::vector<wire::TabletWire>* out) {
+  wire::BodyReader in(body);
+  wire::TabletListHeader h;
+  if (!in.get(&h) || in.remaining() != uint64_t{h.count} * sizeof(wire::TabletWire)) return false;
+  out->resize(h.count);
+  for (auto& t : *out) {
+    if (!in.get(&t) || t.table_id == 0 || t.start_hash > t.end_hash) return false;
+  }
+  return in.at_end();
+}
+
+}  // namespace
+
+Status MasterService::take_tablets(std::span<const std::byte> body) {
+  std::vector<wire::TabletWire> list;
+  if (!decode_tablets(body, &list)) return Status::kBadRequest;
+  for (const auto& t : list) tablets_.add(t.table_id, {t.start_hash, t.end_hash});
+  LOG_DEBUG("took {} tablets; {} ranges owned", list.size(), tablets_.range_count());
+  return Status::kOk;
+}
+
+Status MasterService::drop_tablets(std::span<const std::byte> body) {
+  std::vector<wire::TabletWire> list;
+  if (!decode_tablets(body, &list)) return Status::kBadRequest;
+  // Ownership goes first so nothing new lands in a range being emptied. The objects are
+  // removed whether or not the range was owned, so a drop the coordinator resends after
+  // a failure (kRetry, kNoSpace for tombstones) finishes the job.
+  for (const auto& t : list) tablets_.remove(t.table_id, {t.start_hash, t.end_hash});
+  for (const auto& t : list) {
+    auto removed = objects_->remove_range(t.table_id, t.start_hash, t.end_hash);
+    if (!removed.ok()) return removed.status();
+    LOG_DEBUG("dropped tablet {}:[{:#x},{:#x}]: {} objects removed", t.table_id, t.start_hash,
+              t.end_hash, *removed);
+  }
+  return Status::kOk;
+}
+
+Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply) {
+  if (!body.empty()) return Status::kBadRequest;
+  ObjectManagerStats s = objects_->stats();
+  std::string text;
+  append_stat(&text, "object_count", s.object_count);
+  append_stat(&text, "user_bytes", s.user_bytes);
+  append_stat(&text, "hash_table_bytes", s.hash_table_bytes);
+  append_stat(&text, "hash_overflow_buckets", s.hash_overflow_buckets);
+  append_stat(&text, "log_memory_bytes", s.log.memory_bytes);
+  append_stat(&text, "log_free_bytes", s.log.free_bytes);
+  append_stat(&text, "log_live_bytes", s.log.live_bytes);
+  append_stat(&text, "log_segment_count", s.log.segment_count);
+  append_stat(&text, "log_head_rollovers", s.log.head_rollovers);
+  append_stat(&text, "log_appended_bytes", s.log.appended_bytes);
+  append_stat(&text, "cleaner_compactions", s.cleaner.compactions);
+  append_stat(&text, "cleaner_combined_passes", s.cleaner.combined_passes);
+  append_stat(&text, "cleaner_segments_cleaned", s.cleaner.segments_cleaned);
+  append_stat(&text, "cleaner_bytes_copied", s.cleaner.bytes_copied);
+  append_stat(&text, "cleaner_bytes_freed", s.cleaner.bytes_freed);
+  append_stat(&text, "tablet_ranges", tablets_.range_count());
+  append_stat(&text, "rpc_count", rpc_count_);
+  append_stat(&text, "bad_request_count", bad_request_count_);
+  reply.writer().put_bytes(text);
+  return Status::kOk;
+}
+
+}  // namespace ramkv::master

@@ -1,0 +1,361 @@
+#include "coordinator/coordinator_service.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include "common/checksum.h"
+
+using namespace ramkv;
+using namespace ramkv::coordinator;
+
+namespace {
+
+struct TempDir {
+  TempDir() {
+    char tmpl[] = "/tmp/ramkv-coordinator-test-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string path;
+};
+
+// A coordinator on 127.0.0.1:0, serving on its own thread, over a FileStore in `dir`.
+struct RunningCoordinator {
+  explicit RunningCoordinator(const std::string& dir) {
+    auto store = FileStore::open(dir);
+    REQUIRE(store.ok());
+    auto created = CoordinatorService::create(
+        {.listen_locator = "127.0.0.1:0", .master_rpc_timeout_ns = 1'000'000'000},
+        std::move(*store));
+    REQUIRE(created.ok());
+    service = std::move(*created);
+    thread = std::thread([this] { service->run(); });
+  }
+  ~RunningCoordinator() {
+    service->stop();
+    thread.join();
+  }
+  std::unique_ptr<CoordinatorService> service;
+  std::thread thread;
+};
+
+// A stand-in master: records the take/drop tablets orders it gets.
+struct FakeMaster {
+  FakeMaster() : transport(make_tcp_server_transport({})) {
+    REQUIRE(transport->listen("127.0.0.1:0") == Status::kOk);
+    thread = std::thread([this] {
+      transport->run([this](const wire::MessageHeader& h, std::span<const std::byte> body, Reply&) {
+        record(h, body);
+      });
+    });
+  }
+  ~FakeMaster() {
+    transport->stop();
+    thread.join();
+  }
+  void record(const wire::MessageHeader& h, std::span<const std::byte> body) {
+    wire::BodyReader in(body);
+    wire::TabletListHeader list;
+    REQUIRE(in.get(&list));
+    std::lock_guard lock(mutex);
+    for (uint32_t i = 0; i < list.count; ++i) {
+      wire::TabletWire t;
+      REQUIRE(in.get(&t));
+      (h.opcode == static_cast<uint16_t>(wire::Opcode::kTakeTablets) ? taken : dropped)
+          .push_back(t);
+    }
+  }
+  size_t taken_count() {
+    std::lock_guard lock(mutex);
+    return taken.size();
+  }
+  size_t dropped_count() {
+    std::lock_guard lock(mutex);
+    return dropped.size();
+  }
+  std::unique_ptr<ServerTransport> transport;
+  std::mutex mutex;
+  std::vector<wire::TabletWire> taken;
+  std::vector<wire::TabletWire> dropped;
+  std::thread thread;
+};
+
+struct Client {
+  explicit Client(std::string coordinator) : locator(std::move(coordinator)) {}
+  CallResult call(wire::Opcode op, const std::vector<std::byte>& body) {
+    return ramkv::call(*transport, locator, {.opcode = op, .timeout_ns = 5'000'000'000}, body);
+  }
+  Result<uint64_t> enlist(const std::string& server_locator, uint32_t services,
+                          uint64_t replaces_id = 0) {
+    std::vector<std::byte> body;
+    wire::BodyWriter w(&body);
+    w.put(wire::EnlistServerRequest{.services = services,
+                                    .locator_bytes = static_cast<uint32_t>(server_locator.size()),
+                                    .replaces_id = replaces_id});
+    w.put_bytes(server_locator);
+    return id_of(call(wire::Opcode::kEnlistServer, body));
+  }
+  Result<uint64_t> create_table(std::string_view name, uint32_t tablet_count = 0) {
+    std::vector<std::byte> body;
+    wire::BodyWriter w(&body);
+    w.put(wire::CreateTableRequest{.name_bytes = static_cast<uint32_t>(name.size()),
+                                   .tablet_count = tablet_count});
+    w.put_bytes(name);
+    return id_of(call(wire::Opcode::kCreateTable, body));
+  }
+  CallResult by_name(wire::Opcode op, std::string_view name) {
+    std::vector<std::byte> body;
+    wire::BodyWriter w(&body);
+    w.put(wire::TableNameRequest{.name_bytes = static_cast<uint32_t>(name.size())});
+    w.put_bytes(name);
+    return call(op, body);
+  }
+  Result<uint64_t> table_id(std::string_view name) {
+    return id_of(by_name(wire::Opcode::kGetTableId, name));
+  }
+  static Result<uint64_t> id_of(const CallResult& r) {
+    if (r.status != Status::kOk) return r.status;
+    wire::BodyReader in(r.body);
+    uint64_t id = 0;
+    if (!in.get(&id) || !in.at_end()) return Status::kFormatError;
+    return id;
+  }
+
+  struct TabletMap {
+    std::vector<wire::TabletWire> tablets;
+    std::vector<std::pair<wire::ServerEntry, std::string>> servers;
+  };
+  Result<TabletMap> tablet_map(uint64_t table_id) {
+    std::vector<std::byte> body;
+    wire::BodyWriter(&body).put(wire::TabletMapRequest{.table_id = table_id});
+    auto r = call(wire::Opcode::kGetTabletMap, body);
+    if (r.status != Status::kOk) return r.status;
+    wire::BodyReader in(r.body);
+    wire::TabletMapHeader h;
+    TabletMap map;
+    REQUIRE(in.get(&h));
+    map.tablets.resize(h.count);
+    for (auto& t : map.tablets) REQUIRE(in.get(&t));
+    for (uint32_t i = 0; i < h.server_count; ++i) {
+      wire::ServerEntry e;
+      std::string_view loc;
+      REQUIRE(in.get(&e));
+      REQUIRE(in.get_string(e.locator_bytes, &loc));
+      map.servers.emplace_back(e, std::string(loc));
+    }
+    REQUIRE(in.at_end());
+    return map;
+  }
+
+  std::string locator;
+  std::unique_ptr<ClientTransport> transport = make_tcp_client_transport({});
+};
+
+std::vector<std::byte> raw(std::string_view s) {
+  auto b = as_bytes(s);
+  return {b.begin(), b.end()};
+}
+
+}  // namespace
+
+TEST_CASE("coordinator: enlisting servers gives ids from index 1, generation 1",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  CHECK(*client.enlist("127.0.0.1:3001", wire::kServiceMaster) == make_server_id(1, 1));
+  CHECK(*client.enlist("127.0.0.1:3002", wire::kServiceBackup) == make_server_id(2, 1));
+  CHECK(*client.enlist("127.0.0.1:3001", wire::kServiceMaster) == make_server_id(1, 2));
+
+  auto r = client.call(wire::Opcode::kGetServerList, {});
+  REQUIRE(r.status == Status::kOk);
+  wire::BodyReader in(r.body);
+  wire::ServerListHeader h;
+  REQUIRE(in.get(&h));
+  CHECK(h.count == 2);
+  CHECK(h.version == 3);
+  wire::ServerEntry e;
+  std::string_view loc;
+  REQUIRE(in.get(&e));
+  REQUIRE(in.get_string(e.locator_bytes, &loc));
+  CHECK(e.server_id == make_server_id(1, 2));
+  CHECK(loc == "127.0.0.1:3001");
+}
+
+TEST_CASE("coordinator: creating a table with no master up asks to retry",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  CHECK(client.create_table("t").status() == Status::kRetry);
+  REQUIRE(client.enlist("127.0.0.1:3002", wire::kServiceBackup).ok());
+  CHECK(client.create_table("t").status() == Status::kRetry);
+}
+
+TEST_CASE("coordinator: creating an existing table returns its id", "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  FakeMaster m1, m2;
+  Client client(c.service->locator());
+  REQUIRE(client.enlist(m1.transport->locator(), wire::kServiceMaster).ok());
+  REQUIRE(client.enlist(m2.transport->locator(), wire::kServiceMaster).ok());
+  auto id = client.create_table("users");
+  REQUIRE(id.ok());
+  CHECK(*id == 1);
+  CHECK(*client.create_table("users") == *id);
+  CHECK(*client.create_table("orders", 8) == 2);
+  CHECK(*client.table_id("users") == 1);
+  // create table answers after the masters acknowledged their tablets.
+  CHECK(m1.taken_count() + m2.taken_count() == 2 + 8);
+  CHECK(m1.taken_count() == 1 + 4);
+}
+
+TEST_CASE("coordinator: the tablet map covers the whole hash space exactly once",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  FakeMaster m1, m2, m3;
+  Client client(c.service->locator());
+  for (auto* m : {&m1, &m2, &m3}) {
+    REQUIRE(client.enlist(m->transport->locator(), wire::kServiceMaster).ok());
+  }
+  uint64_t id = *client.create_table("t", 7);
+  REQUIRE(client.create_table("other").ok());
+  auto map = client.tablet_map(id);
+  REQUIRE(map.ok());
+  REQUIRE(map->tablets.size() == 7);
+  CHECK(map->tablets.front().start_hash == 0);
+  CHECK(map->tablets.back().end_hash == UINT64_MAX);
+  for (size_t i = 1; i < map->tablets.size(); ++i) {
+    CHECK(map->tablets[i].start_hash == map->tablets[i - 1].end_hash + 1);
+  }
+  REQUIRE(map->servers.size() == 3);
+  for (const auto& [entry, loc] : map->servers) {
+    CHECK(entry.status == 0);
+    CHECK(!loc.empty());
+  }
+  auto all = client.tablet_map(0);
+  REQUIRE(all.ok());
+  CHECK(all->tablets.size() == 7 + 3);
+  CHECK(client.tablet_map(99).status() == Status::kUnknownTable);
+}
+
+TEST_CASE("coordinator: dropping a table forgets it and tells its masters",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  FakeMaster m;
+  Client client(c.service->locator());
+  REQUIRE(client.enlist(m.transport->locator(), wire::kServiceMaster).ok());
+  uint64_t id = *client.create_table("t", 4);
+  CHECK(client.by_name(wire::Opcode::kDropTable, "t").status == Status::kOk);
+  CHECK(m.dropped_count() == 4);
+  CHECK(client.table_id("t").status() == Status::kUnknownTable);
+  CHECK(client.tablet_map(id).status() == Status::kUnknownTable);
+  CHECK(client.by_name(wire::Opcode::kDropTable, "t").status == Status::kUnknownTable);
+  CHECK(*client.create_table("t") == id + 1);  // ids are never reused
+}
+
+TEST_CASE("coordinator: unknown tables are reported as such", "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  CHECK(client.table_id("nope").status() == Status::kUnknownTable);
+  CHECK(client.by_name(wire::Opcode::kDropTable, "nope").status == Status::kUnknownTable);
+  CHECK(client.tablet_map(1).status() == Status::kUnknownTable);
+}
+
+TEST_CASE("coordinator: malformed bodies get bad request and the server keeps answering",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  using wire::Opcode;
+  // Short fixed parts.
+  for (Opcode op : {Opcode::kEnlistServer, Opcode::kCreateTable, Opcode::kDropTable,
+                    Opcode::kGetTableId, Opcode::kGetTabletMap}) {
+    CHECK(client.call(op, raw("ab")).status == Status::kBadRequest);
+  }
+  // Lying lengths, trailing bytes, empty and oversized names, bad locators.
+  std::vector<std::byte> body;
+  wire::BodyWriter w(&body);
+  w.put(wire::TableNameRequest{.name_bytes = 1000});
+  w.put_bytes("short");
+  CHECK(client.call(Opcode::kGetTableId, body).status == Status::kBadRequest);
+  CHECK(client.by_name(Opcode::kGetTableId, "").status == Status::kBadRequest);
+  CHECK(client.create_table(std::string(1025, 'x')).status() == Status::kBadRequest);
+  CHECK(client.create_table("t", CoordinatorState::kMaxTabletsPerTable + 1).status() ==
+        Status::kBadRequest);
+  CHECK(client.call(Opcode::kGetServerList, raw("x")).status == Status::kBadRequest);
+  CHECK(client.call(Opcode::kGetTabletMap, raw("123456789")).status == Status::kBadRequest);
+  CHECK(client.enlist("no-port", wire::kServiceMaster).status() == Status::kBadRequest);
+  CHECK(client.enlist("127.0.0.1:1", 0).status() == Status::kBadRequest);
+  CHECK(client.enlist("127.0.0.1:1", 4).status() == Status::kBadRequest);
+  CHECK(client.call(Opcode::kRead, raw("x")).status == Status::kBadRequest);
+  // Still serving, and nothing changed.
+  CHECK(client.call(Opcode::kEcho, raw("hello")).body == raw("hello"));
+  CHECK(c.service->state().servers().empty());
+  CHECK(c.service->state().table_count() == 0);
+}
+
+TEST_CASE("coordinator: a restarted coordinator keeps its tables and servers",
+          "[coordinator][service]") {
+  TempDir dir;
+  FakeMaster m;
+  uint64_t id = 0;
+  {
+    RunningCoordinator c(dir.path);
+    Client client(c.service->locator());
+    REQUIRE(*client.enlist(m.transport->locator(), wire::kServiceMaster) == make_server_id(1, 1));
+    id = *client.create_table("kept", 3);
+    REQUIRE(client.create_table("dropped").ok());
+    REQUIRE(client.by_name(wire::Opcode::kDropTable, "dropped").status == Status::kOk);
+  }
+  REQUIRE(m.taken_count() == 3 + 1);
+  RunningCoordinator c(dir.path);
+  // On start the coordinator re-sends take tablets to the owners.
+  REQUIRE(c.service->notifier().wait_idle(5'000'000'000));
+  CHECK(m.taken_count() == 3 + 1 + 3);
+  Client client(c.service->locator());
+  CHECK(*client.table_id("kept") == id);
+  CHECK(client.table_id("dropped").status() == Status::kUnknownTable);
+  auto map = client.tablet_map(id);
+  REQUIRE(map.ok());
+  CHECK(map->tablets.size() == 3);
+  CHECK(*client.create_table("new") == id + 2);
+  CHECK(*client.enlist("127.0.0.1:3999", wire::kServiceBackup) == make_server_id(2, 1));
+}
+
+TEST_CASE("coordinator: a corrupt state file stops the coordinator from starting",
+          "[coordinator][service]") {
+  TempDir dir;
+  {
+    auto store = FileStore::open(dir.path);
+    REQUIRE(store.ok());
+    REQUIRE((*store)->put(raw("not a state")) == Status::kOk);
+  }
+  auto store = FileStore::open(dir.path);
+  REQUIRE(store.ok());
+  auto created = CoordinatorService::create({.listen_locator = "127.0.0.1:0"}, std::move(*store));
+  CHECK(created.status() == Status::kFormatError);
+}
+
+TEST_CASE("coordinator: a master that is down does not block table creation",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  std::string dead_locator;
+  {
+    FakeMaster m;
+    dead_locator = m.transport->locator();
+  }
+  REQUIRE(client.enlist(dead_locator, wire::kServiceMaster).ok());
+  CHECK(client.create_table("t").ok());  // the failed send is logged only
+  CHECK(client.call(wire::Opcode::kEcho, raw("still here")).status == Status::kOk);
+}
