@@ -16,7 +16,9 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::fprintf(stderr, "%s: %s (see --help)\n", "ramkv-bench", e.what());
+    return 2;
   }
   if (app.got_subcommand("memory")) return ramkv::bench::run_memory_bench(memory);
   return 2;

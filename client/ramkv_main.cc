@@ -220,7 +220,9 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::fprintf(stderr, "%s: %s (see --help)\n", "ramkv", e.what());
+    return 2;
   }
   return run(app.get_subcommands().front()->get_name(), a);
 }

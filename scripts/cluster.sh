@@ -8,7 +8,8 @@
 #
 # start: a coordinator on P (default 12246) and N masters (default 3) on P+1..P+N, each
 # with SIZE of log memory (default 256M). PIDs go to DIR/pids, logs to DIR/logs, the
-# coordinator's state to DIR/coordinator. It returns once every master has enlisted.
+# coordinator's state to DIR/coordinator (started afresh). It returns once every master
+# has enlisted.
 # stop: stops exactly the processes this script started in DIR (by PID, checking that
 # the PID is still that program), TERM first, KILL after 5 s.
 # status: one line per process, the coordinator first: role, PID, address, state.
@@ -56,7 +57,8 @@ start() {
       if alive "$pid" "$prog"; then echo "cluster.sh: a cluster is already running in $dir (stop it first)" >&2; exit 1; fi
     done
   fi
-  rm -rf "$dir/pids" "$dir/logs"
+  # A new cluster: its masters start empty, so the previous coordinator state goes too.
+  rm -rf "$dir/pids" "$dir/logs" "$dir/coordinator"
   mkdir -p "$dir/pids" "$dir/logs" "$dir/coordinator"
   local coord="127.0.0.1:$port"
   "$bin/ramkv-coordinator" --listen "$coord" --data-dir "$dir/coordinator" --poll "$poll" \
@@ -72,7 +74,7 @@ start() {
   local deadline=$((SECONDS + 30))
   while [ $SECONDS -lt $deadline ]; do
     local up
-    up=$(grep -l "listening on" "$dir"/logs/server-*.log 2>/dev/null | wc -l)
+    up=$(grep -l "listening on" "$dir"/logs/server-*.log 2>/dev/null | wc -l || true)
     [ "$up" -ge "$masters" ] && { echo "cluster.sh: coordinator on $coord, $masters master(s) up; logs in $dir/logs"; return 0; }
     for f in "$dir"/pids/*.pid; do
       IFS=' ' read -r pid prog role addr <"$f"

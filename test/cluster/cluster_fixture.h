@@ -1,0 +1,172 @@
+// LocalCluster: real ramkv processes (one coordinator, N servers) on 127.0.0.1, started
+// from the build's bin/ directory, with their data and logs in a fresh temp directory.
+// Every process is stopped by PID (SIGTERM, then SIGKILL after 5 s) when the cluster
+// goes away; nothing else is touched.
+#pragma once
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/transport.h"
+#include "ramkv/client.h"
+
+#ifndef RAMKV_BIN_DIR
+#error "RAMKV_BIN_DIR must name the directory with ramkv-coordinator and ramkv-server"
+#endif
+
+namespace ramkv::test {
+
+class Process {
+ public:
+  Process() = default;
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+  ~Process() { stop(); }
+
+  void start(const std::vector<std::string>& argv, const std::string& log_path) {
+    pid_ = ::fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {
+      FILE* log = std::fopen(log_path.c_str(), "a");
+      if (log != nullptr) {
+        ::dup2(fileno(log), STDOUT_FILENO);
+        ::dup2(fileno(log), STDERR_FILENO);
+      }
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      ::execv(args[0], args.data());
+      _exit(127);
+    }
+  }
+  // SIGTERM and wait (up to 5 s), then SIGKILL. Returns the exit status, -1 if killed.
+  int stop() { return signal_and_wait(SIGTERM); }
+  void kill9() { signal_and_wait(SIGKILL); }
+  bool running() const {
+    if (pid_ <= 0) return false;
+    int status = 0;
+    return ::waitpid(pid_, &status, WNOHANG) == 0;
+  }
+  pid_t pid() const { return pid_; }
+
+ private:
+  int signal_and_wait(int sig) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, sig);
+    int status = 0;
+    for (int i = 0; i < 500; ++i) {
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return -1;
+  }
+  pid_t pid_ = -1;
+};
+
+// A free TCP port on 127.0.0.1 (bound and released: good enough on a test machine).
+inline uint16_t free_port() {
+  auto server = make_tcp_server_transport({});
+  REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
+  auto loc = parse_locator(server->locator());
+  REQUIRE(loc.ok());
+  return loc->port;
+}
+
+class LocalCluster {
+ public:
+  explicit LocalCluster(int masters) {
+    char tmpl[] = "/tmp/ramkv-cluster-test-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    dir_ = tmpl;
+    coordinator_locator_ = "127.0.0.1:" + std::to_string(free_port());
+    start_coordinator();
+    for (int i = 0; i < masters; ++i) add_master();
+    wait_for_masters(masters);
+  }
+  ~LocalCluster() {
+    for (auto& s : servers_) s->stop();
+    coordinator_.stop();
+    std::error_code ec;
+    if (std::getenv("RAMKV_KEEP_TEST_DIRS") == nullptr) std::filesystem::remove_all(dir_, ec);
+  }
+
+  const std::string& coordinator() const { return coordinator_locator_; }
+  const std::string& dir() const { return dir_; }
+  Process& server(size_t i) { return *servers_.at(i); }
+  Process& coordinator_process() { return coordinator_; }
+
+  void start_coordinator() {
+    coordinator_.start({std::string(RAMKV_BIN_DIR) + "/ramkv-coordinator", "--listen",
+                        coordinator_locator_, "--data-dir", dir_ + "/coordinator"},
+                       dir_ + "/coordinator.log");
+    auto client = make_tcp_client_transport({});
+    for (int i = 0; i < 300; ++i) {
+      auto r = call(*client, coordinator_locator_,
+                    {.opcode = wire::Opcode::kEcho, .timeout_ns = 200'000'000}, {});
+      if (r.status == Status::kOk) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    FAIL("the coordinator did not answer within 6 s; see " << dir_ << "/coordinator.log");
+  }
+
+  void add_master() {
+    size_t n = servers_.size() + 1;
+    servers_.push_back(std::make_unique<Process>());
+    servers_.back()->start({std::string(RAMKV_BIN_DIR) + "/ramkv-server", "--coordinator",
+                            coordinator_locator_, "--listen", "127.0.0.1:0", "--memory", "64M"},
+                           dir_ + "/server-" + std::to_string(n) + ".log");
+  }
+
+  void wait_for_masters(int masters) {
+    ClientOptions o;
+    o.coordinator = coordinator_locator_;
+    o.timeout_ms = 2000;
+    for (int i = 0; i < 300; ++i) {
+      auto c = Client::connect(o);
+      if (c.ok()) {
+        auto list = (*c)->servers();
+        if (list.ok()) {
+          int up = 0;
+          for (const auto& s : *list) up += s.master && s.status == ServerStatus::kUp;
+          if (up >= masters) return;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    FAIL("masters did not enlist within a few seconds; logs in " << dir_);
+  }
+
+  std::unique_ptr<Client> client(uint64_t timeout_ms = 5000) {
+    ClientOptions o;
+    o.coordinator = coordinator_locator_;
+    o.timeout_ms = timeout_ms;
+    o.rpc_timeout_ms = std::min<uint64_t>(timeout_ms, 1000);
+    auto c = Client::connect(o);
+    REQUIRE(c.ok());
+    return std::move(c).value();
+  }
+
+ private:
+  std::string dir_;
+  std::string coordinator_locator_;
+  Process coordinator_;
+  std::vector<std::unique_ptr<Process>> servers_;
+};
+
+}  // namespace ramkv::test
