@@ -5,14 +5,17 @@
 
 #include <cstdio>
 
+#include "bench/ramkv_bench_cluster.h"
 #include "bench/ramkv_bench_memory.h"
 #include "common/log.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"ramkv-bench: benchmarks for ramkv (storage engine; clusters in later releases)"};
+  CLI::App app{"ramkv-bench: benchmarks for ramkv: the storage engine, and running clusters"};
   app.require_subcommand(1);
   ramkv::bench::MemoryBenchOptions memory;
   ramkv::bench::add_memory_command(app, memory);
+  ramkv::bench::ClusterBenchOptions cluster;
+  ramkv::bench::add_cluster_commands(app, cluster);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -21,5 +24,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (app.got_subcommand("memory")) return ramkv::bench::run_memory_bench(memory);
+  if (app.got_subcommand("latency")) return ramkv::bench::run_latency_bench(cluster);
+  if (app.got_subcommand("throughput")) return ramkv::bench::run_throughput_bench(cluster);
   return 2;
 }

@@ -52,8 +52,7 @@ int run_tool(const std::string& args, std::string* output) {
 
 }  // namespace
 
-TEST_CASE("cluster: every client operation works end to end across three masters",
-          "[cluster]") {
+TEST_CASE("cluster: every client operation works end to end across three masters", "[cluster]") {
   LocalCluster cluster(3);
   auto c = cluster.client();
   auto table = c->create_table("users");
@@ -148,8 +147,7 @@ TEST_CASE("cluster: a restarted coordinator keeps its tables, and the data stays
   CHECK(*c->create_table("second") > table);  // ids are not reused
 }
 
-TEST_CASE("cluster: a master asked for a key it does not own answers unknown tablet",
-          "[cluster]") {
+TEST_CASE("cluster: a master asked for a key it does not own answers unknown tablet", "[cluster]") {
   LocalCluster cluster(2);
   auto c = cluster.client();
   uint64_t table = *c->create_table("routing");
@@ -194,8 +192,7 @@ TEST_CASE("cluster: a client with a stale map recovers after a table is dropped 
   CHECK(again->value == "new");
 }
 
-TEST_CASE("cluster: a live server survives malformed input and keeps answering",
-          "[cluster]") {
+TEST_CASE("cluster: a live server survives malformed input and keeps answering", "[cluster]") {
   LocalCluster cluster(1);
   auto c = cluster.client();
   uint64_t table = *c->create_table("sturdy");
@@ -231,7 +228,8 @@ TEST_CASE("cluster: a live server survives malformed input and keeps answering",
     for (int i = 0; i < 10; ++i) {
       std::vector<std::byte> body(rng.uniform(64));
       for (auto& b : body) b = static_cast<std::byte>(rng.next());
-      auto r = call(*transport, locator, {.opcode = static_cast<wire::Opcode>(static_cast<uint16_t>(op))}, body);
+      auto r = call(*transport, locator,
+                    {.opcode = static_cast<wire::Opcode>(static_cast<uint16_t>(op))}, body);
       CHECK(r.status != Status::kOk);
     }
   }
