@@ -73,8 +73,7 @@ struct LatencyRow {
 
 void add_cluster_commands(CLI::App& app, ClusterBenchOptions& o) {
   auto common = [&o](CLI::App* cmd) {
-    cmd->add_option("--coordinator", o.coordinator, "Coordinator host:port")
-        ->capture_default_str();
+    cmd->add_option("--coordinator", o.coordinator, "Coordinator host:port")->capture_default_str();
     cmd->add_option("--value-bytes", o.value_bytes, "Value sizes")->capture_default_str();
     cmd->add_option("--keys", o.keys, "Keys written before measuring")
         ->check(CLI::Range(1, 10'000'000))
@@ -88,8 +87,8 @@ void add_cluster_commands(CLI::App& app, ClusterBenchOptions& o) {
   lat->add_option("--count", o.count, "Samples per operation and size")
       ->check(CLI::Range(10, 10'000'000))
       ->capture_default_str();
-  auto* thr = app.add_subcommand(
-      "throughput", "Many clients with requests in flight: operations per second");
+  auto* thr = app.add_subcommand("throughput",
+                                 "Many clients with requests in flight: operations per second");
   common(thr);
   thr->add_option("--clients", o.clients, "Client threads, one Client each")
       ->check(CLI::Range(1, 256))
@@ -175,15 +174,15 @@ int run_latency_bench(const ClusterBenchOptions& o) {
         detail);
     return 0;
   }
-  fmt::print("ramkv-bench latency: {} samples each, {} keys, one synchronous client{}\n",
-             o.count, o.keys, o.busy_poll ? " (busy polling)" : "");
+  fmt::print("ramkv-bench latency: {} samples each, {} keys, one synchronous client{}\n", o.count,
+             o.keys, o.busy_poll ? " (busy polling)" : "");
   fmt::print("{:<8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "op", "value", "p50 us", "p90 us",
              "p99 us", "p99.9 us", "p50/rtt");
-  fmt::print("{:<8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9}\n", "echo", "100 B",
-             rtt.p50, rtt.p90, rtt.p99, rtt.p999, "1.00");
+  fmt::print("{:<8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9}\n", "echo", "100 B", rtt.p50,
+             rtt.p90, rtt.p99, rtt.p999, "1.00");
   for (const auto& r : rows) {
-    fmt::print("{:<8} {:>6} B {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.2f}\n", r.op,
-               r.value_bytes, r.p.p50, r.p.p90, r.p.p99, r.p.p999, r.p.p50 / rtt.p50);
+    fmt::print("{:<8} {:>6} B {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.2f}\n", r.op, r.value_bytes,
+               r.p.p50, r.p.p90, r.p.p99, r.p.p999, r.p.p50 / rtt.p50);
   }
   return 0;
 }
@@ -225,12 +224,11 @@ uint64_t drive(const ClusterBenchOptions& o, uint64_t table, const std::string& 
                            if (clock().now_ns() < deadline_ns) issue();
                          });
     } else {
-      client.read_async(table, key_of(rng.uniform(o.keys), o.key_bytes),
-                        [&](Result<ReadResult> r) {
-                          --in_flight;
-                          r.ok() ? ++done : ++*errors;
-                          if (clock().now_ns() < deadline_ns) issue();
-                        });
+      client.read_async(table, key_of(rng.uniform(o.keys), o.key_bytes), [&](Result<ReadResult> r) {
+        --in_flight;
+        r.ok() ? ++done : ++*errors;
+        if (clock().now_ns() < deadline_ns) issue();
+      });
     }
   };
   for (uint32_t i = 0; i < o.window; ++i) issue();
@@ -264,9 +262,10 @@ int run_throughput_bench(const ClusterBenchOptions& o) {
   if (o.json) {
     std::string fields;
     for (const auto& [w, r] : results) fields += fmt::format("\"{}_ops_per_sec\": {:.0f}, ", w, r);
-    fmt::print("{{{}\"clients\": {}, \"window\": {}, \"value_bytes\": {}, \"seconds\": {}, "
-               "\"errors\": {}}}\n",
-               fields, o.clients, o.window, o.value_bytes.front(), o.seconds, total_errors);
+    fmt::print(
+        "{{{}\"clients\": {}, \"window\": {}, \"value_bytes\": {}, \"seconds\": {}, "
+        "\"errors\": {}}}\n",
+        fields, o.clients, o.window, o.value_bytes.front(), o.seconds, total_errors);
   } else {
     fmt::print("ramkv-bench throughput: {} clients x {} in flight, {} B values, {} s each\n",
                o.clients, o.window, o.value_bytes.front(), o.seconds);

@@ -60,7 +60,8 @@ void add_commands(CLI::App& app, Args& a) {
   incr->add_option("TABLE", a.table, "table name")->required();
   incr->add_option("KEY", a.key)->required();
   incr->add_option("DELTA", a.delta, "amount to add; put -- before a negative one");
-  app.add_subcommand("scan", "print every object of a table as key<TAB>value")
+  app.add_subcommand("scan",
+                     "print every object of a table as key<TAB>value, one per line (\\xNN escapes)")
       ->add_option("TABLE", a.table, "table name")
       ->required();
   app.add_subcommand("servers", "list the servers the coordinator knows");
@@ -111,10 +112,25 @@ int cmd_object(Client& c, const std::string& command, const Args& a, uint64_t ta
   }
   auto r = c.enumerate(table_id);  // scan
   if (!r.ok()) return fail(command, r.status());
+  // One object per line: bytes that would break the line (control characters, the
+  // integers `incr` stores) are written as \xNN escapes.
+  auto escaped = [](std::string_view s) {
+    std::string out;
+    for (char byte : s) {
+      auto ch = static_cast<unsigned char>(byte);
+      if (ch >= 0x20 && ch < 0x7f && ch != '\\') {
+        out.push_back(static_cast<char>(ch));
+      } else {
+        char buf[5];
+        std::snprintf(buf, sizeof(buf), "\\x%02x", ch);
+        out += buf;
+      }
+    }
+    return out;
+  };
   for (const auto& o : *r) {
-    std::fwrite(o.key.data(), 1, o.key.size(), stdout);
-    std::fputc('\t', stdout);
-    print_line(o.value);
+    std::string line = escaped(o.key) + '\t' + escaped(o.value) + '\n';
+    std::fwrite(line.data(), 1, line.size(), stdout);
   }
   return 0;
 }

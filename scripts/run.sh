@@ -1,14 +1,47 @@
 #!/usr/bin/env bash
-# The README's main command: sets up, builds, and shows ramkv working.
-# Today that is the master's storage engine (log-structured memory, hash table, cleaner)
-# under its memory benchmark: fill the log to 50% and then 90% utilisation, overwrite at
-# random with the cleaner running, read back and check every value read.
-# Extra arguments go to `ramkv-bench memory` (e.g. --seconds 10 --memory 4G).
+# The README's main command: sets up, builds, starts a local ramkv cluster on 127.0.0.1
+# (a coordinator and 3 masters), shows it working with the ramkv tool, measures read and
+# write latency against the bare round trip, and stops the cluster.
+#   scripts/run.sh [--masters N] [--dir DIR]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+masters=3
+dir=/tmp/ramkv-demo
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --masters) masters=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    -h|--help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
 bash scripts/setup.sh
 echo "== building (build/, Release)"
-bash scripts/build.sh build -DCMAKE_BUILD_TYPE=Release -DRAMKV_BUILD_TESTS=OFF
-echo "== ramkv-bench memory: the storage engine at 50% and 90% memory utilisation"
-./build/bin/ramkv-bench memory --utilization 50 90 --seconds 5 "$@"
+bash scripts/build.sh build -DCMAKE_BUILD_TYPE=Release -DRAMKV_BUILD_TESTS=OFF >/dev/null
+port=12246
+bash scripts/cluster.sh stop --dir "$dir" >/dev/null 2>&1 || true
+trap 'bash scripts/cluster.sh stop --dir "$dir"' EXIT
+echo "== starting a local cluster in $dir"
+bash scripts/cluster.sh start --masters "$masters" --dir "$dir" --port "$port"
+bash scripts/cluster.sh status --dir "$dir"
+
+ramkv() {
+  echo "\$ ramkv $*"
+  build/bin/ramkv --coordinator "127.0.0.1:$port" "$@"
+}
+echo "== using it"
+ramkv create-table demo
+ramkv put demo alice "likes segments"
+ramkv put demo bob "likes cleaners"
+ramkv get demo alice
+ramkv incr demo visits 1
+ramkv incr demo visits 41
+ramkv del demo bob
+ramkv get demo bob || true
+ramkv scan demo
+ramkv tablets demo
+ramkv servers
+echo "== latency: one synchronous client, next to the bare echo round trip"
+build/bin/ramkv-bench latency --coordinator "127.0.0.1:$port" --count 5000 --keys 5000
