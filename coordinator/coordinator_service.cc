@@ -133,6 +133,7 @@ Status CoordinatorService::enlist_server(wire::BodyReader& in, Reply& reply) {
                ? fmt::format(", replacing {}", server_id_string(enlisted.replaced_id))
                : std::string());
   reply.writer().put(wire::EnlistServerResponse{.server_id = enlisted.server_id});
+  broadcast_server_list();
   if (enlisted.replaced_id != 0) {
     // Not waited for: the new master is not serving until it has this reply.
     send_tablets(wire::Opcode::kTakeTablets, state_.tablets_of(enlisted.server_id), false);
@@ -142,12 +143,28 @@ Status CoordinatorService::enlist_server(wire::BodyReader& in, Reply& reply) {
 
 Status CoordinatorService::get_server_list(wire::BodyReader& in, Reply& reply) {
   if (!in.at_end()) return Status::kBadRequest;
-  auto w = reply.writer();
+  encode_server_list(&reply.body());
+  return Status::kOk;
+}
+
+void CoordinatorService::encode_server_list(std::vector<std::byte>* body) const {
+  wire::BodyWriter w(body);
   const auto& servers = state_.servers();
   w.put(wire::ServerListHeader{.version = state_.server_list_version(),
                                .count = static_cast<uint32_t>(servers.size())});
   for (const auto& s : servers) put_server_entry(w, s.id, &s);
-  return Status::kOk;
+}
+
+void CoordinatorService::broadcast_server_list() {
+  std::vector<std::byte> body;
+  encode_server_list(&body);
+  std::vector<MasterNotifier::Message> messages;
+  for (const auto& s : state_.servers()) {
+    if (s.status != ServerStatus::kUp) continue;
+    messages.push_back(
+        {.locator = s.locator, .opcode = wire::Opcode::kServerListUpdate, .body = body});
+  }
+  if (!messages.empty()) notifier_->post(std::move(messages));
 }
 
 Status CoordinatorService::create_table(wire::BodyReader& in, Reply& reply) {

@@ -75,6 +75,9 @@ class CoordinatorService {
   Status commit(CoordinatorState next);
   // Sends `opcode` with each owner's share of `tablets`; waits for the answers if `wait`.
   void send_tablets(wire::Opcode opcode, const std::vector<Tablet>& tablets, bool wait);
+  // Tells every server that is up the whole server list (not waited for).
+  void broadcast_server_list();
+  void encode_server_list(std::vector<std::byte>* body) const;
 
   CoordinatorOptions options_;
   std::unique_ptr<ExternalStore> store_;

@@ -77,9 +77,8 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
     case Opcode::kDropTablets:
       s = drop_tablets(body);
       break;
-    // Accepted and ignored until failure detection needs the server list.
     case Opcode::kServerListUpdate:
-      s = Status::kOk;
+      s = server_list_update(body);
       break;
     case Opcode::kGetServerStats:
       s = server_stats(body, reply);
@@ -231,6 +230,29 @@ Status MasterService::drop_tablets(std::span<const std::byte> body) {
   return Status::kOk;
 }
 
+// Checks the whole list, keeps its version and size. Older versions (updates can pass
+// each other on different connections) are ignored.
+Status MasterService::server_list_update(std::span<const std::byte> body) {
+  wire::BodyReader in(body);
+  wire::ServerListHeader header;
+  if (!in.get(&header) || header.count > in.remaining() / sizeof(wire::ServerEntry)) {
+    return Status::kBadRequest;
+  }
+  for (uint32_t i = 0; i < header.count; ++i) {
+    wire::ServerEntry entry;
+    std::string_view locator;
+    if (!in.get(&entry) || !in.get_string(entry.locator_bytes, &locator)) {
+      return Status::kBadRequest;
+    }
+  }
+  if (!in.at_end()) return Status::kBadRequest;
+  if (header.version >= server_list_version_) {
+    server_list_version_ = header.version;
+    server_count_ = header.count;
+  }
+  return Status::kOk;
+}
+
 Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply) {
   if (!body.empty()) return Status::kBadRequest;
   ObjectManagerStats s = objects_->stats();
@@ -252,6 +274,8 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
   append_stat(&text, "cleaner_bytes_freed", s.cleaner.bytes_freed);
   append_stat(&text, "tablet_ranges", tablets_.range_count());
   append_stat(&text, "rpc_count", rpc_count_);
+  append_stat(&text, "server_list_version", server_list_version_);
+  append_stat(&text, "server_list_servers", server_count_);
   append_stat(&text, "bad_request_count", bad_request_count_);
   reply.writer().put_bytes(text);
   return Status::kOk;

@@ -76,6 +76,7 @@ class MasterService {
   Status take_tablets(std::span<const std::byte> body);
   Status drop_tablets(std::span<const std::byte> body);
   Status server_stats(std::span<const std::byte> body, Reply& reply);
+  Status server_list_update(std::span<const std::byte> body);
 
   // Item decoders shared by the single and multi forms: the fixed part, then the key
   // (and value) it announces. false when the body is shorter than announced.
@@ -102,6 +103,9 @@ class MasterService {
   std::vector<KeyedItem> items_;
   std::vector<ObjectManager::Object> objects_scratch_;
   uint64_t rpc_count_ = 0;
+  // The newest server list the coordinator sent (failure detection will use it).
+  uint64_t server_list_version_ = 0;
+  uint32_t server_count_ = 0;
   uint64_t bad_request_count_ = 0;
 };
 

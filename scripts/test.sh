@@ -2,8 +2,8 @@
 # The README's test command: sets up, builds and runs every test.
 #   1. installs the build dependencies (scripts/setup.sh);
 #   2. checks formatting;
-#   3. builds with warnings as errors (build/) and runs every ctest test, the
-#      benchmarks' smoke runs included;
+#   3. builds with warnings as errors (build-test/; scripts/run.sh uses build/) and runs
+#      every ctest test, the benchmarks' smoke runs and the whole-cluster tests included;
 #   4. builds with AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/) and runs
 #      the unit tests again;
 #   5. builds the libFuzzer target with clang and fuzzes the master's request decoder
@@ -43,9 +43,10 @@ echo "== format"
 if bash scripts/check-format.sh; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 
 echo "== build (warnings are errors)"
-if JOBS=$jobs bash scripts/build.sh build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRAMKV_WERROR=ON; then
+if JOBS=$jobs bash scripts/build.sh build-test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRAMKV_WERROR=ON \
+    -DRAMKV_BUILD_TESTS=ON -DRAMKV_BUILD_BENCH=ON; then
   echo "== tests"
-  run_ctest build
+  run_ctest build-test
 else
   echo "test: build failed"
   failed=$((failed + 1))
@@ -53,8 +54,8 @@ fi
 
 echo "== build with ASan + UBSan"
 if JOBS=$jobs bash scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DRAMKV_SANITIZE=ON \
-    -DRAMKV_WERROR=ON -DRAMKV_BUILD_BENCH=OFF; then
-  echo "== unit tests under ASan + UBSan"
+    -DRAMKV_WERROR=ON -DRAMKV_BUILD_TESTS=ON -DRAMKV_BUILD_BENCH=OFF; then
+  echo "== tests under ASan + UBSan"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_ctest build-asan
 else

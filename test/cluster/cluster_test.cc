@@ -299,3 +299,26 @@ TEST_CASE("cluster: the ramkv tool puts, gets, and reports a missing key with ex
 }
 
 }  // namespace ramkv::test
+
+namespace ramkv::test {
+
+TEST_CASE("cluster: every server is told the server list when a server enlists", "[cluster]") {
+  LocalCluster cluster(3);
+  auto c = cluster.client();
+  auto servers = c->servers();
+  REQUIRE(servers.ok());
+  REQUIRE(servers->size() == 3);
+  for (const auto& s : *servers) {
+    bool told = false;
+    // Updates are sent asynchronously: allow a few seconds, bounded.
+    for (int i = 0; i < 100 && !told; ++i) {
+      auto stats = c->server_stats(s.locator);
+      REQUIRE(stats.ok());
+      told = stats->find("server_list_servers 3\n") != std::string::npos;
+      if (!told) std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    }
+    CHECK(told);
+  }
+}
+
+}  // namespace ramkv::test

@@ -59,6 +59,13 @@ struct FakeMaster {
     thread.join();
   }
   void record(const wire::MessageHeader& h, std::span<const std::byte> body) {
+    if (h.opcode == static_cast<uint16_t>(wire::Opcode::kServerListUpdate)) {
+      wire::ServerListHeader list;
+      REQUIRE(wire::BodyReader(body).get(&list));
+      std::lock_guard lock(mutex);
+      server_list_updates.push_back(list.count);
+      return;
+    }
     wire::BodyReader in(body);
     wire::TabletListHeader list;
     REQUIRE(in.get(&list));
@@ -81,6 +88,7 @@ struct FakeMaster {
   std::unique_ptr<ServerTransport> transport;
   std::mutex mutex;
   std::vector<wire::TabletWire> taken;
+  std::vector<uint32_t> server_list_updates;  // the size of each list received
   std::vector<wire::TabletWire> dropped;
   std::thread thread;
 };
@@ -359,3 +367,27 @@ TEST_CASE("coordinator: a master that is down does not block table creation",
   CHECK(client.create_table("t").ok());  // the failed send is logged only
   CHECK(client.call(wire::Opcode::kEcho, raw("still here")).status == Status::kOk);
 }
+
+namespace ramkv::coordinator {
+
+TEST_CASE("coordinator: every enlist sends the whole server list to the servers that are up",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  FakeMaster m1, m2;
+  Client client(c.service->locator());
+  REQUIRE(client.enlist(m1.transport->locator(), wire::kServiceMaster).ok());
+  REQUIRE(client.enlist(m2.transport->locator(), wire::kServiceMaster).ok());
+  // The updates go out from the notifier thread: wait for them, bounded.
+  auto newest = [](FakeMaster& m) {
+    std::lock_guard lock(m.mutex);
+    return m.server_list_updates.empty() ? 0u : m.server_list_updates.back();
+  };
+  for (int i = 0; i < 200 && (newest(m1) != 2 || newest(m2) != 2); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(newest(m1) == 2);
+  CHECK(newest(m2) == 2);
+}
+
+}  // namespace ramkv::coordinator
