@@ -5,6 +5,7 @@
 
 #include <cstdio>
 
+#include "bench/ramkv_bench_backup.h"
 #include "bench/ramkv_bench_cluster.h"
 #include "bench/ramkv_bench_memory.h"
 #include "common/log.h"
@@ -16,6 +17,8 @@ int main(int argc, char** argv) {
   ramkv::bench::add_memory_command(app, memory);
   ramkv::bench::ClusterBenchOptions cluster;
   ramkv::bench::add_cluster_commands(app, cluster);
+  ramkv::bench::BackupDiskOptions backup_disk;
+  ramkv::bench::add_backup_disk_command(app, backup_disk);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -26,5 +29,6 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("memory")) return ramkv::bench::run_memory_bench(memory);
   if (app.got_subcommand("latency")) return ramkv::bench::run_latency_bench(cluster);
   if (app.got_subcommand("throughput")) return ramkv::bench::run_throughput_bench(cluster);
+  if (app.got_subcommand("backup-disk")) return ramkv::bench::run_backup_disk_bench(backup_disk);
   return 2;
 }
