@@ -118,7 +118,13 @@ template <typename T, typename Decode>
 void start_routed(Client::Impl& impl, wire::Opcode opcode, uint64_t table_id, std::string_view key,
                   Bytes body, Client::Callback<T> done, Decode decode) {
   if (!fits(body)) {
-    impl.schedule(0, [done = std::move(done)] { done(Status::kValueTooLarge); });
+    // Counted as a user op like any other, so that outstanding() and wait_all() wait
+    // for this completion too instead of returning before it has run.
+    impl.begin_user_op();
+    impl.schedule(0, [&impl, done = std::move(done)] {
+      impl.end_user_op();
+      done(Status::kValueTooLarge);
+    });
     return;
   }
   OpPtr op = impl.make_op(opcode, Target::kRouted);

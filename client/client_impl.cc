@@ -41,11 +41,19 @@ Result<std::unique_ptr<Client::Impl>> Client::Impl::create(const ClientOptions& 
 
 uint64_t Client::Impl::now_ns() const { return SystemClock::instance().now_ns(); }
 
+uint64_t Client::Impl::deadline_after_ms(uint64_t ms) const {
+  // Saturating: timeouts are uint64_t milliseconds from the caller, and a huge one
+  // would otherwise wrap into the past and fail every operation at once.
+  uint64_t now = now_ns();
+  if (ms > (UINT64_MAX - now) / kNsPerMs) return UINT64_MAX;
+  return now + ms * kNsPerMs;
+}
+
 OpPtr Client::Impl::make_op(wire::Opcode opcode, Target target) {
   auto op = std::make_shared<client::Op>();
   op->opcode = opcode;
   op->target = target;
-  op->deadline_ns = now_ns() + options_.timeout_ms * kNsPerMs;
+  op->deadline_ns = deadline_after_ms(options_.timeout_ms);
   op->rpc_seq = next_rpc_seq();
   op->backoff = client::Backoff(jitter_seed_ += 0x9e3779b97f4a7c15ULL);
   return op;
@@ -154,7 +162,7 @@ void Client::Impl::refresh_table(uint64_t table_id, std::function<void(Status)> 
   // The refresh is one attempt: its waiters own the retry policy and their deadlines.
   OpPtr op = make_op(wire::Opcode::kGetTabletMap, Target::kCoordinator);
   op->resend = false;
-  op->deadline_ns = now_ns() + options_.rpc_timeout_ms * kNsPerMs;
+  op->deadline_ns = deadline_after_ms(options_.rpc_timeout_ms);
   wire::BodyWriter(&op->body).put(wire::TabletMapRequest{.table_id = table_id});
   op->done = [this, table_id](Status s, std::span<const std::byte> body, const client::Tablet*) {
     end_refresh(table_id, s, body);

@@ -97,6 +97,8 @@ class Client::Impl {
   }
   size_t outstanding() const { return user_ops_; }
   uint64_t now_ns() const;
+  // now_ns() + ms, saturating at UINT64_MAX.
+  uint64_t deadline_after_ms(uint64_t ms) const;
   uint64_t next_rpc_seq() { return ++rpc_seq_; }
   uint64_t client_id() const { return client_id_; }
   const ClientOptions& options() const { return options_; }

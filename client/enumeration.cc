@@ -74,6 +74,9 @@ void Enumeration::on_batch(Status s, std::span<const std::byte> body, const Tabl
   wire::EnumerateResponse h;
   if (!r.get(&h) || !add_objects(r, h.count) || !r.at_end()) return finish(Status::kBadRequest);
   if (h.next_cursor != wire::kEnumerateDone) {
+    // A master's cursor only moves forward (it is a bucket index); one that does not
+    // would make this walk loop forever, each batch within its own deadline.
+    if (h.next_cursor <= cursor) return finish(Status::kBadRequest);
     cursor = h.next_cursor;
     return next_batch();
   }

@@ -44,6 +44,11 @@ void MultiOp::round(bool refreshed) {
   }
   std::map<std::string, std::vector<size_t>> by_master;
   std::set<uint64_t> need_map;
+  // Items whose owner is down go to `again` only once this round is sure to be sent: a
+  // round that waits for a refresh is redone from `open`, which still holds them, and
+  // adding them now would duplicate them (the same write twice in one batch, and
+  // copies that multiply round after round).
+  std::vector<size_t> owner_down;
   for (size_t i : open) {
     const MultiItem& item = items[i];
     bool usable = refreshed || !impl->table_stale(item.table_id);
@@ -60,12 +65,13 @@ void MultiOp::round(bool refreshed) {
     if (server == nullptr || server->status != 0) {
       impl->mark_stale(item.table_id);
       last_transient = Status::kUnavailable;
-      again.push_back(i);
+      owner_down.push_back(i);
       continue;
     }
     by_master[server->locator].push_back(i);
   }
   if (!need_map.empty()) return refresh(need_map);  // the whole round waits for the map
+  again.insert(again.end(), owner_down.begin(), owner_down.end());
   open.clear();
   for (auto& [locator, indices] : by_master) {
     std::vector<size_t> batch;
@@ -201,7 +207,7 @@ void start_multi(Client::Impl& impl, wire::Opcode opcode, std::vector<MultiItem>
   m->items = std::move(items);
   m->open.resize(m->items.size());
   for (size_t i = 0; i < m->open.size(); ++i) m->open[i] = i;
-  m->deadline_ns = impl.now_ns() + impl.options().timeout_ms * 1'000'000;
+  m->deadline_ns = impl.deadline_after_ms(impl.options().timeout_ms);
   m->done = std::move(done);
   impl.begin_user_op();
   if (m->items.empty()) {

@@ -212,6 +212,13 @@ int run(const std::string& command, const Args& a) {
   ramkv::ClientOptions options{.coordinator = a.coordinator, .timeout_ms = *timeout_ns / 1'000'000};
   options.rpc_timeout_ms = std::min(options.rpc_timeout_ms, options.timeout_ms);
   auto client = Client::connect(options);
+  // The timeouts were checked above, so kInvalidArgument here means the locator: bad
+  // command-line input, which exits 2 (file comment), not 1.
+  if (!client.ok() && client.status() == Status::kInvalidArgument) {
+    std::fprintf(stderr, "ramkv: --coordinator: expected HOST:PORT, got '%s'\n",
+                 a.coordinator.c_str());
+    return 2;
+  }
   if (!client.ok()) return fail(command, client.status());
   Client& c = **client;
   if (command == "create-table" || command == "drop-table") return cmd_tables(c, command, a);

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cerrno>
 #include <charconv>
+#include <climits>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -87,9 +88,13 @@ struct Connection {
   size_t in_start = 0;  // parsed prefix of `in`
   std::deque<std::byte> out;
   bool want_write = false;
+  bool want_read = true;  // server: false while the peer does not read its replies
 
-  // Appends whatever read() gives until EAGAIN. false on EOF or error.
-  bool fill() {
+  // Appends whatever read() gives until EAGAIN, or until `max_buffered` bytes are held
+  // (the rest stays in the socket; epoll is level-triggered, so it is read later). The
+  // cap keeps a peer that sends faster than we parse from growing `in` without bound.
+  // false on EOF or error.
+  bool fill(size_t max_buffered) {
     // Drop the parsed prefix first: with pipelined requests a partial message is almost
     // always buffered, and without this the buffer would grow for the connection's life.
     // Views into the prefix are dead by now (handlers and callbacks ran to completion).
@@ -97,7 +102,7 @@ struct Connection {
       in.erase(in.begin(), in.begin() + static_cast<ptrdiff_t>(in_start));
       in_start = 0;
     }
-    while (true) {
+    while (in.size() < max_buffered) {
       size_t at = in.size();
       in.resize(at + kReadChunk);
       ssize_t n = ::read(fd, in.data() + at, kReadChunk);
@@ -110,6 +115,7 @@ struct Connection {
       if (n == 0) return false;
       return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
     }
+    return true;
   }
 
   // The next whole message, if one is buffered. kBadRequest when framing is broken.
@@ -277,11 +283,17 @@ class TcpServerTransport final : public ServerTransport {
     if (events & EPOLLOUT) {
       if (!c.flush()) return close_connection(fd, "write failed");
     }
+    // Back-pressure: a peer that sends requests but does not read the replies is not
+    // served (nor read from) while a message's worth of replies waits for it; without
+    // this `out` would grow without bound. EPOLLOUT brings us back once it drains.
+    const size_t max_queued = options_.max_message_bytes;
     bool open = true;
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) open = c.fill();
+    if (c.out.size() < max_queued && (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+      open = c.fill(options_.max_message_bytes);
+    }
     wire::MessageHeader h;
     std::span<const std::byte> body;
-    while (true) {
+    while (c.out.size() < max_queued) {
       Status s = c.next(options_, &h, &body);
       if (s == Status::kRetry) break;
       if (s != Status::kOk) {
@@ -308,10 +320,12 @@ class TcpServerTransport final : public ServerTransport {
     }
     if (!open) return close_connection(fd, "peer closed");
     bool want = !c.out.empty();
-    if (want != c.want_write) {
+    bool reading = c.out.size() < max_queued;
+    if (want != c.want_write || reading != c.want_read) {
       c.want_write = want;
+      c.want_read = reading;
       epoll_event ev{};
-      ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u);
+      ev.events = (reading ? EPOLLIN | EPOLLRDHUP : 0u) | (want ? EPOLLOUT : 0u);
       ev.data.fd = fd;
       epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, fd, &ev);
     }
@@ -340,7 +354,10 @@ class TcpClientTransport final : public ClientTransport {
   void send(const std::string& locator, const Request& request, std::span<const std::byte> body,
             Callback callback) override {
     uint64_t id = next_request_id_++;
-    uint64_t deadline = clock_.now_ns() + request.timeout_ns;
+    // Saturating: a huge timeout must mean "far away", not wrap into the past.
+    uint64_t now = clock_.now_ns();
+    uint64_t deadline =
+        request.timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + request.timeout_ns;
     Session* s = session(locator);
     if (s == nullptr) {
       failed_.push_back({std::move(callback), Status::kUnavailable});
@@ -372,7 +389,11 @@ class TcpClientTransport final : public ClientTransport {
         wait_ns = std::min(wait_ns, p.deadline > now ? p.deadline - now : 0);
       }
     }
-    int timeout_ms = options_.busy_poll ? 0 : static_cast<int>((wait_ns + 999'999) / 1'000'000);
+    // Clamped before the cast: a long wait must not wrap to a negative int, which
+    // epoll_wait takes as "forever" (a hang with nothing in flight).
+    uint64_t wait_ms = std::min<uint64_t>(wait_ns / 1'000'000 + (wait_ns % 1'000'000 != 0),
+                                          static_cast<uint64_t>(INT_MAX));
+    int timeout_ms = options_.busy_poll ? 0 : static_cast<int>(wait_ms);
     epoll_event events[64];
     int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
     for (int i = 0; i < n; ++i) {
@@ -401,6 +422,7 @@ class TcpClientTransport final : public ClientTransport {
   };
   struct Session {
     Connection conn;
+    uint64_t epoch = 0;  // unique per session: tells a reconnected session from the old one
     bool connected = false;
     std::map<uint64_t, Pending> pending;
   };
@@ -426,6 +448,7 @@ class TcpClientTransport final : public ClientTransport {
     }
     Session& s = sessions_[locator];
     s.conn.fd = fd;
+    s.epoch = ++session_epoch_;
     s.connected = rc == 0;
     by_fd_[fd] = locator;
     epoll_event ev{};
@@ -449,7 +472,7 @@ class TcpClientTransport final : public ClientTransport {
   // `locator` is a copy: fail_session() erases the by_fd_ entry it may come from.
   int handle(const std::string locator, uint32_t events) {
     Session& s = sessions_[locator];
-    const int fd = s.conn.fd;
+    const uint64_t epoch = s.epoch;
     if (events & EPOLLERR) {
       fail_session(locator, Status::kUnavailable);
       return run_failed();
@@ -463,7 +486,7 @@ class TcpClientTransport final : public ClientTransport {
     }
     bool open = true;
     int done = 0;
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) open = s.conn.fill();
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP)) open = s.conn.fill(options_.max_message_bytes);
     wire::MessageHeader h;
     std::span<const std::byte> body;
     while (true) {
@@ -482,8 +505,11 @@ class TcpClientTransport final : public ClientTransport {
       ++done;
       // The callback may have sent more (the session is a stable std::map node), or
       // disconnected this session: then `s` is gone and so is the rest of its input.
+      // Compared by epoch, not fd: a callback that disconnects and sends again gets a new
+      // session whose fd (and even node address) is often the old one's, and `s` would
+      // then dangle.
       auto again = sessions_.find(locator);
-      if (again == sessions_.end() || again->second.conn.fd != fd) return done + run_failed();
+      if (again == sessions_.end() || again->second.epoch != epoch) return done + run_failed();
     }
     if (!open) {
       fail_session(locator, Status::kUnavailable);
@@ -535,6 +561,7 @@ class TcpClientTransport final : public ClientTransport {
   const Clock& clock_ = SystemClock::instance();
   int epoll_fd_ = -1;
   uint64_t next_request_id_ = 1;
+  uint64_t session_epoch_ = 0;
   std::map<std::string, Session> sessions_;  // std::map: stable nodes across callbacks
   std::unordered_map<int, std::string> by_fd_;
   std::deque<Failed> failed_;

@@ -3,31 +3,15 @@
 // start (bad state file, port in use), 2 for bad command-line input.
 #include <CLI/CLI.hpp>
 
-#include <atomic>
-#include <csignal>
 #include <cstdio>
 #include <string>
 
 #include "common/log.h"
+#include "common/stop_signals.h"
 #include "coordinator/coordinator_service.h"
 #include "coordinator/external_store.h"
 
 namespace {
-
-std::atomic<ramkv::coordinator::CoordinatorService*> g_service{nullptr};
-
-extern "C" void on_signal(int) {
-  if (auto* service = g_service.load()) service->stop();
-}
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
-}
 
 struct Flags {
   std::string listen = "127.0.0.1:12246";
@@ -79,11 +63,11 @@ int main(int argc, char** argv) {
                  std::string(status_name(service.status())).c_str());
     return 1;
   }
-  g_service.store(service->get());
-  install_signal_handlers();
+  stop_on_signal(service->get());
+  install_stop_signals();
   LOG_INFO("coordinator listening on {}", (*service)->locator());
   (*service)->run();
-  g_service.store(nullptr);
+  stop_on_signal<coordinator::CoordinatorService>(nullptr);
   LOG_INFO("coordinator stopped");
   return 0;
 }

@@ -41,10 +41,20 @@ done
 [[ "$masters" =~ ^[0-9]+$ ]] && [ "$masters" -ge 1 ] || { echo "cluster.sh: --masters must be a number >= 1" >&2; exit 2; }
 [[ "$port" =~ ^[0-9]+$ ]] || { echo "cluster.sh: --port must be a number" >&2; exit 2; }
 
-# Is PID alive and still running program NAME?
+# Is PID alive and still running program NAME (listening on ADDR, when given)? argv[0]'s
+# base name must be NAME exactly and ADDR one whole argument: a PID reused by some other
+# process whose command line merely mentions NAME (an editor, a grep, a tail of a log)
+# or by a ramkv process of another cluster must never be signalled.
 alive() {
-  local pid=$1 name=$2
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$name"
+  local pid=$1 name=$2 addr=${3:-}
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  local args=()
+  mapfile -d '' -t args <"/proc/$pid/cmdline" 2>/dev/null || return 1
+  [ "${#args[@]}" -gt 0 ] && [ "$(basename -- "${args[0]}")" = "$name" ] || return 1
+  [ -z "$addr" ] && return 0
+  local a
+  for a in "${args[@]}"; do [ "$a" = "$addr" ] && return 0; done
+  return 1
 }
 
 start() {
@@ -53,8 +63,8 @@ start() {
   done
   if [ -d "$dir/pids" ] && ls "$dir"/pids/*.pid >/dev/null 2>&1; then
     for f in "$dir"/pids/*.pid; do
-      IFS=' ' read -r pid prog _ <"$f"
-      if alive "$pid" "$prog"; then echo "cluster.sh: a cluster is already running in $dir (stop it first)" >&2; exit 1; fi
+      IFS=' ' read -r pid prog _ addr <"$f"
+      if alive "$pid" "$prog" "$addr"; then echo "cluster.sh: a cluster is already running in $dir (stop it first)" >&2; exit 1; fi
     done
   fi
   # A new cluster: its masters start empty, so the previous coordinator state goes too.
@@ -78,7 +88,7 @@ start() {
     [ "$up" -ge "$masters" ] && { echo "cluster.sh: coordinator on $coord, $masters master(s) up; logs in $dir/logs"; return 0; }
     for f in "$dir"/pids/*.pid; do
       IFS=' ' read -r pid prog role addr <"$f"
-      if ! alive "$pid" "$prog"; then
+      if ! alive "$pid" "$prog" "$addr"; then
         echo "cluster.sh: $role at $addr exited during start; its log:" >&2
         tail -n 5 "$dir/logs/$( [ "$role" = coordinator ] && echo coordinator || echo "server-$(basename "$f" -server.pid)").log" >&2 || true
         stop_all; exit 1
@@ -96,7 +106,7 @@ status() {
   for f in $(ls "$dir"/pids/*.pid 2>/dev/null | sort -V); do
     IFS=' ' read -r pid prog role addr <"$f"
     local state=dead
-    alive "$pid" "$prog" && { state=running; any=1; }
+    alive "$pid" "$prog" "$addr" && { state=running; any=1; }
     printf '%-12s pid %-8s %-22s %s\n' "$role" "$pid" "$addr" "$state"
   done
   [ $any -eq 1 ]
@@ -106,14 +116,15 @@ stop_all() {
   [ -d "$dir/pids" ] || return 0
   local pids=()
   for f in $(ls -r "$dir"/pids/*.pid 2>/dev/null | sort -rV); do
-    IFS=' ' read -r pid prog _ <"$f"
-    if alive "$pid" "$prog"; then kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid:$prog"); fi
+    IFS=' ' read -r pid prog _ addr <"$f"
+    if alive "$pid" "$prog" "$addr"; then kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid $prog $addr"); fi
   done
   local deadline=$((SECONDS + 5))
   for p in "${pids[@]}"; do
-    local pid=${p%%:*} prog=${p#*:}
-    while alive "$pid" "$prog" && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
-    alive "$pid" "$prog" && kill -KILL "$pid" 2>/dev/null || true
+    local pid prog addr
+    read -r pid prog addr <<<"$p"
+    while alive "$pid" "$prog" "$addr" && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
+    alive "$pid" "$prog" "$addr" && kill -KILL "$pid" 2>/dev/null || true
   done
   rm -f "$dir"/pids/*.pid
   echo "cluster.sh: stopped ${#pids[@]} process(es) in $dir"

@@ -7,9 +7,7 @@
 // ends with one line on stderr.
 #include <CLI/CLI.hpp>
 
-#include <atomic>
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -18,6 +16,7 @@
 #include "common/clock.h"
 #include "common/config.h"
 #include "common/log.h"
+#include "common/stop_signals.h"
 #include "common/transport.h"
 #include "common/wire_format.h"
 #include "master/master_service.h"
@@ -41,25 +40,6 @@ struct ServerOptions {
 // How long to keep trying a coordinator that does not answer, and each attempt's timeout.
 constexpr uint64_t kEnlistPatienceNs = 10'000'000'000;
 constexpr uint64_t kEnlistAttemptNs = 1'000'000'000;
-
-// Set from the signal handler; the transport's stop() is async-signal-safe (transport.h).
-std::atomic<bool> g_stop_requested{false};
-std::atomic<ramkv::ServerTransport*> g_transport{nullptr};
-
-void on_signal(int) {
-  g_stop_requested.store(true);
-  if (ramkv::ServerTransport* t = g_transport.load()) t->stop();
-}
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, nullptr);
-  sigaction(SIGINT, &sa, nullptr);
-  // The transport sends with MSG_NOSIGNAL; this is a second guard for any other write.
-  std::signal(SIGPIPE, SIG_IGN);
-}
 
 template <typename... Args>
 int fail(int code, fmt::format_string<Args...> format, Args&&... args) {
@@ -128,7 +108,7 @@ uint64_t enlist(const std::string& coordinator, const std::string& locator) {
   const ramkv::Clock& clock = ramkv::SystemClock::instance();
   const uint64_t deadline = clock.now_ns() + kEnlistPatienceNs;
   Status last = Status::kUnavailable;
-  while (!g_stop_requested.load() && clock.now_ns() < deadline) {
+  while (!ramkv::stop_requested() && clock.now_ns() < deadline) {
     auto r = ramkv::call(
         *transport, coordinator,
         {.opcode = ramkv::wire::Opcode::kEnlistServer, .timeout_ns = kEnlistAttemptNs}, body);
@@ -146,7 +126,7 @@ uint64_t enlist(const std::string& coordinator, const std::string& locator) {
     transport->disconnect(coordinator);  // reconnect from scratch next time
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
-  if (g_stop_requested.load()) {
+  if (ramkv::stop_requested()) {
     fail(1, "stopped before enlisting");
   } else if (ramkv::status_is_retryable(last)) {
     fail(1, "cannot reach the coordinator at {} (gave up after {} s: {})", coordinator,
@@ -175,7 +155,7 @@ int run_server(const ServerOptions& o) {
     return fail(s == Status::kInvalidArgument ? 2 : 1, "cannot listen on {}: {}", o.listen,
                 ramkv::status_name(s));
   }
-  g_transport.store(transport.get());
+  ramkv::stop_on_signal(transport.get());
   // The locator the transport really bound (port 0 picks one) is the one clients need.
   const std::string locator = transport->locator();
   if (locator.starts_with("0.0.0.0:")) {
@@ -185,13 +165,17 @@ int run_server(const ServerOptions& o) {
         locator);
   }
   uint64_t server_id = enlist(o.coordinator, locator);
-  if (server_id == 0) return 1;
+  if (server_id == 0) {
+    // The transport dies on return: a signal must not reach it through the handler.
+    ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
+    return 1;
+  }
   LOG_INFO("server {} listening on {} (master; {} of log memory)", server_id, locator,
            ramkv::format_bytes((*service)->objects().config().memory_bytes));
   ramkv::master::MasterService& master = **service;
   transport->run([&master](const ramkv::wire::MessageHeader& h, std::span<const std::byte> body,
                            ramkv::Reply& reply) { master.handle(h, body, reply); });
-  g_transport.store(nullptr);
+  ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
   LOG_INFO("server {} stopped", server_id);
   return 0;
 }
@@ -229,6 +213,6 @@ int main(int argc, char** argv) {
   if (auto loc = ramkv::parse_locator(options.listen); !loc.ok()) {
     return fail(2, "bad --listen '{}': expected HOST:PORT", options.listen);
   }
-  install_signal_handlers();
+  ramkv::install_stop_signals();
   return run_server(options);
 }

@@ -8,21 +8,14 @@
 #include <thread>
 
 #include "common/checksum.h"
+#include "test/temp_dir.h"
 
 using namespace ramkv;
 using namespace ramkv::coordinator;
 
 namespace {
 
-struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/ramkv-coordinator-test-XXXXXX";
-    REQUIRE(::mkdtemp(tmpl) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string path;
-};
+using ramkv::test::TempDir;
 
 // A coordinator on 127.0.0.1:0, serving on its own thread, over a FileStore in `dir`.
 struct RunningCoordinator {

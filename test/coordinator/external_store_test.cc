@@ -10,21 +10,14 @@
 #include <iterator>
 
 #include "common/checksum.h"
+#include "test/temp_dir.h"
 
 using namespace ramkv;
 using namespace ramkv::coordinator;
 
 namespace {
 
-struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/ramkv-coordinator-test-XXXXXX";
-    REQUIRE(::mkdtemp(tmpl) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-  std::string path;
-};
+using ramkv::test::TempDir;
 
 std::vector<std::byte> bytes_of(std::string_view s) {
   auto b = as_bytes(s);
