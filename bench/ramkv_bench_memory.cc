@@ -120,9 +120,9 @@ int run_one(const MemoryBenchOptions& o, int utilization, RunResult* out) {
   cfg.max_value_bytes = std::max<uint32_t>(o.object_bytes, 1024);
   cfg.max_key_bytes = std::max<uint32_t>(o.key_bytes, 64);
   // Entry size for this workload (versions take 4 varint bytes for most of the run).
-  std::byte prefix[master::kMaxObjectPrefixBytes];
-  uint32_t prefix_bytes = master::encode_object_prefix(1, 1u << 22, 0, o.key_bytes, prefix);
-  uint64_t entry = master::entry_bytes(prefix_bytes + o.key_bytes + o.object_bytes);
+  std::byte prefix[ramkv::kMaxObjectPrefixBytes];
+  uint32_t prefix_bytes = ramkv::encode_object_prefix(1, 1u << 22, 0, o.key_bytes, prefix);
+  uint64_t entry = ramkv::entry_bytes(prefix_bytes + o.key_bytes + o.object_bytes);
   uint64_t objects = static_cast<uint64_t>(utilization) * cfg.memory_bytes / 100 / entry;
   // The hash table is sized for the object count at 75% slot load, as an operator would.
   cfg.hash_table_bytes = std::max<uint64_t>(64, (objects * 4 / 3 / 8 + 1) * 64);

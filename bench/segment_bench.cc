@@ -11,13 +11,13 @@
 #include <vector>
 
 #include "common/checksum.h"
-#include "master/log_entry.h"
+#include "common/log_entry.h"
 #include "master/seglet_pool.h"
 #include "master/segment.h"
 
 namespace {
 
-using ramkv::master::EntryType;
+using ramkv::EntryType;
 using ramkv::master::SegletPool;
 using ramkv::master::Segment;
 
@@ -44,7 +44,7 @@ void BM_SegmentAppend(benchmark::State& state) {
   const auto value_bytes = static_cast<size_t>(state.range(0));
   const std::string key(kKeyBytes, 'k');
   const std::string value(value_bytes, 'v');
-  std::byte prefix[ramkv::master::kMaxObjectPrefixBytes];
+  std::byte prefix[ramkv::kMaxObjectPrefixBytes];
   uint64_t version = 1;
   uint64_t segment_id = 1;
   auto segment = std::make_unique<Segment>(
@@ -52,7 +52,7 @@ void BM_SegmentAppend(benchmark::State& state) {
   uint64_t entry_bytes_total = 0;
   uint64_t failures = 0;
   for (auto _ : state) {
-    uint32_t prefix_bytes = ramkv::master::encode_object_prefix(1, version++, 0, kKeyBytes, prefix);
+    uint32_t prefix_bytes = ramkv::encode_object_prefix(1, version++, 0, kKeyBytes, prefix);
     const std::span<const std::byte> pieces[] = {
         {prefix, prefix_bytes}, ramkv::as_bytes(key), ramkv::as_bytes(value)};
     const auto payload = static_cast<uint32_t>(prefix_bytes + kKeyBytes + value_bytes);
@@ -66,7 +66,7 @@ void BM_SegmentAppend(benchmark::State& state) {
     auto offset = segment->append(EntryType::kObject, pieces);
     benchmark::DoNotOptimize(offset);
     if (!offset.ok()) ++failures;
-    entry_bytes_total += ramkv::master::entry_bytes(payload);
+    entry_bytes_total += ramkv::entry_bytes(payload);
   }
   if (failures != 0) state.SkipWithError("an append failed");
   state.SetItemsProcessed(state.iterations());
@@ -76,11 +76,11 @@ BENCHMARK(BM_SegmentAppend)->Arg(100)->Arg(1 << 10)->Arg(10 << 10);
 
 // Encodes an object's metadata (table id, version, timestamp, key length) as varints.
 void BM_EncodeObjectPrefix(benchmark::State& state) {
-  std::byte out[ramkv::master::kMaxObjectPrefixBytes];
+  std::byte out[ramkv::kMaxObjectPrefixBytes];
   uint64_t version = 1ULL << 20;  // a 3-byte varint, as after a million writes
   uint32_t timestamp = 1'700'000'000;
   for (auto _ : state) {
-    uint32_t n = ramkv::master::encode_object_prefix(7, version++, timestamp, kKeyBytes, out);
+    uint32_t n = ramkv::encode_object_prefix(7, version++, timestamp, kKeyBytes, out);
     benchmark::DoNotOptimize(n);
     benchmark::DoNotOptimize(out);
   }

@@ -34,9 +34,9 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/log_entry.h"
 #include "common/result.h"
 #include "master/hash_table.h"
-#include "master/log_entry.h"
 #include "master/master_config.h"
 #include "master/seglet_pool.h"
 #include "master/segment.h"

@@ -4,7 +4,7 @@
 
 #include "common/config.h"
 #include "common/log.h"
-#include "master/log_entry.h"
+#include "common/log_entry.h"
 
 namespace ramkv::master {
 

@@ -6,16 +6,6 @@
 
 namespace ramkv::master {
 
-void CertificateBuilder::add_header(std::span<const std::byte> header_bytes) {
-  chain_ = checksum64(header_bytes, chain_);
-}
-
-Certificate CertificateBuilder::finish(uint32_t segment_bytes) const {
-  std::byte len[4];
-  std::memcpy(len, &segment_bytes, 4);
-  return {segment_bytes, checksum32(len, chain_)};
-}
-
 Segment::Segment(SegletPool& pool, const Options& options)
     : pool_(pool),
       id_(options.id),

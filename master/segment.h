@@ -20,31 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "common/certificate.h"
+#include "common/log_entry.h"
 #include "common/result.h"
-#include "master/log_entry.h"
 #include "master/seglet_pool.h"
 
 namespace ramkv::master {
-
-// A certificate proves which prefix of a segment is valid: its length, and a checksum
-// chained over every entry header in that prefix (each header holds its entry's payload
-// checksum). Layout on the wire and disk: u32 segment_bytes, u32 checksum.
-struct Certificate {
-  uint32_t segment_bytes = 0;
-  uint32_t checksum = 0;
-  friend bool operator==(const Certificate&, const Certificate&) = default;
-};
-static_assert(sizeof(Certificate) == 8);
-
-// Running state of a certificate, advanced one entry header at a time.
-class CertificateBuilder {
- public:
-  void add_header(std::span<const std::byte> header_bytes);
-  Certificate finish(uint32_t segment_bytes) const;
-
- private:
-  uint64_t chain_ = 0;
-};
 
 class Segment {
  public:

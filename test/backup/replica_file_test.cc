@@ -10,9 +10,9 @@
 
 #include "common/checksum.h"
 #include "common/clock.h"
-#include "master/log_entry.h"
+#include "common/log_entry.h"
+#include "common/segment_iterator.h"
 #include "master/segment.h"
-#include "master/segment_iterator.h"
 
 using namespace ramkv;
 using namespace ramkv::backup;
@@ -45,7 +45,7 @@ struct SampleSegment {
     for (int i = 0; i < 50; ++i) {
       std::string payload = "object number " + std::to_string(i);
       std::span<const std::byte> piece[] = {ramkv::as_bytes(std::string_view(payload))};
-      REQUIRE(segment->append(master::EntryType::kObject, piece).ok());
+      REQUIRE(segment->append(ramkv::EntryType::kObject, piece).ok());
     }
     bytes = segment->copy_out();
   }
@@ -122,8 +122,7 @@ TEST_CASE("replica file: a replica written with io_uring reads back and validate
   CHECK(loaded->header == h);
   auto bytes = loaded->data.span().first(h.certificate_bytes);
   CHECK(std::memcmp(bytes.data(), sample.bytes.data(), bytes.size()) == 0);
-  master::SegmentIterator it(bytes,
-                             master::Certificate{h.certificate_bytes, h.certificate_checksum});
+  ramkv::SegmentIterator it(bytes, ramkv::Certificate{h.certificate_bytes, h.certificate_checksum});
   CHECK(it.validate() == Status::kOk);
   int objects = 0;
   for (; it.valid(); it.next()) ++objects;
@@ -166,8 +165,8 @@ TEST_CASE("replica file: a payload byte flipped on disk fails the certificate",
   ::close(fd);
   auto loaded = load_replica(path);
   REQUIRE(loaded.ok());  // the header is intact; the damage is in the segment bytes
-  master::SegmentIterator it(loaded->data.span().first(h.certificate_bytes),
-                             master::Certificate{h.certificate_bytes, h.certificate_checksum});
+  ramkv::SegmentIterator it(loaded->data.span().first(h.certificate_bytes),
+                            ramkv::Certificate{h.certificate_bytes, h.certificate_checksum});
   CHECK(it.validate() != Status::kOk);
 }
 

@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "common/segment_iterator.h"
 #include "master/object_manager.h"
-#include "master/segment_iterator.h"
 
 namespace ramkv::master {
 namespace {

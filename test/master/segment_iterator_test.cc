@@ -1,4 +1,4 @@
-#include "master/segment_iterator.h"
+#include "common/segment_iterator.h"
 
 #include <catch2/catch.hpp>
 

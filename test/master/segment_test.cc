@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/clock.h"
-#include "master/segment_iterator.h"
+#include "common/segment_iterator.h"
 
 namespace ramkv::master {
 namespace {

@@ -1,10 +1,10 @@
-#include "master/log_entry.h"
+#include "common/log_entry.h"
 
 #include <cstring>
 
 #include "common/checksum.h"
 
-namespace ramkv::master {
+namespace ramkv {
 
 std::string_view entry_type_name(EntryType type) {
   switch (type) {
@@ -210,4 +210,4 @@ std::vector<std::byte> build_entry(EntryType type, std::span<const std::byte> pa
   return out;
 }
 
-}  // namespace ramkv::master
+}  // namespace ramkv

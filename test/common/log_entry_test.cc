@@ -1,4 +1,4 @@
-#include "master/log_entry.h"
+#include "common/log_entry.h"
 
 #include <catch2/catch.hpp>
 

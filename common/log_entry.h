@@ -34,7 +34,7 @@
 #include "common/buffer.h"
 #include "common/result.h"
 
-namespace ramkv::master {
+namespace ramkv {
 
 enum class EntryType : uint8_t {
   kInvalid = 0,  // zero bytes: never written
@@ -140,4 +140,4 @@ void encode_table_stats(std::span<const TableStat> stats, std::vector<std::byte>
 // A whole entry (header + payload) built in memory: tests, tools, small metadata.
 std::vector<std::byte> build_entry(EntryType type, std::span<const std::byte> payload);
 
-}  // namespace ramkv::master
+}  // namespace ramkv

@@ -1,6 +1,6 @@
-#include "master/segment_iterator.h"
+#include "common/segment_iterator.h"
 
-namespace ramkv::master {
+namespace ramkv {
 
 SegmentIterator::SegmentIterator(std::span<const std::byte> bytes,
                                  std::optional<Certificate> certificate)
@@ -78,4 +78,4 @@ Status SegmentIterator::validate() const {
   return Status::kOk;
 }
 
-}  // namespace ramkv::master
+}  // namespace ramkv

@@ -20,11 +20,11 @@
 #include <optional>
 #include <span>
 
+#include "common/certificate.h"
+#include "common/log_entry.h"
 #include "common/result.h"
-#include "master/log_entry.h"
-#include "master/segment.h"
 
-namespace ramkv::master {
+namespace ramkv {
 
 class SegmentIterator {
  public:
@@ -76,4 +76,4 @@ class SegmentIterator {
   uint32_t stop_offset_ = 0;
 };
 
-}  // namespace ramkv::master
+}  // namespace ramkv
