@@ -1,6 +1,6 @@
-// TempDir: a fresh directory under /tmp for one test, removed with everything in it when
-// the TempDir goes out of scope. Shared by the tests that need real files (the
-// coordinator's FileStore and service tests), so each does not carry its own copy.
+// TempDir: a fresh directory (under /tmp by default) for one test, removed with everything in it
+// when the TempDir goes out of scope. Shared by the tests that need real files (the coordinator's
+// FileStore and service tests, the backup's replica files), so each does not carry its own copy.
 #pragma once
 
 #include <stdlib.h>
@@ -12,9 +12,11 @@
 namespace ramkv::test {
 
 struct TempDir {
-  TempDir() {
-    char tmpl[] = "/tmp/ramkv-test-XXXXXX";
-    REQUIRE(::mkdtemp(tmpl) != nullptr);
+  // `base` must be on a real disk for tests that use O_DIRECT (tmpfs refuses it): the
+  // backup tests pass /var/tmp.
+  explicit TempDir(const std::string& base = "/tmp") {
+    std::string tmpl = base + "/ramkv-test-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
     path = tmpl;
   }
   ~TempDir() {

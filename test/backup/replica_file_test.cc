@@ -13,25 +13,16 @@
 #include "common/log_entry.h"
 #include "common/segment_iterator.h"
 #include "master/segment.h"
+#include "test/temp_dir.h"
 
 using namespace ramkv;
 using namespace ramkv::backup;
 
 namespace {
 
-// A directory on the real disk (not tmpfs: O_DIRECT), removed afterwards.
-struct TempDir {
-  TempDir() {
-    std::string base = std::filesystem::exists("/var/tmp") ? "/var/tmp" : ".";
-    std::string tmpl = base + "/ramkv-backup-test-XXXXXX";
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string path;
+// On the real disk, not tmpfs: O_DIRECT.
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("/var/tmp") {}
 };
 
 // A segment with a few objects, as a master would replicate it.
