@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <charconv>
-#include <tuple>
 #include <filesystem>
+#include <tuple>
 
 #include "common/log.h"
 #include "common/segment_iterator.h"
@@ -51,8 +51,8 @@ ScannedReplica check_replica(const std::string& path, uint64_t master_id, uint64
   }
   r.header = loaded->header;
   auto bytes = loaded->data.span().first(loaded->header.certificate_bytes);
-  SegmentIterator it(bytes, Certificate{loaded->header.certificate_bytes,
-                                        loaded->header.certificate_checksum});
+  SegmentIterator it(
+      bytes, Certificate{loaded->header.certificate_bytes, loaded->header.certificate_checksum});
   r.status = it.validate();
   if (r.status == Status::kOk) {
     r.valid_bytes = loaded->header.certificate_bytes;

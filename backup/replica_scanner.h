@@ -27,8 +27,8 @@ struct ScannedReplica {
   uint64_t segment_id = 0;
   std::string path;
   Status status = Status::kOk;
-  ReplicaHeader header;       // as decoded; zero when the header itself is unreadable
-  uint32_t valid_bytes = 0;   // whole, checksummed entries at the start of the segment
+  ReplicaHeader header;      // as decoded; zero when the header itself is unreadable
+  uint32_t valid_bytes = 0;  // whole, checksummed entries at the start of the segment
 };
 
 // kIoError if the directory cannot be read; a missing directory is an empty backup.

@@ -44,6 +44,8 @@ std::string_view status_name(Status s) {
       return "invalid argument";
     case Status::kInternal:
       return "internal error";
+    case Status::kFenced:
+      return "master fenced";
   }
   return "unknown status";
 }

@@ -42,6 +42,16 @@ std::string_view opcode_name(Opcode op) {
       return "server list update";
     case Opcode::kGetServerStats:
       return "get server stats";
+    case Opcode::kBackupOpen:
+      return "backup open";
+    case Opcode::kBackupWrite:
+      return "backup write";
+    case Opcode::kBackupClose:
+      return "backup close";
+    case Opcode::kBackupFree:
+      return "backup free";
+    case Opcode::kBackupListReplicas:
+      return "backup list replicas";
   }
   return "unknown opcode";
 }

@@ -60,6 +60,14 @@ enum class Opcode : uint16_t {
   kDropTablets = 39,       // coordinator -> master: forget these tablets and their objects
   kServerListUpdate = 40,  // coordinator -> server: the server list changed
   kGetServerStats = 41,
+
+  // Backup (docs/rpc.md, Backup). Open and close travel as flags of kBackupWrite; their
+  // own numbers are reserved and answered kBadRequest.
+  kBackupOpen = 50,   // reserved
+  kBackupWrite = 51,  // open, append, close a replica
+  kBackupClose = 52,  // reserved
+  kBackupFree = 53,
+  kBackupListReplicas = 54,
 };
 std::string_view opcode_name(Opcode op);
 bool opcode_known(uint16_t op);
@@ -243,6 +251,52 @@ struct EnumeratedObject {
 static_assert(sizeof(EnumeratedObject) == 16);
 
 // kGetServerStats: empty request. Response: text ("name value" lines).
+
+// ---- Backup ------------------------------------------------------------------------
+// kBackupWrite: BackupWriteRequest + `length` segment bytes. Empty response.
+// An append at `offset`, which must equal the bytes the backup already holds for the
+// replica. open = 1 creates the replica (first write); close = 1 closes it after this
+// write. The certificate covers the replica's first certificate_bytes bytes
+// (docs/log-format.md, Certificates).
+struct BackupWriteRequest {
+  uint64_t master_id = 0;
+  uint64_t segment_id = 0;
+  uint64_t epoch = 0;
+  uint32_t offset = 0;
+  uint32_t length = 0;
+  uint32_t certificate_bytes = 0;
+  uint32_t certificate_checksum = 0;
+  uint8_t open = 0;
+  uint8_t close = 0;
+  uint8_t pad[6] = {};
+};
+static_assert(sizeof(BackupWriteRequest) == 48);
+
+// kBackupFree: BackupFreeRequest. Empty response.
+struct BackupFreeRequest {
+  uint64_t master_id = 0;
+  uint64_t segment_id = 0;
+};
+static_assert(sizeof(BackupFreeRequest) == 16);
+
+// kBackupListReplicas: empty request. Response: BackupListHeader, count x ReplicaEntry.
+struct BackupListHeader {
+  uint32_t count = 0;
+};
+static_assert(sizeof(BackupListHeader) == 4);
+constexpr uint8_t kReplicaOk = 0;
+constexpr uint8_t kReplicaTorn = 1;
+constexpr uint8_t kReplicaCorrupt = 2;
+struct ReplicaEntry {
+  uint64_t master_id = 0;
+  uint64_t segment_id = 0;
+  uint64_t epoch = 0;
+  uint32_t certificate_bytes = 0;
+  uint8_t closed = 0;
+  uint8_t status = kReplicaOk;  // kReplicaOk, kReplicaTorn, kReplicaCorrupt
+  uint8_t pad[2] = {};
+};
+static_assert(sizeof(ReplicaEntry) == 32);
 #pragma pack(pop)
 
 // ---- Encoding helpers ----------------------------------------------------------------

@@ -54,6 +54,9 @@ enum class Status : uint16_t {
   kInvalidArgument = 18,
   // A bug: an invariant did not hold. Caller: report it.
   kInternal = 19,
+  // The coordinator declared the sending master crashed (a zombie): backups refuse its
+  // replication. Caller (that master): stop serving; never retry.
+  kFenced = 20,
 };
 
 // A short stable name such as "object not found"; "unknown status" for numbers this

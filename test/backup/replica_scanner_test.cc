@@ -21,19 +21,19 @@ namespace {
 // Writes a closed replica of a segment holding `objects` entries; returns its bytes.
 std::vector<std::byte> put_replica(Uring& ring, const std::string& dir, uint64_t master_id,
                                    uint64_t segment_id, int objects) {
-  auto pool = master::SegletPool::create({.memory_bytes = 1 << 20, .seglet_bytes = 4096,
-                                          .prefault = false});
+  auto pool = master::SegletPool::create(
+      {.memory_bytes = 1 << 20, .seglet_bytes = 4096, .prefault = false});
   REQUIRE(pool.ok());
   master::Segment seg(**pool, {.id = segment_id, .capacity = 64 * 1024});
   for (int i = 0; i < objects; ++i) {
-    std::string payload = "entry " + std::to_string(i) + " of segment " + std::to_string(segment_id);
+    std::string payload =
+        "entry " + std::to_string(i) + " of segment " + std::to_string(segment_id);
     std::span<const std::byte> piece[] = {as_bytes(std::string_view(payload))};
     REQUIRE(seg.append(EntryType::kObject, piece).ok());
   }
   auto bytes = seg.copy_out();
   auto cert = seg.certificate();
-  REQUIRE(write_replica(ring,
-                        dir,
+  REQUIRE(write_replica(ring, dir,
                         {.master_id = master_id,
                          .segment_id = segment_id,
                          .capacity = seg.capacity(),

@@ -1,0 +1,116 @@
+// BackupService: the backup half of `ramkv-server --backup`. It holds replicas of
+// segments for many masters: an open replica lives in a RAM buffer from a bounded pool and
+// is appended to as its master replicates; closing it writes it to its replica file
+// (backup/replica_file.h) through io_uring with O_DIRECT, and the buffer goes back to the
+// pool. Opcodes and their replies: docs/rpc.md, Backup.
+//
+// Durability (Options::durability):
+//   kBuffered  a write is acknowledged once its bytes are in the buffer (RAMCloud's
+//              default: the buffers are assumed to survive power loss). Close writes
+//              and fdatasyncs the file before acknowledging, since the buffer is freed.
+//   kDisk      every write is written to the replica file and fdatasync'ed before it is
+//              acknowledged. For now this happens synchronously inside handle(): the
+//              dispatch thread waits for the disk. (A later step makes it a state
+//              machine advanced by the loop, with the reply sent on completion.)
+//
+// On create() the service scans its data directory (scan_replicas) and keeps every
+// replica it finds as known: list replicas reports them, torn and corrupt ones flagged.
+// Replicas found on disk are read-only: a write to one is kBadRequest (their master has
+// already re-replicated elsewhere); free deletes them.
+//
+// Zombie fencing: fence_master() marks a master the coordinator declared crashed; its
+// later writes and frees are refused with kFenced, so a zombie cannot change the replicas
+// recovery is about to read.
+//
+// Owner: the server's dispatch thread. Not thread-safe.
+// Invariants:
+//   1. At most max_buffers open replicas hold a buffer; beyond that, opens get kRetry.
+//   2. A replica's held bytes only grow, by appends at exactly the held length, and its
+//      certificate never claims more than the held bytes.
+//   3. A closed replica is never written again, in memory or on disk.
+//   4. A failed write (kNoSpace, kIoError) leaves the replica as it was before it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backup/uring.h"
+#include "common/result.h"
+#include "common/transport.h"
+#include "common/wire_format.h"
+
+namespace ramkv::backup {
+
+enum class Durability : uint8_t { kBuffered, kDisk };
+
+class BackupService {
+ public:
+  struct Options {
+    std::string data_dir;
+    uint32_t segment_bytes = 8u << 20;  // largest replica; the size of each pool buffer
+    uint32_t max_buffers = 64;          // open replicas held in RAM at once
+    Durability durability = Durability::kBuffered;
+    uint32_t ring_depth = 16;  // io_uring operations in flight
+  };
+
+  // kInvalidArgument for an empty data_dir or a zero size; kUnavailable without
+  // io_uring; kIoError when the data directory cannot be scanned.
+  static Result<std::unique_ptr<BackupService>> create(const Options& options);
+  BackupService(const BackupService&) = delete;
+  BackupService& operator=(const BackupService&) = delete;
+
+  // Serves one backup opcode; other opcodes get kBadRequest.
+  void handle(const wire::MessageHeader& request, std::span<const std::byte> body, Reply& reply);
+
+  // The coordinator declared `master_id` crashed: refuse its writes and frees from now on.
+  void fence_master(uint64_t master_id) { fenced_.insert(master_id); }
+
+  // For tests and stats.
+  size_t replica_count() const { return replicas_.size(); }
+  size_t buffers_in_use() const { return buffers_allocated_ - free_buffers_.size(); }
+
+ private:
+  struct Replica {
+    uint64_t epoch = 0;
+    uint32_t held_bytes = 0;  // segment bytes received
+    uint32_t file_bytes = 0;  // segment bytes already written to the file
+    uint32_t certificate_bytes = 0;
+    uint32_t certificate_checksum = 0;
+    bool closed = false;
+    bool has_file = false;
+    uint8_t scan_status = wire::kReplicaOk;
+    // Header block, then segment bytes; empty once closed or for replicas found on disk.
+    AlignedBuffer buffer;
+  };
+  using Key = std::pair<uint64_t, uint64_t>;  // master id, segment id
+
+  BackupService(const Options& options, std::unique_ptr<Uring> ring);
+  Status load_existing();
+  Status write(std::span<const std::byte> body);
+  Status free_replica(std::span<const std::byte> body);
+  Status list_replicas(std::span<const std::byte> body, Reply& reply);
+  // Writes the replica's header block and unwritten bytes to its file, fdatasync'ed
+  // when `sync`, with the header saying `closed`.
+  Status write_file(const Key& key, Replica& replica, bool closed, bool sync);
+  // Waits for `ops` completions; user_data is each write's length (0 for a datasync).
+  Status run_batch(uint32_t ops, const std::string& path);
+  // Drops a replica from memory, its buffer back to the pool (not its file).
+  void forget(std::map<Key, Replica>::iterator it);
+  Result<AlignedBuffer> acquire_buffer();
+  void release_buffer(AlignedBuffer buffer);
+
+  Options options_;
+  std::unique_ptr<Uring> ring_;
+  std::map<Key, Replica> replicas_;
+  std::set<uint64_t> fenced_;
+  std::vector<AlignedBuffer> free_buffers_;
+  size_t buffers_allocated_ = 0;
+};
+
+}  // namespace ramkv::backup

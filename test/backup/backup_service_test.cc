@@ -1,0 +1,342 @@
+// The backup service: replicas opened, appended, closed and freed over the wire format,
+// both durability modes, the bounded buffer pool, zombie fencing, I/O failures and a
+// restart over the same directory.
+#include "backup/backup_service.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+
+#include "backup/replica_file.h"
+#include "common/checksum.h"
+#include "common/segment_iterator.h"
+#include "master/segment.h"
+#include "test/temp_dir.h"
+
+using namespace ramkv;
+using namespace ramkv::backup;
+
+namespace {
+
+constexpr uint32_t kSegmentBytes = 64 * 1024;
+
+// A closed segment's bytes and certificate, built by the master's own Segment.
+struct SegmentImage {
+  std::vector<std::byte> bytes;
+  Certificate certificate{};
+};
+
+SegmentImage make_segment(uint64_t segment_id, int objects) {
+  auto pool = master::SegletPool::create(
+      {.memory_bytes = 1 << 20, .seglet_bytes = 4096, .prefault = false});
+  REQUIRE(pool.ok());
+  master::Segment seg(**pool, {.id = segment_id, .capacity = kSegmentBytes});
+  for (int i = 0; i < objects; ++i) {
+    std::string payload =
+        "object " + std::to_string(i) + " in segment " + std::to_string(segment_id);
+    std::span<const std::byte> piece[] = {as_bytes(std::string_view(payload))};
+    REQUIRE(seg.append(EntryType::kObject, piece).ok());
+  }
+  return {seg.copy_out(), seg.certificate()};
+}
+
+struct WriteArgs {
+  uint64_t master_id = 1;
+  uint64_t segment_id = 10;
+  uint64_t epoch = 1;
+  uint32_t offset = 0;
+  std::span<const std::byte> data{};
+  Certificate certificate{};
+  bool open = false;
+  bool close = false;
+};
+
+Status call(BackupService& service, wire::Opcode op, const std::vector<std::byte>& body,
+            Reply* reply_out = nullptr) {
+  wire::MessageHeader header;
+  header.opcode = static_cast<uint16_t>(op);
+  header.body_bytes = static_cast<uint32_t>(body.size());
+  Reply reply;
+  service.handle(header, body, reply);
+  if (reply_out != nullptr) *reply_out = reply;
+  return reply.status();
+}
+
+Status write(BackupService& service, const WriteArgs& a) {
+  std::vector<std::byte> body;
+  wire::BodyWriter w(&body);
+  w.put(wire::BackupWriteRequest{.master_id = a.master_id,
+                                 .segment_id = a.segment_id,
+                                 .epoch = a.epoch,
+                                 .offset = a.offset,
+                                 .length = static_cast<uint32_t>(a.data.size()),
+                                 .certificate_bytes = a.certificate.segment_bytes,
+                                 .certificate_checksum = a.certificate.checksum,
+                                 .open = static_cast<uint8_t>(a.open ? 1 : 0),
+                                 .close = static_cast<uint8_t>(a.close ? 1 : 0)});
+  w.put_bytes(a.data);
+  return call(service, wire::Opcode::kBackupWrite, body);
+}
+
+Status free_replica(BackupService& service, uint64_t master_id, uint64_t segment_id) {
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(
+      wire::BackupFreeRequest{.master_id = master_id, .segment_id = segment_id});
+  return call(service, wire::Opcode::kBackupFree, body);
+}
+
+std::vector<wire::ReplicaEntry> list(BackupService& service) {
+  Reply reply;
+  REQUIRE(call(service, wire::Opcode::kBackupListReplicas, {}, &reply) == Status::kOk);
+  wire::BodyReader in(reply.body());
+  wire::BackupListHeader h;
+  REQUIRE(in.get(&h));
+  std::vector<wire::ReplicaEntry> out(h.count);
+  for (auto& e : out) REQUIRE(in.get(&e));
+  REQUIRE(in.at_end());
+  return out;
+}
+
+std::unique_ptr<BackupService> make_service(const std::string& dir,
+                                            Durability durability = Durability::kBuffered,
+                                            uint32_t max_buffers = 4) {
+  auto s = BackupService::create({.data_dir = dir,
+                                  .segment_bytes = kSegmentBytes,
+                                  .max_buffers = max_buffers,
+                                  .durability = durability});
+  REQUIRE(s.ok());
+  return std::move(*s);
+}
+
+// Writes a whole segment as a master would: open with the first half, then the rest
+// with the final certificate and close.
+void replicate(BackupService& service, uint64_t master_id, uint64_t segment_id,
+               const SegmentImage& image) {
+  std::span<const std::byte> all(image.bytes);
+  size_t half = all.size() / 2;
+  REQUIRE(write(service, {.master_id = master_id,
+                          .segment_id = segment_id,
+                          .data = all.first(half),
+                          .open = true}) == Status::kOk);
+  REQUIRE(write(service, {.master_id = master_id,
+                          .segment_id = segment_id,
+                          .offset = static_cast<uint32_t>(half),
+                          .data = all.subspan(half),
+                          .certificate = image.certificate,
+                          .close = true}) == Status::kOk);
+}
+
+void check_file_valid(const std::string& dir, uint64_t master_id, uint64_t segment_id,
+                      const SegmentImage& image) {
+  auto loaded = load_replica(replica_path(dir, master_id, segment_id));
+  REQUIRE(loaded.ok());
+  CHECK(loaded->header.closed);
+  CHECK(loaded->header.master_id == master_id);
+  CHECK(loaded->header.segment_id == segment_id);
+  CHECK(loaded->header.certificate_bytes == image.certificate.segment_bytes);
+  auto bytes = loaded->data.span().first(loaded->header.certificate_bytes);
+  SegmentIterator it(
+      bytes, Certificate{loaded->header.certificate_bytes, loaded->header.certificate_checksum});
+  CHECK(it.validate() == Status::kOk);
+  CHECK(std::equal(bytes.begin(), bytes.end(), image.bytes.begin(),
+                   image.bytes.begin() + static_cast<ptrdiff_t>(bytes.size())));
+}
+
+}  // namespace
+
+TEST_CASE("backup service: a replica opened, written and closed loads and validates",
+          "[backup][service]") {
+  auto durability = GENERATE(Durability::kBuffered, Durability::kDisk);
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path, durability);
+  auto image = make_segment(10, 50);
+  std::span<const std::byte> all(image.bytes);
+  size_t half = all.size() / 2;
+  REQUIRE(write(*service, {.data = all.first(half), .open = true}) == Status::kOk);
+  // Buffered: only in RAM until the close. Disk: on disk before the reply.
+  bool on_disk = std::filesystem::exists(replica_path(dir.path, 1, 10));
+  CHECK(on_disk == (durability == Durability::kDisk));
+  CHECK(service->buffers_in_use() == 1);
+  REQUIRE(write(*service, {.offset = static_cast<uint32_t>(half),
+                           .data = all.subspan(half),
+                           .certificate = image.certificate,
+                           .close = true}) == Status::kOk);
+  CHECK(service->buffers_in_use() == 0);
+  check_file_valid(dir.path, 1, 10, image);
+  auto replicas = list(*service);
+  REQUIRE(replicas.size() == 1);
+  CHECK(replicas[0].closed == 1);
+  CHECK(replicas[0].status == wire::kReplicaOk);
+  CHECK(replicas[0].certificate_bytes == image.certificate.segment_bytes);
+}
+
+TEST_CASE(
+    "backup service: wrong offsets, closed or unknown replicas and bad bodies are bad requests",
+    "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto image = make_segment(10, 10);
+  std::span<const std::byte> all(image.bytes);
+  REQUIRE(write(*service, {.data = all.first(100), .open = true}) == Status::kOk);
+  // Appends only at the bytes already held.
+  CHECK(write(*service, {.offset = 50, .data = all.subspan(50, 10)}) == Status::kBadRequest);
+  CHECK(write(*service, {.offset = 200, .data = all.subspan(200, 10)}) == Status::kBadRequest);
+  // A certificate claiming bytes that were never sent.
+  CHECK(write(*service, {.offset = 100, .data = all.subspan(100, 10), .certificate = {500, 1}}) ==
+        Status::kBadRequest);
+  // Past the segment's size.
+  std::vector<std::byte> big(kSegmentBytes);
+  CHECK(write(*service, {.offset = 100, .data = big}) == Status::kBadRequest);
+  // Unknown replica without open.
+  CHECK(write(*service, {.segment_id = 99, .data = all.first(10)}) == Status::kBadRequest);
+  CHECK(service->replica_count() == 1);
+  // Closed replicas are immutable.
+  REQUIRE(write(*service, {.offset = 100,
+                           .data = all.subspan(100),
+                           .certificate = image.certificate,
+                           .close = true}) == Status::kOk);
+  CHECK(write(*service, {.offset = static_cast<uint32_t>(all.size()), .data = all.first(8)}) ==
+        Status::kBadRequest);
+  CHECK(write(*service, {.data = all.first(8), .open = true}) == Status::kBadRequest);
+  check_file_valid(dir.path, 1, 10, image);
+
+  // Malformed bodies: short, lying length, trailing bytes, bad flags, and reserved opcodes.
+  std::vector<std::byte> body;
+  wire::BodyWriter w(&body);
+  w.put(wire::BackupWriteRequest{.master_id = 2, .segment_id = 1, .length = 64, .open = 1});
+  w.put_bytes(all.first(32));
+  CHECK(call(*service, wire::Opcode::kBackupWrite, body) == Status::kBadRequest);
+  CHECK(call(*service, wire::Opcode::kBackupWrite,
+             std::vector<std::byte>(body.begin(), body.begin() + 20)) == Status::kBadRequest);
+  w.put_bytes(all.first(40));  // 8 bytes too many
+  CHECK(call(*service, wire::Opcode::kBackupWrite, body) == Status::kBadRequest);
+  CHECK(
+      write(
+          *service,
+          {.master_id = 2, .segment_id = 1, .data = all.first(8), .open = true, .close = false}) ==
+      Status::kOk);
+  std::vector<std::byte> flags;
+  wire::BodyWriter(&flags).put(
+      wire::BackupWriteRequest{.master_id = 2, .segment_id = 1, .offset = 8, .close = 7});
+  CHECK(call(*service, wire::Opcode::kBackupWrite, flags) == Status::kBadRequest);
+  CHECK(call(*service, wire::Opcode::kBackupFree, std::vector<std::byte>(5)) ==
+        Status::kBadRequest);
+  CHECK(call(*service, wire::Opcode::kBackupListReplicas, std::vector<std::byte>(1)) ==
+        Status::kBadRequest);
+  CHECK(call(*service, wire::Opcode::kBackupOpen, {}) == Status::kBadRequest);
+  CHECK(call(*service, wire::Opcode::kBackupClose, {}) == Status::kBadRequest);
+  CHECK(call(*service, wire::Opcode::kRead, {}) == Status::kBadRequest);
+  CHECK(service->replica_count() == 2);
+}
+
+TEST_CASE("backup service: a full buffer pool answers retry until a replica closes",
+          "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path, Durability::kBuffered, 2);
+  auto image = make_segment(1, 5);
+  std::span<const std::byte> all(image.bytes);
+  REQUIRE(write(*service, {.segment_id = 1, .data = all, .open = true}) == Status::kOk);
+  REQUIRE(write(*service, {.segment_id = 2, .data = all, .open = true}) == Status::kOk);
+  CHECK(write(*service, {.segment_id = 3, .data = all, .open = true}) == Status::kRetry);
+  CHECK(service->replica_count() == 2);
+  REQUIRE(write(*service, {.segment_id = 1,
+                           .offset = static_cast<uint32_t>(all.size()),
+                           .certificate = image.certificate,
+                           .close = true}) == Status::kOk);
+  CHECK(write(*service, {.segment_id = 3, .data = all, .open = true}) == Status::kOk);
+  CHECK(service->buffers_in_use() == 2);
+}
+
+TEST_CASE("backup service: free removes the replica and its file, and may be resent",
+          "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto image = make_segment(10, 5);
+  replicate(*service, 1, 10, image);
+  REQUIRE(write(*service, {.segment_id = 11, .data = image.bytes, .open = true}) == Status::kOk);
+  REQUIRE(std::filesystem::exists(replica_path(dir.path, 1, 10)));
+  CHECK(free_replica(*service, 1, 10) == Status::kOk);
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 10)));
+  CHECK(free_replica(*service, 1, 11) == Status::kOk);  // an open one: its buffer returns
+  CHECK(service->buffers_in_use() == 0);
+  CHECK(service->replica_count() == 0);
+  CHECK(free_replica(*service, 1, 10) == Status::kOk);
+  CHECK(list(*service).empty());
+}
+
+TEST_CASE("backup service: a fenced master can neither write nor free", "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto image = make_segment(10, 5);
+  std::span<const std::byte> all(image.bytes);
+  replicate(*service, 1, 10, image);
+  REQUIRE(write(*service, {.segment_id = 11, .data = all.first(64), .open = true}) == Status::kOk);
+  service->fence_master(1);
+  CHECK(write(*service, {.segment_id = 11, .offset = 64, .data = all.subspan(64, 64)}) ==
+        Status::kFenced);
+  CHECK(write(*service, {.segment_id = 12, .data = all, .open = true}) == Status::kFenced);
+  CHECK(free_replica(*service, 1, 10) == Status::kFenced);
+  CHECK(std::filesystem::exists(replica_path(dir.path, 1, 10)));
+  // Other masters carry on.
+  replicate(*service, 2, 10, image);
+  check_file_valid(dir.path, 2, 10, image);
+}
+
+TEST_CASE("backup service: an I/O error on close fails it and leaves the replica open",
+          "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto image = make_segment(10, 5);
+  std::span<const std::byte> all(image.bytes);
+  REQUIRE(write(*service, {.master_id = 7, .data = all, .open = true}) == Status::kOk);
+  // A plain file where the master's directory should be.
+  std::ofstream(dir.path + "/7") << "in the way";
+  WriteArgs close{.master_id = 7,
+                  .offset = static_cast<uint32_t>(all.size()),
+                  .certificate = image.certificate,
+                  .close = true};
+  CHECK(write(*service, close) == Status::kIoError);
+  auto replicas = list(*service);
+  REQUIRE(replicas.size() == 1);
+  CHECK(replicas[0].closed == 0);
+  CHECK(replicas[0].certificate_bytes == 0);
+  std::filesystem::remove(dir.path + "/7");
+  CHECK(write(*service, close) == Status::kOk);
+  check_file_valid(dir.path, 7, 10, image);
+}
+
+TEST_CASE("backup service: a restarted backup lists its replicas, torn ones flagged",
+          "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto image = make_segment(10, 50);
+  {
+    auto service = make_service(dir.path, Durability::kDisk);
+    replicate(*service, 1, 10, image);
+    replicate(*service, 1, 11, image);
+    replicate(*service, 3, 12, image);
+  }
+  // A crash part-way through writing replica 11.
+  REQUIRE(::truncate(replica_path(dir.path, 1, 11).c_str(),
+                     static_cast<off_t>(kReplicaHeaderBlock + image.bytes.size() / 2)) == 0);
+  auto service = make_service(dir.path);
+  auto replicas = list(*service);
+  REQUIRE(replicas.size() == 3);
+  CHECK(replicas[0].master_id == 1);
+  CHECK(replicas[0].segment_id == 10);
+  CHECK(replicas[0].closed == 1);
+  CHECK(replicas[0].status == wire::kReplicaOk);
+  CHECK(replicas[0].certificate_bytes == image.certificate.segment_bytes);
+  CHECK(replicas[1].segment_id == 11);
+  CHECK(replicas[1].status == wire::kReplicaTorn);
+  CHECK(replicas[2].master_id == 3);
+  CHECK(replicas[2].status == wire::kReplicaOk);
+  // What was found on disk is never written again, and can be freed.
+  CHECK(write(*service, {.segment_id = 10,
+                         .offset = image.certificate.segment_bytes,
+                         .data = std::span(image.bytes).first(8)}) == Status::kBadRequest);
+  CHECK(free_replica(*service, 1, 11) == Status::kOk);
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 11)));
+  check_file_valid(dir.path, 1, 10, image);
+}
