@@ -71,10 +71,4 @@ void SegletPool::free(uint32_t seglet) {
   free_.push_back(seglet);
   free_count_.store(static_cast<uint32_t>(free_.size()), std::memory_order_relaxed);
 }
-
-void SegletPool::set_owner(uint32_t seglet, Segment* owner, uint32_t index_in_segment) {
-  std::lock_guard lock(mutex_);
-  owners_[seglet] = {owner, index_in_segment};
-}
-
 }  // namespace ramkv::master

@@ -60,7 +60,6 @@ class SegletPool {
   Owner owner_of(uint64_t arena_offset) const {
     return owners_[static_cast<size_t>(arena_offset / seglet_bytes_)];
   }
-  void set_owner(uint32_t seglet, Segment* owner, uint32_t index_in_segment);
 
   uint32_t seglet_bytes() const { return seglet_bytes_; }
   uint32_t seglet_count() const { return seglet_count_; }

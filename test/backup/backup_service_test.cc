@@ -12,7 +12,7 @@
 #include "backup/replica_file.h"
 #include "common/checksum.h"
 #include "common/segment_iterator.h"
-#include "master/segment.h"
+#include "test/backup/segment_image.h"
 #include "test/temp_dir.h"
 
 using namespace ramkv;
@@ -22,24 +22,10 @@ namespace {
 
 constexpr uint32_t kSegmentBytes = 64 * 1024;
 
-// A closed segment's bytes and certificate, built by the master's own Segment.
-struct SegmentImage {
-  std::vector<std::byte> bytes;
-  Certificate certificate{};
-};
+using test::SegmentImage;
 
 SegmentImage make_segment(uint64_t segment_id, int objects) {
-  auto pool = master::SegletPool::create(
-      {.memory_bytes = 1 << 20, .seglet_bytes = 4096, .prefault = false});
-  REQUIRE(pool.ok());
-  master::Segment seg(**pool, {.id = segment_id, .capacity = kSegmentBytes});
-  for (int i = 0; i < objects; ++i) {
-    std::string payload =
-        "object " + std::to_string(i) + " in segment " + std::to_string(segment_id);
-    std::span<const std::byte> piece[] = {as_bytes(std::string_view(payload))};
-    REQUIRE(seg.append(EntryType::kObject, piece).ok());
-  }
-  return {seg.copy_out(), seg.certificate()};
+  return test::make_segment(segment_id, objects, kSegmentBytes);
 }
 
 struct WriteArgs {

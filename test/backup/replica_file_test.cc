@@ -12,7 +12,7 @@
 #include "common/clock.h"
 #include "common/log_entry.h"
 #include "common/segment_iterator.h"
-#include "master/segment.h"
+#include "test/backup/segment_image.h"
 #include "test/temp_dir.h"
 
 using namespace ramkv;
@@ -24,37 +24,6 @@ namespace {
 struct TempDir : test::TempDir {
   TempDir() : test::TempDir("/var/tmp") {}
 };
-
-// A segment with a few objects, as a master would replicate it.
-struct SampleSegment {
-  SampleSegment() {
-    pool = std::move(master::SegletPool::create(
-                         {.memory_bytes = 1 << 20, .seglet_bytes = 4096, .prefault = false})
-                         .value());
-    segment = std::make_unique<master::Segment>(
-        *pool, master::Segment::Options{.id = 7, .capacity = 64 * 1024});
-    for (int i = 0; i < 50; ++i) {
-      std::string payload = "object number " + std::to_string(i);
-      std::span<const std::byte> piece[] = {ramkv::as_bytes(std::string_view(payload))};
-      REQUIRE(segment->append(ramkv::EntryType::kObject, piece).ok());
-    }
-    bytes = segment->copy_out();
-  }
-  std::unique_ptr<master::SegletPool> pool;
-  std::unique_ptr<master::Segment> segment;
-  std::vector<std::byte> bytes;
-};
-
-ReplicaHeader header_for(const master::Segment& s, uint64_t master_id) {
-  auto cert = s.certificate();
-  return {.master_id = master_id,
-          .segment_id = s.id(),
-          .epoch = 3,
-          .capacity = s.capacity(),
-          .certificate_bytes = cert.segment_bytes,
-          .certificate_checksum = cert.checksum,
-          .closed = true};
-}
 
 }  // namespace
 
@@ -101,10 +70,10 @@ TEST_CASE("replica file: a certificate longer than the capacity is refused",
 TEST_CASE("replica file: a replica written with io_uring reads back and validates",
           "[backup][replica_file]") {
   TempDir dir;
-  SampleSegment sample;
+  auto sample = test::make_segment(7, 50);
   auto ring = Uring::create(8);
   REQUIRE(ring.ok());
-  ReplicaHeader h = header_for(*sample.segment, 42);
+  ReplicaHeader h = test::closed_header(sample, 42, 3);
   REQUIRE(write_replica(**ring, dir.path, h, sample.bytes, /*sync=*/true) == Status::kOk);
   std::string path = replica_path(dir.path, 42, 7);
   CHECK(path == dir.path + "/42/7");
@@ -124,10 +93,10 @@ TEST_CASE("replica file: a replica written with io_uring reads back and validate
 TEST_CASE("replica file: a torn file (cut short after a crash) is detected",
           "[backup][replica_file]") {
   TempDir dir;
-  SampleSegment sample;
+  auto sample = test::make_segment(7, 50);
   auto ring = Uring::create(8);
   REQUIRE(ring.ok());
-  ReplicaHeader h = header_for(*sample.segment, 1);
+  ReplicaHeader h = test::closed_header(sample, 1, 3);
   REQUIRE(write_replica(**ring, dir.path, h, sample.bytes, false) == Status::kOk);
   std::string path = replica_path(dir.path, 1, 7);
   REQUIRE(::truncate(path.c_str(), static_cast<off_t>(kReplicaHeaderBlock + 100)) == 0);
@@ -140,10 +109,10 @@ TEST_CASE("replica file: a torn file (cut short after a crash) is detected",
 TEST_CASE("replica file: a payload byte flipped on disk fails the certificate",
           "[backup][replica_file]") {
   TempDir dir;
-  SampleSegment sample;
+  auto sample = test::make_segment(7, 50);
   auto ring = Uring::create(8);
   REQUIRE(ring.ok());
-  ReplicaHeader h = header_for(*sample.segment, 1);
+  ReplicaHeader h = test::closed_header(sample, 1, 3);
   REQUIRE(write_replica(**ring, dir.path, h, sample.bytes, false) == Status::kOk);
   std::string path = replica_path(dir.path, 1, 7);
   int fd = ::open(path.c_str(), O_RDWR);

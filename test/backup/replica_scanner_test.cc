@@ -10,7 +10,7 @@
 #include <fstream>
 
 #include "common/checksum.h"
-#include "master/segment.h"
+#include "test/backup/segment_image.h"
 #include "test/temp_dir.h"
 
 using namespace ramkv;
@@ -21,27 +21,10 @@ namespace {
 // Writes a closed replica of a segment holding `objects` entries; returns its bytes.
 std::vector<std::byte> put_replica(Uring& ring, const std::string& dir, uint64_t master_id,
                                    uint64_t segment_id, int objects) {
-  auto pool = master::SegletPool::create(
-      {.memory_bytes = 1 << 20, .seglet_bytes = 4096, .prefault = false});
-  REQUIRE(pool.ok());
-  master::Segment seg(**pool, {.id = segment_id, .capacity = 64 * 1024});
-  for (int i = 0; i < objects; ++i) {
-    std::string payload =
-        "entry " + std::to_string(i) + " of segment " + std::to_string(segment_id);
-    std::span<const std::byte> piece[] = {as_bytes(std::string_view(payload))};
-    REQUIRE(seg.append(EntryType::kObject, piece).ok());
-  }
-  auto bytes = seg.copy_out();
-  auto cert = seg.certificate();
-  REQUIRE(write_replica(ring, dir,
-                        {.master_id = master_id,
-                         .segment_id = segment_id,
-                         .capacity = seg.capacity(),
-                         .certificate_bytes = cert.segment_bytes,
-                         .certificate_checksum = cert.checksum,
-                         .closed = true},
-                        bytes, false) == Status::kOk);
-  return bytes;
+  auto image = test::make_segment(segment_id, objects);
+  REQUIRE(write_replica(ring, dir, test::closed_header(image, master_id), image.bytes, false) ==
+          Status::kOk);
+  return image.bytes;
 }
 
 }  // namespace

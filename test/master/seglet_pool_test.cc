@@ -139,9 +139,6 @@ TEST_CASE("seglet_pool: owner_of resolves any byte of an allocated seglet",
     CHECK(ob.segment == &second.segment);
     CHECK(ob.index_in_segment == 5);
   }
-  pool->set_owner(b, &first.segment, 2);
-  CHECK(pool->owner_of(pool->arena_offset(b)).segment == &first.segment);
-  CHECK(pool->owner_of(pool->arena_offset(b)).index_in_segment == 2);
   pool->free(a);
   CHECK(pool->owner_of(pool->arena_offset(a)).segment == nullptr);
   pool->free(b);
