@@ -22,8 +22,7 @@ struct SegmentImage {
 };
 
 // A segment of `objects` small object entries.
-inline SegmentImage make_segment(uint64_t segment_id, int objects,
-                                 uint32_t capacity = 64 * 1024) {
+inline SegmentImage make_segment(uint64_t segment_id, int objects, uint32_t capacity = 64 * 1024) {
   auto pool = master::SegletPool::create(
       {.memory_bytes = 1 << 20, .seglet_bytes = 4096, .prefault = false});
   REQUIRE(pool.ok());
