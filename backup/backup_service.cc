@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -26,7 +27,10 @@ struct Fd {
 
 constexpr size_t align_down(size_t n) { return n / kDirectAlignment * kDirectAlignment; }
 
-Status errno_status(int err) { return err == ENOSPC ? Status::kNoSpace : Status::kIoError; }
+// Out of blocks or inodes, or over a disk quota: full, as far as the master is concerned.
+Status errno_status(int err) {
+  return err == ENOSPC || err == EDQUOT ? Status::kNoSpace : Status::kIoError;
+}
 
 uint8_t scan_status_code(Status s) {
   if (s == Status::kOk) return wire::kReplicaOk;
@@ -62,6 +66,7 @@ Status BackupService::load_existing() {
     // Found on disk: immutable whatever its header says (see the class comment).
     r.closed = s.header.closed;
     r.has_file = true;
+    r.found_on_disk = true;
     r.scan_status = scan_status_code(s.status);  // the scan has logged the bad ones
     replicas_[{s.master_id, s.segment_id}] = std::move(r);
   }
@@ -99,13 +104,13 @@ Status BackupService::write(std::span<const std::byte> body) {
     return Status::kBadRequest;
   }
   if (req.open > 1 || req.close > 1) return Status::kBadRequest;
-  if (fenced_.contains(req.master_id)) return Status::kFenced;
+  if (is_fenced(req.master_id)) return Status::kFenced;
   uint64_t end = uint64_t{req.offset} + req.length;
   if (end > options_.segment_bytes || req.certificate_bytes > end) return Status::kBadRequest;
+  auto bytes = std::as_bytes(std::span(data));
 
   Key key{req.master_id, req.segment_id};
   auto it = replicas_.find(key);
-  bool created = false;
   if (it == replicas_.end()) {
     if (req.open == 0) return Status::kBadRequest;  // unknown replica
     auto buffer = acquire_buffer();
@@ -114,21 +119,56 @@ Status BackupService::write(std::span<const std::byte> body) {
     r.epoch = req.epoch;
     r.buffer = std::move(*buffer);
     it = replicas_.emplace(key, std::move(r)).first;
-    created = true;
+    return append(it, req, bytes, /*created=*/true);
   }
   Replica& r = it->second;
-  // A resent open of a replica already opened is accepted like any other append.
-  if (r.closed || r.buffer.size() == 0 || req.offset != r.held_bytes ||
+  if (r.found_on_disk) return Status::kBadRequest;  // see the class comment
+  // Invariant 2: the bytes held never change, and appends leave no gap.
+  if (req.offset > r.held_bytes || !matches_held(r, req.offset, bytes)) {
+    return Status::kBadRequest;
+  }
+  if (is_resend(r, req, end)) return Status::kOk;  // already done: nothing changes
+  return append(it, req, bytes, /*created=*/false);
+}
+
+bool BackupService::matches_held(const Replica& r, uint32_t offset,
+                                 std::span<const std::byte> data) {
+  if (r.buffer.size() == 0 || offset >= r.held_bytes) return true;
+  size_t overlap = std::min<size_t>(data.size(), r.held_bytes - offset);
+  return std::memcmp(r.buffer.span().data() + kReplicaHeaderBlock + offset, data.data(), overlap) ==
+         0;
+}
+
+bool BackupService::is_resend(const Replica& r, const wire::BackupWriteRequest& req, uint64_t end) {
+  // An older certificate cannot be checked (only the latest is kept); an equal length
+  // must come with the same checksum.
+  bool certificate_held = req.certificate_bytes < r.certificate_bytes ||
+                          (req.certificate_bytes == r.certificate_bytes &&
+                           req.certificate_checksum == r.certificate_checksum);
+  bool close_held = req.close == 0 || (r.closed && end == r.held_bytes);
+  return end <= r.held_bytes && req.epoch <= r.epoch && certificate_held && close_held;
+}
+
+Status BackupService::append(std::map<Key, Replica>::iterator it,
+                             const wire::BackupWriteRequest& req, std::span<const std::byte> data,
+                             bool created) {
+  const Key& key = it->first;
+  Replica& r = it->second;
+  const uint64_t end = uint64_t{req.offset} + req.length;
+  if (r.closed || r.buffer.size() == 0 || req.offset > r.held_bytes || end < r.held_bytes ||
       req.certificate_bytes < r.certificate_bytes || req.epoch < r.epoch) {
-    // Invariant 2: appends at the held length only; certificates and epochs never shrink.
+    // Invariant 2: held bytes, certificates and epochs never shrink; invariant 3: a
+    // closed replica is never written again.
     if (created) forget(it);
     return Status::kBadRequest;
   }
 
-  // Stage the append; the replica's fields change only once the write has succeeded
-  // (invariant 4), so a failure leaves the bytes beyond held_bytes unclaimed.
-  if (!data.empty()) {
-    std::memcpy(r.buffer.data() + kReplicaHeaderBlock + req.offset, data.data(), data.size());
+  // Stage the new tail (the overlap has matched: invariant 2); the replica's fields change
+  // only once the write has succeeded (invariant 4), so a failure leaves the bytes beyond
+  // held_bytes unclaimed.
+  auto tail = data.subspan(r.held_bytes - req.offset);
+  if (!tail.empty()) {
+    std::memcpy(r.buffer.data() + kReplicaHeaderBlock + r.held_bytes, tail.data(), tail.size());
   }
   const uint64_t old_epoch = r.epoch;
   const uint32_t old_held = r.held_bytes;
@@ -186,31 +226,26 @@ Status BackupService::write_file(const Key& key, Replica& r, bool closed, bool s
   size_t end = align_up(kReplicaHeaderBlock + r.held_bytes);
   std::memset(r.buffer.data() + kReplicaHeaderBlock + r.held_bytes, 0,
               end - kReplicaHeaderBlock - r.held_bytes);
-  // Only the blocks not yet on disk, plus the header block; both in flight together. A
-  // crash between them can leave an open replica torn, which the restart scan flags.
-  size_t start = r.has_file ? align_down(kReplicaHeaderBlock + r.file_bytes) : 0;
-  std::vector<std::pair<size_t, size_t>> ranges;  // [from, to) of the buffer
-  if (start < kReplicaHeaderBlock) {
-    ranges.emplace_back(0, end);
-  } else {
-    ranges.emplace_back(0, kReplicaHeaderBlock);
-    if (start < end) ranges.emplace_back(start, end);
-  }
+  // Only the blocks not yet on disk, and the header block. A new file goes in one write
+  // (removed if it fails). An existing one gets its new blocks first and its header only
+  // once they are in, so a write that fails (a full disk) leaves the header saying what
+  // the file held before (invariant 4). Nothing orders them on the device before the
+  // fdatasync, though: a crash in between can leave an open replica torn, which the
+  // restart scan flags.
   bool created = !r.has_file;
   Status s = Status::kOk;
-  uint32_t submitted = 0;
-  for (auto [from, to] : ranges) {
-    s = ring_->submit_write(f.fd, r.buffer.span().subspan(from, to - from), from, to - from);
-    if (s != Status::kOk) break;
-    ++submitted;
+  if (created) {
+    s = write_blocks(f.fd, r.buffer.span().first(end), 0, path);
+  } else {
+    size_t start = align_down(kReplicaHeaderBlock + r.file_bytes);
+    if (start < end)
+      s = write_blocks(f.fd, r.buffer.span().subspan(start, end - start), start, path);
+    if (s == Status::kOk) {
+      s = write_blocks(f.fd, r.buffer.span().first(kReplicaHeaderBlock), 0, path);
+    }
   }
-  // Every submitted write must complete before the buffer can be touched again.
-  Status done = run_batch(submitted, path);
-  if (s == Status::kOk) s = done;
-  if (s == Status::kOk && sync) {
-    s = ring_->submit_datasync(f.fd, 0);  // after the writes completed: it covers them
-    if (s == Status::kOk) s = run_batch(1, path);
-  }
+  // After the writes completed: it covers them.
+  if (s == Status::kOk && sync) s = datasync(f.fd, path);
   if (s != Status::kOk) {
     if (created) ::unlink(path.c_str());  // invariant 4: no file existed before
     return s;
@@ -220,29 +255,63 @@ Status BackupService::write_file(const Key& key, Replica& r, bool closed, bool s
   return Status::kOk;
 }
 
-Status BackupService::run_batch(uint32_t ops, const std::string& path) {
-  std::vector<Uring::Completion> done;
-  Status result = Status::kOk;
-  while (done.size() < ops) {
-    if (Status s = ring_->wait(1, &done); s != Status::kOk) return s;
-  }
-  for (const auto& c : done) {
-    if (c.result < 0) {
-      LOG_ERROR("writing replica {}: {}", path, std::strerror(-c.result));
-      if (result == Status::kOk) result = errno_status(-c.result);
-    } else if (static_cast<uint64_t>(c.result) != c.user_data) {
-      LOG_ERROR("short write of replica {}: {} of {} bytes", path, c.result, c.user_data);
-      if (result == Status::kOk) result = Status::kNoSpace;
+Status BackupService::write_blocks(int fd, std::span<const std::byte> blocks, size_t file_offset,
+                                   const std::string& path) {
+  // A short write is resumed where it stopped, so that the error which stopped it decides
+  // the status (ENOSPC: kNoSpace) rather than a guess; Linux also cuts single writes at
+  // 2 GiB - 4 KiB. O_DIRECT can resume only at a block boundary.
+  while (!blocks.empty()) {
+    uint64_t op = ++last_op_;
+    if (Status s = ring_->submit_write(fd, blocks, file_offset, op); s != Status::kOk) return s;
+    auto result = wait_for(op);  // the buffer may be touched again only after this
+    if (!result.ok()) return result.status();
+    if (*result < 0) {
+      LOG_ERROR("writing replica {}: {}", path, std::strerror(-*result));
+      return errno_status(-*result);
     }
+    auto written = static_cast<size_t>(*result);
+    if (written == blocks.size()) break;
+    if (written == 0 || written % kDirectAlignment != 0) {
+      // No progress, or none that O_DIRECT can resume from. A regular file takes fewer
+      // bytes than asked only when it runs out of room (or past the file-size limit).
+      LOG_ERROR("short write of replica {}: {} of {} bytes", path, written, blocks.size());
+      return Status::kNoSpace;
+    }
+    blocks = blocks.subspan(written);
+    file_offset += written;
   }
-  return result;
+  return Status::kOk;
+}
+
+Status BackupService::datasync(int fd, const std::string& path) {
+  uint64_t op = ++last_op_;
+  if (Status s = ring_->submit_datasync(fd, op); s != Status::kOk) return s;
+  auto result = wait_for(op);
+  if (!result.ok()) return result.status();
+  if (*result < 0) {
+    LOG_ERROR("syncing replica {}: {}", path, std::strerror(-*result));
+    return errno_status(-*result);
+  }
+  return Status::kOk;
+}
+
+Result<int32_t> BackupService::wait_for(uint64_t op) {
+  // Completions of operations whose wait failed earlier may come first: skip them.
+  std::vector<Uring::Completion> done;
+  for (;;) {
+    if (Status s = ring_->wait(1, &done); s != Status::kOk) return s;
+    for (const auto& c : done) {
+      if (c.user_data == op) return c.result;
+    }
+    done.clear();
+  }
 }
 
 Status BackupService::free_replica(std::span<const std::byte> body) {
   wire::BodyReader in(body);
   wire::BackupFreeRequest req;
   if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
-  if (fenced_.contains(req.master_id)) return Status::kFenced;  // recovery needs them
+  if (is_fenced(req.master_id)) return Status::kFenced;  // recovery needs them
   auto it = replicas_.find({req.master_id, req.segment_id});
   if (it == replicas_.end()) return Status::kOk;  // already freed: a resent free is fine
   if (it->second.has_file) {

@@ -9,6 +9,7 @@ packages=(
   g++ clang clang-format libclang-rt-14-dev
   liburing-dev libibverbs-dev libxxhash-dev
   libbenchmark-dev catch2 libcli11-dev libfmt-dev
+  e2fsprogs  # mkfs.ext4: the backup's full-disk test formats a small loop-mounted image
 )
 
 missing=()

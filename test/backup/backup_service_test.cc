@@ -1,6 +1,6 @@
 // The backup service: replicas opened, appended, closed and freed over the wire format,
-// both durability modes, the bounded buffer pool, zombie fencing, I/O failures and a
-// restart over the same directory.
+// both durability modes, resent writes, the bounded buffer pool, zombie fencing, I/O
+// failures, a disk that fills up, and a restart over the same directory.
 #include "backup/backup_service.h"
 
 #include <unistd.h>
@@ -10,9 +10,12 @@
 #include <fstream>
 
 #include "backup/replica_file.h"
+#include "backup/replica_scanner.h"
+#include "common/certificate.h"
 #include "common/checksum.h"
 #include "common/segment_iterator.h"
 #include "test/backup/segment_image.h"
+#include "test/backup/small_filesystem.h"
 #include "test/temp_dir.h"
 
 using namespace ramkv;
@@ -130,6 +133,12 @@ void check_file_valid(const std::string& dir, uint64_t master_id, uint64_t segme
                    image.bytes.begin() + static_cast<ptrdiff_t>(bytes.size())));
 }
 
+// A file's bytes; empty when it does not exist.
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
 }  // namespace
 
 TEST_CASE("backup service: a replica opened, written and closed loads and validates",
@@ -166,8 +175,10 @@ TEST_CASE(
   auto image = make_segment(10, 10);
   std::span<const std::byte> all(image.bytes);
   REQUIRE(write(*service, {.data = all.first(100), .open = true}) == Status::kOk);
-  // Appends only at the bytes already held.
-  CHECK(write(*service, {.offset = 50, .data = all.subspan(50, 10)}) == Status::kBadRequest);
+  // The bytes held never change, and appends leave no gap.
+  std::vector<std::byte> other(all.begin() + 50, all.begin() + 60);
+  other[3] ^= std::byte{1};
+  CHECK(write(*service, {.offset = 50, .data = other}) == Status::kBadRequest);
   CHECK(write(*service, {.offset = 200, .data = all.subspan(200, 10)}) == Status::kBadRequest);
   // A certificate claiming bytes that were never sent.
   CHECK(write(*service, {.offset = 100, .data = all.subspan(100, 10), .certificate = {500, 1}}) ==
@@ -185,7 +196,7 @@ TEST_CASE(
                            .close = true}) == Status::kOk);
   CHECK(write(*service, {.offset = static_cast<uint32_t>(all.size()), .data = all.first(8)}) ==
         Status::kBadRequest);
-  CHECK(write(*service, {.data = all.first(8), .open = true}) == Status::kBadRequest);
+  CHECK(write(*service, {.epoch = 2, .data = all.first(8), .open = true}) == Status::kBadRequest);
   check_file_valid(dir.path, 1, 10, image);
 
   // Malformed bodies: short, lying length, trailing bytes, bad flags, and reserved opcodes.
@@ -215,6 +226,125 @@ TEST_CASE(
   CHECK(call(*service, wire::Opcode::kBackupClose, {}) == Status::kBadRequest);
   CHECK(call(*service, wire::Opcode::kRead, {}) == Status::kBadRequest);
   CHECK(service->replica_count() == 2);
+}
+
+TEST_CASE("backup service: a resent write that matches the bytes held is acknowledged again",
+          "[backup][service]") {
+  auto durability = GENERATE(Durability::kBuffered, Durability::kDisk);
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path, durability);
+  auto image = make_segment(10, 50);
+  std::span<const std::byte> all(image.bytes);
+  const std::string path = replica_path(dir.path, 1, 10);
+  WriteArgs open{.data = all.first(100), .open = true};
+  WriteArgs append{.offset = 100, .data = all.subspan(100, 100), .certificate = {100, 7}};
+  REQUIRE(write(*service, open) == Status::kOk);
+  REQUIRE(write(*service, append) == Status::kOk);
+  std::string file_before = slurp(path);  // empty when buffered: nothing on disk yet
+
+  // Resent open, resent append, and any piece within the bytes held: acknowledged, and
+  // nothing changes, on disk included.
+  CHECK(write(*service, open) == Status::kOk);
+  CHECK(write(*service, append) == Status::kOk);
+  CHECK(write(*service, {.offset = 50, .data = all.subspan(50, 10)}) == Status::kOk);
+  CHECK(write(*service, {.offset = 200, .certificate = {100, 7}}) == Status::kOk);
+  CHECK(slurp(path) == file_before);
+  CHECK(service->replica_count() == 1);
+  CHECK(service->buffers_in_use() == 1);
+  auto replicas = list(*service);
+  REQUIRE(replicas.size() == 1);
+  CHECK(replicas[0].epoch == 1);
+  CHECK(replicas[0].certificate_bytes == 100);
+  CHECK(replicas[0].closed == 0);
+
+  // The master goes on where it was.
+  WriteArgs close{
+      .offset = 200, .data = all.subspan(200), .certificate = image.certificate, .close = true};
+  REQUIRE(write(*service, close) == Status::kOk);
+  check_file_valid(dir.path, 1, 10, image);
+  std::string file_closed = slurp(path);
+
+  // A resent close, and resends of earlier writes, to the closed replica: acknowledged.
+  CHECK(write(*service, close) == Status::kOk);
+  CHECK(write(*service, append) == Status::kOk);
+  CHECK(write(*service, open) == Status::kOk);
+  CHECK(slurp(path) == file_closed);
+  CHECK(service->buffers_in_use() == 0);
+  // But not a close at another length, a newer epoch, or another certificate.
+  CHECK(write(*service, {.offset = 100, .data = all.subspan(100, 100), .close = true}) ==
+        Status::kBadRequest);
+  CHECK(write(*service, {.epoch = 2, .data = all.first(100)}) == Status::kBadRequest);
+  Certificate other = image.certificate;
+  other.checksum ^= 1;
+  CHECK(write(*service, {.offset = 200, .data = all.subspan(200), .certificate = other}) ==
+        Status::kBadRequest);
+  CHECK(slurp(path) == file_closed);
+  replicas = list(*service);
+  REQUIRE(replicas.size() == 1);
+  CHECK(replicas[0].closed == 1);
+  CHECK(replicas[0].certificate_bytes == image.certificate.segment_bytes);
+}
+
+TEST_CASE("backup service: a resent write whose bytes differ from those held is a bad request",
+          "[backup][service]") {
+  auto durability = GENERATE(Durability::kBuffered, Durability::kDisk);
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path, durability);
+  auto image = make_segment(10, 50);
+  std::span<const std::byte> all(image.bytes);
+  REQUIRE(write(*service, {.data = all.first(200), .open = true}) == Status::kOk);
+  std::vector<std::byte> changed(all.begin(), all.begin() + 300);
+  changed[150] ^= std::byte{0x80};
+  std::span<const std::byte> bad(changed);
+
+  CHECK(write(*service, {.data = bad.first(200), .open = true}) == Status::kBadRequest);
+  CHECK(write(*service, {.offset = 100, .data = bad.subspan(100, 100)}) == Status::kBadRequest);
+  CHECK(write(*service, {.offset = 150, .data = bad.subspan(150, 1)}) == Status::kBadRequest);
+  // Overlapping the held bytes with a difference there: the new tail is not taken either.
+  CHECK(write(*service, {.offset = 100, .data = bad.subspan(100, 200)}) == Status::kBadRequest);
+  // Matching bytes, but the same certificate length with another checksum, or a newer
+  // epoch, inside the bytes held: not a resend, and not an append.
+  REQUIRE(write(*service, {.offset = 200, .certificate = {100, 5}}) == Status::kOk);
+  CHECK(write(*service, {.offset = 100, .data = all.subspan(100, 50), .certificate = {100, 6}}) ==
+        Status::kBadRequest);
+  CHECK(write(*service, {.epoch = 2, .offset = 100, .data = all.subspan(100, 50)}) ==
+        Status::kBadRequest);
+  // A certificate older than the one held is a resend's (its checksum cannot be checked).
+  CHECK(write(*service, {.offset = 100, .data = all.subspan(100, 50), .certificate = {50, 1}}) ==
+        Status::kOk);
+
+  // Nothing changed: the rest of the segment follows at 200.
+  REQUIRE(write(*service, {.offset = 200,
+                           .data = all.subspan(200),
+                           .certificate = image.certificate,
+                           .close = true}) == Status::kOk);
+  check_file_valid(dir.path, 1, 10, image);
+}
+
+TEST_CASE("backup service: a write overlapping the bytes held appends only its new tail",
+          "[backup][service]") {
+  auto durability = GENERATE(Durability::kBuffered, Durability::kDisk);
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path, durability);
+  auto image = make_segment(10, 200);
+  std::span<const std::byte> all(image.bytes);
+  REQUIRE(all.size() > 5000);
+  REQUIRE(write(*service, {.data = all.first(100), .open = true}) == Status::kOk);
+  // A resent open that now carries more bytes.
+  CHECK(write(*service, {.data = all.first(300), .open = true}) == Status::kOk);
+  // Across a 4 KiB block of the file.
+  CHECK(write(*service, {.offset = 200, .data = all.subspan(200, 4000)}) == Status::kOk);
+  CHECK(write(*service, {.offset = 4100, .data = all.subspan(4100, 100)}) == Status::kOk);
+  // The held length moved: appends follow at 4200, and 300 is inside.
+  CHECK(write(*service, {.offset = 4300, .data = all.subspan(4300, 10)}) == Status::kBadRequest);
+  CHECK(write(*service, {.offset = 300, .data = all.subspan(300, 10)}) == Status::kOk);
+  // The close itself overlapping.
+  REQUIRE(write(*service, {.offset = 4000,
+                           .data = all.subspan(4000),
+                           .certificate = image.certificate,
+                           .close = true}) == Status::kOk);
+  check_file_valid(dir.path, 1, 10, image);
+  CHECK(service->buffers_in_use() == 0);
 }
 
 TEST_CASE("backup service: a full buffer pool answers retry until a replica closes",
@@ -325,4 +455,122 @@ TEST_CASE("backup service: a restarted backup lists its replicas, torn ones flag
   CHECK(free_replica(*service, 1, 11) == Status::kOk);
   CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 11)));
   check_file_valid(dir.path, 1, 10, image);
+}
+
+TEST_CASE("backup service: a full disk answers no space and keeps every acknowledged replica",
+          "[backup][service][disk]") {
+  auto durability = GENERATE(Durability::kBuffered, Durability::kDisk);
+  std::string why;
+  auto fs = test::SmallFilesystem::create(8 << 20, &why);  // about 6 MiB for files
+  if (fs == nullptr) {
+    WARN("SKIPPED: no small ext4 filesystem to fill: " << why);
+    return;
+  }
+  constexpr uint32_t kBigSegmentBytes = 1 << 20;
+  constexpr uint32_t kFirst = 8192;
+  const Certificate kNothing = CertificateBuilder().finish(0);  // of an empty prefix
+  const std::string dir = fs->path() + "/backup";               // apart from lost+found
+  auto created = BackupService::create({.data_dir = dir,
+                                        .segment_bytes = kBigSegmentBytes,
+                                        .max_buffers = 2,
+                                        .durability = durability});
+  REQUIRE(created.ok());
+  auto service = std::move(*created);  // declared after fs: gone before the unmount
+
+  // Whole segments of about 1 MiB, opened with their first 8 KiB and closed with the rest,
+  // until the disk is full: in disk mode the open writes the file, and the close that
+  // fails finds it there.
+  std::vector<SegmentImage> acked;
+  SegmentImage failed;
+  Status status = Status::kOk;
+  bool failed_at_open = false;
+  for (uint64_t segment_id = 1; segment_id <= 16; ++segment_id) {
+    auto image = test::make_segment(segment_id, 30000, kBigSegmentBytes);
+    std::span<const std::byte> all(image.bytes);
+    status = write(*service, {.segment_id = segment_id,
+                              .data = all.first(kFirst),
+                              .certificate = kNothing,
+                              .open = true});
+    failed_at_open = status != Status::kOk;
+    if (status == Status::kOk) {
+      status = write(*service, {.segment_id = segment_id,
+                                .offset = kFirst,
+                                .data = all.subspan(kFirst),
+                                .certificate = image.certificate,
+                                .close = true});
+    }
+    if (status != Status::kOk) {
+      failed = std::move(image);
+      break;
+    }
+    acked.push_back(std::move(image));
+  }
+  REQUIRE(status == Status::kNoSpace);
+  REQUIRE(acked.size() >= 2);
+  INFO(acked.size() << " replicas acknowledged, then no space at the "
+                    << (failed_at_open ? "open" : "close"));
+
+  // Every acknowledged replica is whole on disk, and listed closed.
+  for (const auto& image : acked) check_file_valid(dir, 1, image.segment_id, image);
+  auto scanned = scan_replicas(dir);
+  REQUIRE(scanned.ok());
+  // Invariant 4: the failed write left the replica as it was. An open that failed left
+  // nothing; a close that failed left it open, with a file only in disk mode, where the
+  // open wrote one.
+  const std::string failed_path = replica_path(dir, 1, failed.segment_id);
+  auto replicas = list(*service);
+  if (failed_at_open || durability == Durability::kBuffered) {
+    CHECK_FALSE(std::filesystem::exists(failed_path));
+    CHECK(scanned->size() == acked.size());
+  } else {
+    auto loaded = load_replica(failed_path);
+    REQUIRE(loaded.ok());
+    CHECK_FALSE(loaded->header.closed);
+    CHECK(loaded->header.certificate_bytes == 0);
+    CHECK(scanned->size() == acked.size() + 1);
+  }
+  for (const auto& s : *scanned) CHECK(s.status == Status::kOk);
+  REQUIRE(replicas.size() == acked.size() + (failed_at_open ? 0 : 1));
+  for (size_t i = 0; i < acked.size(); ++i) {
+    CHECK(replicas[i].closed == 1);
+    CHECK(replicas[i].certificate_bytes == acked[i].certificate.segment_bytes);
+  }
+  if (!failed_at_open) {
+    CHECK(replicas.back().closed == 0);
+    CHECK(replicas.back().certificate_bytes == 0);
+  }
+
+  // A resent close of an acknowledged replica needs no room: acknowledged again.
+  std::span<const std::byte> last(acked.back().bytes);
+  CHECK(write(*service, {.segment_id = acked.back().segment_id,
+                         .offset = kFirst,
+                         .data = last.subspan(kFirst),
+                         .certificate = acked.back().certificate,
+                         .close = true}) == Status::kOk);
+
+  // The service carries on: a free makes room, and the failed replica is written again.
+  CHECK(free_replica(*service, 1, acked.front().segment_id) == Status::kOk);
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir, 1, acked.front().segment_id)));
+  std::span<const std::byte> all(failed.bytes);
+  if (failed_at_open) {
+    REQUIRE(write(*service, {.segment_id = failed.segment_id,
+                             .data = all.first(kFirst),
+                             .certificate = kNothing,
+                             .open = true}) == Status::kOk);
+  }
+  REQUIRE(write(*service, {.segment_id = failed.segment_id,
+                           .offset = kFirst,
+                           .data = all.subspan(kFirst),
+                           .certificate = failed.certificate,
+                           .close = true}) == Status::kOk);
+  check_file_valid(dir, 1, failed.segment_id, failed);
+  CHECK(service->buffers_in_use() == 0);
+
+  // And a restart finds exactly those replicas, all whole.
+  service.reset();
+  auto restarted = BackupService::create({.data_dir = dir, .segment_bytes = kBigSegmentBytes});
+  REQUIRE(restarted.ok());
+  replicas = list(**restarted);
+  CHECK(replicas.size() == acked.size());
+  for (const auto& r : replicas) CHECK(r.status == wire::kReplicaOk);
 }
