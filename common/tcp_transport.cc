@@ -84,6 +84,7 @@ void set_socket_options(int fd, const TransportOptions& o) {
 // Bytes received but not yet parsed, and bytes to send that the socket did not take.
 struct Connection {
   int fd = -1;
+  uint64_t serial = 0;  // server: which accept this is (deferred replies check it)
   std::vector<std::byte> in;
   size_t in_start = 0;  // parsed prefix of `in`
   std::deque<std::byte> out;
@@ -229,8 +230,18 @@ class TcpServerTransport final : public ServerTransport {
   void run(const Handler& handler) override {
     epoll_event events[64];
     Reply reply;
+    const int task_fd = task_ != nullptr ? task_->wait_fd() : -1;
+    if (task_fd >= 0) add(task_fd, EPOLLIN);
+    uint64_t task_wait_ns = UINT64_MAX;
     while (!stopping_.load(std::memory_order_relaxed)) {
-      int n = epoll_wait(epoll_fd_, events, 64, options_.busy_poll ? 0 : -1);
+      int timeout_ms = -1;
+      if (options_.busy_poll) {
+        timeout_ms = 0;
+      } else if (task_wait_ns != UINT64_MAX) {
+        timeout_ms = static_cast<int>(std::min<uint64_t>(
+            task_wait_ns / 1'000'000 + (task_wait_ns % 1'000'000 != 0), INT_MAX));
+      }
+      int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
       if (n < 0 && errno != EINTR) {
         LOG_ERROR("epoll_wait: {}", std::strerror(errno));
         return;
@@ -239,11 +250,27 @@ class TcpServerTransport final : public ServerTransport {
         int fd = events[i].data.fd;
         if (fd == listen_fd_) {
           accept_all();
-        } else if (fd != stop_fd_) {
+        } else if (fd != stop_fd_ && fd != task_fd) {
           serve(fd, events[i].events, handler, reply);
         }
       }
+      // After the batch: a master replicates everything the batch wrote at once.
+      if (task_ != nullptr) task_wait_ns = task_->run();
     }
+    if (task_fd >= 0) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, task_fd, nullptr);
+  }
+
+  void set_loop_task(LoopTask* task) override { task_ = task; }
+
+  bool send_deferred(const ReplyToken& token, const Reply& reply) override {
+    auto it = connections_.find(token.connection);
+    if (it == connections_.end() || it->second.serial != token.serial) return false;
+    if (!send_reply(it->second, token.request, reply)) {
+      close_connection(token.connection, "send failed");
+      return false;
+    }
+    update_interest(token.connection, it->second);
+    return true;
   }
 
  private:
@@ -265,6 +292,7 @@ class TcpServerTransport final : public ServerTransport {
       }
       set_socket_options(fd, options_);
       connections_[fd].fd = fd;
+      connections_[fd].serial = ++next_serial_;
       add(fd, EPOLLIN | EPOLLRDHUP);
     }
   }
@@ -302,25 +330,37 @@ class TcpServerTransport final : public ServerTransport {
       }
       if (h.flags & wire::kFlagResponse) continue;  // not a request: ignore
       reply.clear();
+      reply.set_token({.connection = fd, .serial = c.serial, .request = h});
       if (!wire::opcode_known(h.opcode)) {
         reply.set_status(Status::kBadRequest);
       } else {
         handler(h, body, reply);
       }
-      wire::MessageHeader rh = h;
-      rh.flags = wire::kFlagResponse;
-      rh.status = static_cast<uint16_t>(reply.status());
-      rh.body_bytes = static_cast<uint32_t>(reply.total_bytes());
-      std::vector<std::span<const std::byte>> pieces;
-      pieces.reserve(2 + reply.external().size());
-      pieces.push_back({reinterpret_cast<const std::byte*>(&rh), kHeaderBytes});
-      pieces.push_back(reply.body());
-      for (auto p : reply.external()) pieces.push_back(p);
-      if (!c.send(pieces)) return close_connection(fd, "send failed");
+      if (reply.deferred()) continue;
+      if (!send_reply(c, h, reply)) return close_connection(fd, "send failed");
     }
     if (!open) return close_connection(fd, "peer closed");
+    update_interest(fd, c);
+  }
+
+  bool send_reply(Connection& c, const wire::MessageHeader& h, const Reply& reply) {
+    wire::MessageHeader rh = h;
+    rh.flags = wire::kFlagResponse;
+    rh.status = static_cast<uint16_t>(reply.status());
+    rh.body_bytes = static_cast<uint32_t>(reply.total_bytes());
+    std::span<const std::byte> fixed[] = {{reinterpret_cast<const std::byte*>(&rh), kHeaderBytes},
+                                          {reply.body().data(), reply.body().size()}};
+    if (reply.external().empty()) return c.send(fixed);
+    std::vector<std::span<const std::byte>> pieces(std::begin(fixed), std::end(fixed));
+    for (auto p : reply.external()) pieces.push_back(p);
+    return c.send(pieces);
+  }
+
+  // Epoll interest follows what the connection waits for: writable while replies are
+  // queued, readable while fewer than a message's worth of replies wait (back-pressure).
+  void update_interest(int fd, Connection& c) {
     bool want = !c.out.empty();
-    bool reading = c.out.size() < max_queued;
+    bool reading = c.out.size() < options_.max_message_bytes;
     if (want != c.want_write || reading != c.want_read) {
       c.want_write = want;
       c.want_read = reading;
@@ -338,6 +378,8 @@ class TcpServerTransport final : public ServerTransport {
   std::string locator_;
   std::atomic<bool> stopping_{false};
   std::unordered_map<int, Connection> connections_;
+  uint64_t next_serial_ = 0;
+  LoopTask* task_ = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -404,6 +446,8 @@ class TcpClientTransport final : public ClientTransport {
     done += expire();
     return done;
   }
+
+  int wait_fd() const override { return epoll_fd_; }
 
   size_t outstanding() const override {
     size_t n = failed_.size();

@@ -33,11 +33,19 @@ struct Locator {
 };
 Result<Locator> parse_locator(std::string_view text);
 
+// Where a deferred reply goes (Reply::defer): the connection and the request it answers.
+struct ReplyToken {
+  int connection = -1;
+  uint64_t serial = 0;  // tells a connection from a later one on the same descriptor
+  wire::MessageHeader request;
+};
+
 class Reply {
  public:
   void set_status(Status s) { status_ = s; }
   Status status() const { return status_; }
   std::vector<std::byte>& body() { return body_; }
+  const std::vector<std::byte>& body() const { return body_; }
   wire::BodyWriter writer() { return wire::BodyWriter(&body_); }
   // Appended after body() without a copy; see the file comment for lifetime.
   void add_external(std::span<const std::byte> piece) { external_.push_back(piece); }
@@ -47,9 +55,18 @@ class Reply {
     status_ = Status::kOk;
     body_.clear();
     external_.clear();
+    deferred_ = false;
   }
+  // The handler answers later, through ServerTransport::send_deferred(token()): nothing is
+  // sent when it returns. Used by a master whose writes wait for their backups.
+  void defer() { deferred_ = true; }
+  bool deferred() const { return deferred_; }
+  const ReplyToken& token() const { return token_; }
+  void set_token(const ReplyToken& token) { token_ = token; }
 
  private:
+  bool deferred_ = false;
+  ReplyToken token_;
   Status status_ = Status::kOk;
   std::vector<std::byte> body_;
   std::vector<std::span<const std::byte>> external_;
@@ -66,6 +83,19 @@ struct TransportOptions {
   uint32_t max_connections = 4096;
 };
 
+// Work a dispatch loop does besides serving requests (a master's replication): run() is
+// called on the dispatch thread after every batch of events, and when wait_fd() becomes
+// readable or the time it asked for has passed.
+class LoopTask {
+ public:
+  virtual ~LoopTask() = default;
+  // A descriptor the loop waits on with its connections (-1: none).
+  virtual int wait_fd() const = 0;
+  // Does what is due; returns how long the loop may sleep before calling again when
+  // nothing happens (UINT64_MAX: until an event).
+  virtual uint64_t run() = 0;
+};
+
 class ServerTransport {
  public:
   using Handler = std::function<void(const wire::MessageHeader& request,
@@ -76,6 +106,11 @@ class ServerTransport {
   virtual std::string locator() const = 0;
   // Runs the dispatch loop on the calling thread until stop().
   virtual void run(const Handler& handler) = 0;
+  // Set before run(); the task must outlive it.
+  virtual void set_loop_task(LoopTask* task) = 0;
+  // Sends a reply a handler deferred. Dispatch thread only. Dropped (and false) when the
+  // connection has closed since the request arrived.
+  virtual bool send_deferred(const ReplyToken& token, const Reply& reply) = 0;
   // Thread-safe and async-signal-safe: makes run() return soon.
   virtual void stop() = 0;
 };
@@ -102,6 +137,9 @@ class ClientTransport {
   // Waits up to timeout_ns for progress, runs completions; returns how many ran.
   virtual int poll(uint64_t timeout_ns) = 0;
   virtual size_t outstanding() const = 0;
+  // A descriptor that becomes readable when poll() has something to do, for callers that
+  // wait on it in their own loop (LoopTask::wait_fd); -1 if there is none.
+  virtual int wait_fd() const { return -1; }
   // Closes the connection to `locator`, failing its requests with kUnavailable.
   virtual void disconnect(const std::string& locator) = 0;
 };

@@ -18,6 +18,10 @@ std::string_view opcode_name(Opcode op) {
       return "get table id";
     case Opcode::kGetTabletMap:
       return "get tablet map";
+    case Opcode::kSetReplicationEpoch:
+      return "set replication epoch";
+    case Opcode::kGetReplicationEpochs:
+      return "get replication epochs";
     case Opcode::kRead:
       return "read";
     case Opcode::kWrite:
@@ -57,6 +61,31 @@ std::string_view opcode_name(Opcode op) {
 }
 
 bool opcode_known(uint16_t op) { return opcode_name(static_cast<Opcode>(op)) != "unknown opcode"; }
+
+Status decode_server_list(std::span<const std::byte> body, uint64_t* version,
+                          std::vector<ServerListItem>* out) {
+  BodyReader in(body);
+  ServerListHeader header;
+  if (!in.get(&header) || header.count > in.remaining() / sizeof(ServerEntry)) {
+    return Status::kBadRequest;
+  }
+  out->clear();
+  out->reserve(header.count);
+  for (uint32_t i = 0; i < header.count; ++i) {
+    ServerEntry entry;
+    std::string_view locator;
+    if (!in.get(&entry) || !in.get_string(entry.locator_bytes, &locator)) {
+      return Status::kBadRequest;
+    }
+    out->push_back({.server_id = entry.server_id,
+                    .services = entry.services,
+                    .status = entry.status,
+                    .locator = std::string(locator)});
+  }
+  if (!in.at_end()) return Status::kBadRequest;
+  *version = header.version;
+  return Status::kOk;
+}
 
 Status check_header(const MessageHeader& h) {
   if (h.magic != kMagic || h.version != kProtocolVersion || h.body_bytes > kMaxBodyBytes) {

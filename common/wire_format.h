@@ -46,6 +46,9 @@ enum class Opcode : uint16_t {
   kDropTable = 13,
   kGetTableId = 14,
   kGetTabletMap = 15,
+  kSetReplicationEpoch = 16,  // master -> coordinator: open replicas of a segment below
+                              // this epoch are stale
+  kGetReplicationEpochs = 17,
 
   // Master.
   kRead = 30,
@@ -170,6 +173,23 @@ struct TabletListHeader {
   uint32_t count = 0;
 };
 static_assert(sizeof(TabletListHeader) == 4);
+
+// kSetReplicationEpoch: ReplicationEpochEntry. Empty response. The coordinator keeps, per
+// master, the (segment id, epoch) of the newest such call: an open replica of that segment
+// whose epoch is below it is stale and never used by recovery. Lower (segment, epoch)
+// pairs than the one recorded are accepted and change nothing (a resent call).
+struct ReplicationEpochEntry {
+  uint64_t master_id = 0;
+  uint64_t segment_id = 0;
+  uint64_t epoch = 0;
+};
+static_assert(sizeof(ReplicationEpochEntry) == 24);
+// kGetReplicationEpochs: empty request. Response: ReplicationEpochsHeader, count x
+// ReplicationEpochEntry, ordered by master id.
+struct ReplicationEpochsHeader {
+  uint32_t count = 0;
+};
+static_assert(sizeof(ReplicationEpochsHeader) == 4);
 
 // ---- Master ------------------------------------------------------------------------
 // kRead: + key. Response: ReadResponse + value.
@@ -353,6 +373,17 @@ class BodyReader {
  private:
   ByteReader r_;
 };
+
+// A server list (kGetServerList reply, kServerListUpdate body), decoded.
+struct ServerListItem {
+  uint64_t server_id = 0;
+  uint32_t services = 0;
+  uint8_t status = 0;  // 0 up, 1 crashed, 2 removed
+  std::string locator;
+};
+// kBadRequest for a short, lying or over-long body.
+Status decode_server_list(std::span<const std::byte> body, uint64_t* version,
+                          std::vector<ServerListItem>* out);
 
 // Checks a received header: magic, version, body size. kBadRequest if any is wrong.
 Status check_header(const MessageHeader& h);

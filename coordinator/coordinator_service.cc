@@ -105,6 +105,12 @@ void CoordinatorService::handle(const wire::MessageHeader& request, std::span<co
     case wire::Opcode::kGetTabletMap:
       s = get_tablet_map(in, reply);
       break;
+    case wire::Opcode::kSetReplicationEpoch:
+      s = set_replication_epoch(in, reply);
+      break;
+    case wire::Opcode::kGetReplicationEpochs:
+      s = get_replication_epochs(in, reply);
+      break;
     default:
       break;  // a master's opcode: not served here
   }
@@ -233,6 +239,38 @@ Status CoordinatorService::get_tablet_map(wire::BodyReader& in, Reply& reply) {
                            .server_id = t.server_id});
   }
   for (uint64_t id : server_ids) put_server_entry(w, id, state_.find_server(id));
+  return Status::kOk;
+}
+
+Status CoordinatorService::set_replication_epoch(wire::BodyReader& in, Reply&) {
+  wire::ReplicationEpochEntry req;
+  if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
+  // An id never given out is a malformed request; one given out but replaced since, or a
+  // master declared crashed, is a zombie that must learn it.
+  if (!state_.issued(req.master_id)) return Status::kBadRequest;
+  const ServerInfo* server = state_.find_server(req.master_id);
+  if (server == nullptr) return Status::kFenced;
+  if ((server->services & wire::kServiceMaster) == 0) return Status::kBadRequest;
+  if (server->status != ServerStatus::kUp) return Status::kFenced;
+  const ReplicationEpoch e{.segment_id = req.segment_id, .epoch = req.epoch};
+  CoordinatorState next = state_;
+  if (!next.set_replication_epoch(req.master_id, e)) return Status::kOk;  // nothing new
+  // Persisted before the reply: once the master hears kOk, recovery will see this epoch.
+  if (Status s = commit(std::move(next)); s != Status::kOk) return s;
+  LOG_INFO("master {}: replication epoch of segment {} is now {}", server_id_string(req.master_id),
+           req.segment_id, req.epoch);
+  return Status::kOk;
+}
+
+Status CoordinatorService::get_replication_epochs(wire::BodyReader& in, Reply& reply) {
+  if (!in.at_end()) return Status::kBadRequest;
+  const auto& epochs = state_.replication_epochs();
+  auto w = reply.writer();
+  w.put(wire::ReplicationEpochsHeader{.count = static_cast<uint32_t>(epochs.size())});
+  for (const auto& [master_id, e] : epochs) {  // std::map: increasing master id
+    w.put(wire::ReplicationEpochEntry{
+        .master_id = master_id, .segment_id = e.segment_id, .epoch = e.epoch});
+  }
   return Status::kOk;
 }
 

@@ -1,6 +1,7 @@
 // CoordinatorService: the coordinator's RPC server (docs/rpc.md, Coordinator). Owns the
-// cluster state (CoordinatorState), its ExternalStore, the ServerTransport it serves on
-// and the MasterNotifier that carries take/drop tablets orders to masters.
+// cluster state (CoordinatorState: servers, tables, tablets, replication epochs), its
+// ExternalStore, the ServerTransport it serves on and the MasterNotifier that carries
+// take/drop tablets orders to masters.
 //
 // Every change follows one path: copy the state, change the copy, persist the copy, make
 // it current, reply, then tell the masters concerned. A change that cannot be persisted
@@ -14,6 +15,8 @@
 //   2. On start, every master that owns tablets is sent take tablets again (idempotent),
 //      so masters that missed an order catch up.
 //   3. A malformed body is answered kBadRequest and changes nothing.
+//   4. A replication epoch is accepted only from a master that is up; one that was
+//      replaced or declared crashed gets kFenced (a zombie: it must stop serving).
 #pragma once
 
 #include <cstdint>
@@ -70,6 +73,8 @@ class CoordinatorService {
   Status drop_table(wire::BodyReader& in, Reply& reply);
   Status get_table_id(wire::BodyReader& in, Reply& reply);
   Status get_tablet_map(wire::BodyReader& in, Reply& reply);
+  Status set_replication_epoch(wire::BodyReader& in, Reply& reply);
+  Status get_replication_epochs(wire::BodyReader& in, Reply& reply);
 
   // Persists `next` and makes it current; kIoError (state unchanged) if it cannot.
   Status commit(CoordinatorState next);

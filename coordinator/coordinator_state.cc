@@ -10,7 +10,10 @@ namespace ramkv::coordinator {
 
 namespace {
 
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;
+// Version 1 lacks the replication epoch section; it is still read.
+constexpr uint32_t kFormatVersionNoEpochs = 1;
+constexpr size_t kEpochEntryBytes = 3 * 8;
 constexpr size_t kMaxVarintBytes = 10;
 
 bool tablet_less(const Tablet& a, const Tablet& b) {
@@ -83,6 +86,13 @@ const ServerInfo* CoordinatorState::find_server(uint64_t id) const {
   return s.id == id ? &s : nullptr;
 }
 
+bool CoordinatorState::issued(uint64_t id) const {
+  uint32_t index = server_index(id);
+  if (index == 0 || index > servers_.size()) return false;
+  uint32_t generation = server_generation(id);
+  return generation >= 1 && generation <= server_generation(servers_[index - 1].id);
+}
+
 std::vector<uint64_t> CoordinatorState::up_masters() const {
   std::vector<uint64_t> ids;
   for (const auto& s : servers_) {
@@ -151,19 +161,38 @@ std::vector<Tablet> CoordinatorState::tablets_of(uint64_t server_id) const {
   return out;
 }
 
+// ---- Replication epochs ------------------------------------------------------------------
+
+bool CoordinatorState::set_replication_epoch(uint64_t master_id, ReplicationEpoch e) {
+  RAMKV_CHECK(issued(master_id));
+  auto [it, inserted] = replication_epochs_.try_emplace(master_id, e);
+  if (inserted) return true;
+  if (e <= it->second) return false;
+  it->second = e;
+  return true;
+}
+
+std::optional<ReplicationEpoch> CoordinatorState::replication_epoch(uint64_t master_id) const {
+  auto it = replication_epochs_.find(master_id);
+  if (it == replication_epochs_.end()) return std::nullopt;
+  return it->second;
+}
+
 bool CoordinatorState::operator==(const CoordinatorState& o) const {
   return server_list_version_ == o.server_list_version_ &&
          tablet_map_version_ == o.tablet_map_version_ && next_table_id_ == o.next_table_id_ &&
-         servers_ == o.servers_ && tables_ == o.tables_ && tablets_ == o.tablets_;
+         servers_ == o.servers_ && tables_ == o.tables_ && tablets_ == o.tablets_ &&
+         replication_epochs_ == o.replication_epochs_;
 }
 
 // ---- Persistence ---------------------------------------------------------------------------
 
 std::vector<std::byte> CoordinatorState::serialize() const {
-  size_t bound = 4 + 3 * 8 + 3 * kMaxVarintBytes;
+  size_t bound = 4 + 3 * 8 + 4 * kMaxVarintBytes;
   for (const auto& s : servers_) bound += 8 + 4 + 1 + kMaxVarintBytes + s.locator.size();
   for (const auto& [name, id] : tables_) bound += 8 + kMaxVarintBytes + name.size();
   bound += tablets_.size() * 32;
+  bound += replication_epochs_.size() * kEpochEntryBytes;
   std::vector<std::byte> out(bound);
   ByteWriter w(out);
   w.put(kFormatVersion);
@@ -191,6 +220,12 @@ std::vector<std::byte> CoordinatorState::serialize() const {
     w.put(t.end_hash);
     w.put(t.server_id);
   }
+  w.put_varint(replication_epochs_.size());
+  for (const auto& [master_id, e] : replication_epochs_) {
+    w.put(master_id);
+    w.put(e.segment_id);
+    w.put(e.epoch);
+  }
   RAMKV_CHECK(w.ok());
   out.resize(w.size());
   return out;
@@ -199,7 +234,8 @@ std::vector<std::byte> CoordinatorState::serialize() const {
 Result<CoordinatorState> CoordinatorState::deserialize(std::span<const std::byte> bytes) {
   ByteReader r(bytes);
   CoordinatorState st;
-  if (r.get<uint32_t>() != kFormatVersion) return Status::kFormatError;
+  uint32_t version = r.get<uint32_t>();
+  if (version != kFormatVersion && version != kFormatVersionNoEpochs) return Status::kFormatError;
   st.server_list_version_ = r.get<uint64_t>();
   st.tablet_map_version_ = r.get<uint64_t>();
   st.next_table_id_ = r.get<uint64_t>();
@@ -239,6 +275,21 @@ Result<CoordinatorState> CoordinatorState::deserialize(std::span<const std::byte
     t.server_id = r.get<uint64_t>();
     st.tablets_.push_back(t);
   }
+  if (version >= kFormatVersion) {
+    uint64_t epoch_count = r.get_varint();
+    if (epoch_count > r.remaining() / kEpochEntryBytes) return Status::kFormatError;
+    for (uint64_t i = 0; i < epoch_count && r.ok(); ++i) {
+      uint64_t master_id = r.get<uint64_t>();
+      ReplicationEpoch e;
+      e.segment_id = r.get<uint64_t>();
+      e.epoch = r.get<uint64_t>();
+      // Strictly increasing ids: no duplicates, and serialize() gives back the same bytes.
+      if (!st.replication_epochs_.empty() && master_id <= st.replication_epochs_.rbegin()->first) {
+        return Status::kFormatError;
+      }
+      st.replication_epochs_.emplace_hint(st.replication_epochs_.end(), master_id, e);
+    }
+  }
   if (!r.ok() || r.remaining() != 0) return Status::kFormatError;
   if (Status s = st.validate(); s != Status::kOk) return s;
   return st;
@@ -266,6 +317,9 @@ Status CoordinatorState::validate() const {
       return Status::kFormatError;
     }
     if (last && t.end_hash != UINT64_MAX) return Status::kFormatError;
+  }
+  for (const auto& [master_id, e] : replication_epochs_) {
+    if (!issued(master_id)) return Status::kFormatError;
   }
   return Status::kOk;
 }

@@ -1,15 +1,20 @@
 // CoordinatorState: everything the coordinator must not forget: the server list, the
-// tables and the tablet map (DESIGN.md, Coordinator; docs/rpc.md). A plain value: the
+// tables, the tablet map and each master's replication epoch (DESIGN.md, Coordinator;
+// docs/rpc.md, Coordinator and "Replication epochs"). A plain value: the
 // service copies it, changes the copy, persists the copy through the ExternalStore and
 // only then makes it current, so a failed write changes nothing.
 //
 // Serialized form (all integers little-endian; "v" is a LEB128 varint):
 //
-//   u32 format version (1) | u64 server list version | u64 tablet map version |
+//   u32 format version (2) | u64 server list version | u64 tablet map version |
 //   u64 next table id |
 //   v server count,  each: u64 id | u32 services | u8 status | v locator bytes | locator
 //   v table count,   each: u64 id | v name bytes | name
 //   v tablet count,  each: u64 table id | u64 start hash | u64 end hash | u64 server id
+//   v epoch count,   each: u64 master id | u64 segment id | u64 epoch     (version 2 only)
+//
+// Version 1 is the same without the epoch section; it still loads (no epochs recorded)
+// and is rewritten as version 2 by the next serialize().
 //
 // Owner: the CoordinatorService. Threads: a plain value, not thread-safe.
 // Invariants:
@@ -18,7 +23,10 @@
 //   2. Table ids start at 1 and are never reused (next_table_id only grows).
 //   3. Every tablet names an existing table; the tablets of a table cover the whole
 //      64-bit hash space exactly once.
-//   4. deserialize() accepts only bytes that satisfy 1-3; anything else is kFormatError.
+//   4. Replication epochs are keyed by a master id that was issued (its index is listed and
+//      its generation is at most that index's newest); serialized in increasing master id.
+//      A replaced master keeps its entry: that master's recovery is what needs it.
+//   5. deserialize() accepts only bytes that satisfy 1-4; anything else is kFormatError.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +59,14 @@ struct Tablet {
   bool operator==(const Tablet&) const = default;
 };
 
+// The newest (segment, epoch) a master reported with set replication epoch: an open replica
+// of segment_id whose epoch is below `epoch` is stale. Ordered lexicographically.
+struct ReplicationEpoch {
+  uint64_t segment_id = 0;
+  uint64_t epoch = 0;
+  auto operator<=>(const ReplicationEpoch&) const = default;
+};
+
 constexpr uint64_t make_server_id(uint32_t index, uint32_t generation) {
   return uint64_t{index} | uint64_t{generation} << 32;
 }
@@ -73,6 +89,9 @@ class CoordinatorState {
   EnlistResult enlist(uint32_t services, std::string_view locator, uint64_t replaces_id);
   // The server with exactly this id, or nullptr (unknown or replaced).
   const ServerInfo* find_server(uint64_t id) const;
+  // True if `id` was ever given out: the server with that id, or one it was replaced by,
+  // is listed.
+  bool issued(uint64_t id) const;
   const std::vector<ServerInfo>& servers() const { return servers_; }
   // Ids of the masters that are up, in index order.
   std::vector<uint64_t> up_masters() const;
@@ -94,6 +113,18 @@ class CoordinatorState {
   uint64_t tablet_map_version() const { return tablet_map_version_; }
   size_t table_count() const { return tables_.size(); }
 
+  // ---- Replication epochs ----
+  // Records `e` for `master_id` if it is greater than the one recorded (or none is);
+  // returns whether anything changed. Lower or equal: a resent or reordered call, ignored.
+  // `master_id` must have been issued.
+  bool set_replication_epoch(uint64_t master_id, ReplicationEpoch e);
+  // The recorded epoch of one master, if any.
+  std::optional<ReplicationEpoch> replication_epoch(uint64_t master_id) const;
+  // Every recorded epoch, by master id.
+  const std::map<uint64_t, ReplicationEpoch>& replication_epochs() const {
+    return replication_epochs_;
+  }
+
   // ---- Persistence ----
   std::vector<std::byte> serialize() const;
   static Result<CoordinatorState> deserialize(std::span<const std::byte> bytes);
@@ -107,8 +138,9 @@ class CoordinatorState {
   uint64_t tablet_map_version_ = 0;
   uint64_t next_table_id_ = 1;
   std::vector<ServerInfo> servers_;
-  std::map<std::string, uint64_t, std::less<>> tables_;  // name -> id
-  std::vector<Tablet> tablets_;                          // sorted by (table_id, start_hash)
+  std::map<std::string, uint64_t, std::less<>> tables_;      // name -> id
+  std::vector<Tablet> tablets_;                              // sorted by (table_id, start_hash)
+  std::map<uint64_t, ReplicationEpoch> replication_epochs_;  // master id -> newest
 };
 
 // Splits the hash space into `count` (>= 1) equal inclusive ranges [start, end].

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <mutex>
@@ -153,9 +154,36 @@ struct Client {
     return map;
   }
 
+  Status set_epoch(uint64_t master_id, uint64_t segment_id, uint64_t epoch) {
+    std::vector<std::byte> body;
+    wire::BodyWriter(&body).put(wire::ReplicationEpochEntry{
+        .master_id = master_id, .segment_id = segment_id, .epoch = epoch});
+    auto r = call(wire::Opcode::kSetReplicationEpoch, body);
+    CHECK(r.body.empty());
+    return r.status;
+  }
+  Result<std::vector<wire::ReplicationEpochEntry>> epochs() {
+    auto r = call(wire::Opcode::kGetReplicationEpochs, {});
+    if (r.status != Status::kOk) return r.status;
+    wire::BodyReader in(r.body);
+    wire::ReplicationEpochsHeader h;
+    REQUIRE(in.get(&h));
+    std::vector<wire::ReplicationEpochEntry> entries(h.count);
+    for (auto& e : entries) REQUIRE(in.get(&e));
+    REQUIRE(in.at_end());
+    return entries;
+  }
+
   std::string locator;
   std::unique_ptr<ClientTransport> transport = make_tcp_client_transport({});
 };
+
+// (master, segment, epoch) triples, for comparing with CHECK.
+std::vector<std::array<uint64_t, 3>> triples(const std::vector<wire::ReplicationEpochEntry>& es) {
+  std::vector<std::array<uint64_t, 3>> out;
+  for (const auto& e : es) out.push_back({e.master_id, e.segment_id, e.epoch});
+  return out;
+}
 
 std::vector<std::byte> raw(std::string_view s) {
   auto b = as_bytes(s);
@@ -279,7 +307,7 @@ TEST_CASE("coordinator: malformed bodies get bad request and the server keeps an
   using wire::Opcode;
   // Short fixed parts.
   for (Opcode op : {Opcode::kEnlistServer, Opcode::kCreateTable, Opcode::kDropTable,
-                    Opcode::kGetTableId, Opcode::kGetTabletMap}) {
+                    Opcode::kGetTableId, Opcode::kGetTabletMap, Opcode::kSetReplicationEpoch}) {
     CHECK(client.call(op, raw("ab")).status == Status::kBadRequest);
   }
   // Lying lengths, trailing bytes, empty and oversized names, bad locators.
@@ -359,6 +387,94 @@ TEST_CASE("coordinator: a master that is down does not block table creation",
   REQUIRE(client.enlist(dead_locator, wire::kServiceMaster).ok());
   CHECK(client.create_table("t").ok());  // the failed send is logged only
   CHECK(client.call(wire::Opcode::kEcho, raw("still here")).status == Status::kOk);
+}
+
+TEST_CASE("coordinator: replication epochs are recorded per master and only move forward",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  // Locators nobody listens on: the server list updates fail quietly.
+  uint64_t m1 = *client.enlist("127.0.0.1:3001", wire::kServiceMaster | wire::kServiceBackup);
+  uint64_t m2 = *client.enlist("127.0.0.1:3002", wire::kServiceMaster);
+  REQUIRE(client.epochs().ok());
+  CHECK(client.epochs()->empty());
+  CHECK(client.set_epoch(m2, 4, 1) == Status::kOk);
+  CHECK(client.set_epoch(m1, 7, 2) == Status::kOk);
+  CHECK(client.set_epoch(m1, 7, 3) == Status::kOk);
+  CHECK(client.set_epoch(m1, 7, 3) == Status::kOk);  // resent: accepted, nothing changes
+  CHECK(client.set_epoch(m1, 6, 9) == Status::kOk);  // older segment: accepted, ignored
+  CHECK(client.set_epoch(m2, 5, 0) == Status::kOk);  // newer segment replaces
+  using T = std::vector<std::array<uint64_t, 3>>;
+  CHECK(triples(*client.epochs()) == T{{m1, 7, 3}, {m2, 5, 0}});  // by master id
+  CHECK(c.service->state().replication_epoch(m1) == ReplicationEpoch{.segment_id = 7, .epoch = 3});
+}
+
+TEST_CASE("coordinator: replication epochs survive a coordinator restart",
+          "[coordinator][service]") {
+  TempDir dir;
+  uint64_t m = 0;
+  {
+    RunningCoordinator c(dir.path);
+    Client client(c.service->locator());
+    m = *client.enlist("127.0.0.1:3001", wire::kServiceMaster);
+    REQUIRE(client.set_epoch(m, 12, 5) == Status::kOk);
+  }
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  using T = std::vector<std::array<uint64_t, 3>>;
+  CHECK(triples(*client.epochs()) == T{{m, 12, 5}});
+  CHECK(client.set_epoch(m, 12, 4) == Status::kOk);
+  CHECK(triples(*client.epochs()) == T{{m, 12, 5}});
+}
+
+TEST_CASE("coordinator: a replaced master setting a replication epoch is fenced",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  uint64_t old_id = *client.enlist("127.0.0.1:3001", wire::kServiceMaster);
+  REQUIRE(client.set_epoch(old_id, 3, 1) == Status::kOk);
+  uint64_t new_id = *client.enlist("127.0.0.1:3001", wire::kServiceMaster);  // restarted
+  REQUIRE(new_id != old_id);
+  // The zombie learns it is one, and its call changes nothing.
+  CHECK(client.set_epoch(old_id, 3, 2) == Status::kFenced);
+  CHECK(client.set_epoch(old_id, 4, 0) == Status::kFenced);
+  CHECK(client.set_epoch(new_id, 1, 1) == Status::kOk);
+  using T = std::vector<std::array<uint64_t, 3>>;
+  // The replaced master's epoch stays: its recovery needs it.
+  CHECK(triples(*client.epochs()) == T{{old_id, 3, 1}, {new_id, 1, 1}});
+}
+
+TEST_CASE("coordinator: set replication epoch rejects malformed bodies and non-masters",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  uint64_t master = *client.enlist("127.0.0.1:3001", wire::kServiceMaster);
+  uint64_t backup = *client.enlist("127.0.0.1:3002", wire::kServiceBackup);
+  using wire::Opcode;
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(
+      wire::ReplicationEpochEntry{.master_id = master, .segment_id = 1, .epoch = 1});
+  auto shorter = body;
+  shorter.pop_back();
+  auto longer = body;
+  longer.push_back(std::byte{0});
+  CHECK(client.call(Opcode::kSetReplicationEpoch, {}).status == Status::kBadRequest);
+  CHECK(client.call(Opcode::kSetReplicationEpoch, shorter).status == Status::kBadRequest);
+  CHECK(client.call(Opcode::kSetReplicationEpoch, longer).status == Status::kBadRequest);
+  CHECK(client.call(Opcode::kGetReplicationEpochs, raw("x")).status == Status::kBadRequest);
+  // Ids never given out, and a server that is not a master.
+  CHECK(client.set_epoch(0, 1, 1) == Status::kBadRequest);
+  CHECK(client.set_epoch(make_server_id(9, 1), 1, 1) == Status::kBadRequest);
+  CHECK(client.set_epoch(make_server_id(1, 2), 1, 1) == Status::kBadRequest);
+  CHECK(client.set_epoch(backup, 1, 1) == Status::kBadRequest);
+  CHECK(client.epochs()->empty());
+  CHECK(c.service->state().replication_epochs().empty());
+  // The well-formed body is accepted.
+  CHECK(client.call(Opcode::kSetReplicationEpoch, body).status == Status::kOk);
+  CHECK(client.epochs()->size() == 1);
 }
 
 namespace ramkv::coordinator {

@@ -1,7 +1,10 @@
 #include "coordinator/coordinator_state.h"
 
+#include <array>
 #include <catch2/catch.hpp>
+#include <string>
 
+#include "common/buffer.h"
 #include "common/wire_format.h"
 
 using namespace ramkv;
@@ -16,7 +19,38 @@ CoordinatorState sample_state() {
   st.enlist(wire::kServiceBackup, "127.0.0.1:2003", 0);
   st.create_table("users", 0, {m1.server_id, m2.server_id});
   st.create_table("orders", 5, {m1.server_id, m2.server_id});
+  st.set_replication_epoch(m1.server_id, {.segment_id = 7, .epoch = 2});
+  st.set_replication_epoch(m2.server_id, {.segment_id = 3, .epoch = 1});
   return st;
+}
+
+// A state in format version 1 (no replication epochs), written field by field as that
+// version laid it out: one master at "h:1", table "t" (id 1) in one tablet it owns.
+std::vector<std::byte> version_1_bytes() {
+  std::vector<std::byte> out(256);
+  ByteWriter w(out);
+  w.put(uint32_t{1});  // format version
+  w.put(uint64_t{1});  // server list version
+  w.put(uint64_t{1});  // tablet map version
+  w.put(uint64_t{2});  // next table id
+  w.put_varint(1);     // servers
+  w.put(make_server_id(1, 1));
+  w.put(wire::kServiceMaster);
+  w.put(uint8_t{0});  // up
+  w.put_varint(3);
+  w.put_bytes(std::string_view("h:1"));
+  w.put_varint(1);  // tables
+  w.put(uint64_t{1});
+  w.put_varint(1);
+  w.put_bytes(std::string_view("t"));
+  w.put_varint(1);  // tablets
+  w.put(uint64_t{1});
+  w.put(uint64_t{0});
+  w.put(UINT64_MAX);
+  w.put(make_server_id(1, 1));
+  REQUIRE(w.ok());
+  out.resize(w.size());
+  return out;
 }
 
 // Every hash in [0, 2^64) is covered by exactly one tablet of `tablets`.
@@ -118,4 +152,137 @@ TEST_CASE("coordinator state: flipped bytes never crash the decoder", "[coordina
     auto r = CoordinatorState::deserialize(copy);  // may decode or fail, never crash
     if (r.ok()) CHECK(r->serialize().size() == copy.size());
   }
+}
+
+TEST_CASE("coordinator state: a replication epoch only moves forward", "[coordinator][state]") {
+  CoordinatorState st;
+  uint64_t m = st.enlist(wire::kServiceMaster, "h:1", 0).server_id;
+  CHECK(!st.replication_epoch(m));
+  CHECK(st.set_replication_epoch(m, {.segment_id = 5, .epoch = 1}));
+  CHECK(st.set_replication_epoch(m, {.segment_id = 5, .epoch = 2}));   // same segment, higher
+  CHECK(!st.set_replication_epoch(m, {.segment_id = 5, .epoch = 2}));  // equal: a resend
+  CHECK(!st.set_replication_epoch(m, {.segment_id = 5, .epoch = 1}));  // lower epoch
+  CHECK(!st.set_replication_epoch(m, {.segment_id = 4, .epoch = 9}));  // older segment
+  CHECK(*st.replication_epoch(m) == ReplicationEpoch{.segment_id = 5, .epoch = 2});
+  CHECK(st.set_replication_epoch(m, {.segment_id = 6, .epoch = 0}));  // newer segment
+  CHECK(*st.replication_epoch(m) == ReplicationEpoch{.segment_id = 6, .epoch = 0});
+  CHECK(st.replication_epochs().size() == 1);
+}
+
+TEST_CASE("coordinator state: a replaced master keeps its replication epoch",
+          "[coordinator][state]") {
+  CoordinatorState st;
+  uint64_t old_id = st.enlist(wire::kServiceMaster, "h:1", 0).server_id;
+  REQUIRE(st.set_replication_epoch(old_id, {.segment_id = 9, .epoch = 4}));
+  uint64_t new_id = st.enlist(wire::kServiceMaster, "h:1", 0).server_id;
+  CHECK(st.issued(old_id));
+  CHECK(st.issued(new_id));
+  CHECK(!st.issued(make_server_id(1, 3)));
+  CHECK(!st.issued(make_server_id(2, 1)));
+  CHECK(!st.issued(0));
+  CHECK(*st.replication_epoch(old_id) == ReplicationEpoch{.segment_id = 9, .epoch = 4});
+  CHECK(!st.replication_epoch(new_id));
+  auto back = CoordinatorState::deserialize(st.serialize());
+  REQUIRE(back.ok());
+  CHECK(*back == st);
+}
+
+TEST_CASE("coordinator state: replication epochs survive serialization, by master id",
+          "[coordinator][state]") {
+  CoordinatorState st;
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 4; ++i) {
+    ids.push_back(st.enlist(wire::kServiceMaster, "h:" + std::to_string(i + 1), 0).server_id);
+  }
+  // Recorded out of order; kept (and written) in master id order.
+  for (size_t i : {size_t{3}, size_t{0}, size_t{2}}) {
+    REQUIRE(st.set_replication_epoch(ids[i], {.segment_id = 100u + i, .epoch = 10u + i}));
+  }
+  auto back = CoordinatorState::deserialize(st.serialize());
+  REQUIRE(back.ok());
+  CHECK(*back == st);
+  std::vector<uint64_t> order;
+  for (const auto& [id, e] : back->replication_epochs()) order.push_back(id);
+  CHECK(order == std::vector<uint64_t>{ids[0], ids[2], ids[3]});
+  CHECK(*back->replication_epoch(ids[2]) == ReplicationEpoch{.segment_id = 102, .epoch = 12});
+  // Changing only an epoch changes the state and its bytes.
+  CoordinatorState changed = *back;
+  REQUIRE(changed.set_replication_epoch(ids[0], {.segment_id = 100, .epoch = 11}));
+  CHECK(!(changed == st));
+  CHECK(changed.serialize() != st.serialize());
+}
+
+TEST_CASE("coordinator state: format version 1 still loads, with no epochs",
+          "[coordinator][state]") {
+  auto v1 = version_1_bytes();
+  auto st = CoordinatorState::deserialize(v1);
+  REQUIRE(st.ok());
+  REQUIRE(st->servers().size() == 1);
+  CHECK(st->servers()[0].locator == "h:1");
+  CHECK(*st->table_id("t") == 1);
+  CHECK(st->tablets(1).size() == 1);
+  CHECK(st->replication_epochs().empty());
+  // Rewritten as version 2, which loads back equal.
+  auto v2 = st->serialize();
+  CHECK(ByteReader(v2).get<uint32_t>() == 2);
+  auto again = CoordinatorState::deserialize(v2);
+  REQUIRE(again.ok());
+  CHECK(*again == *st);
+  // A version-1 file followed by an epoch section is not version 1.
+  auto longer = v1;
+  longer.push_back(std::byte{0});
+  CHECK(CoordinatorState::deserialize(longer).status() == Status::kFormatError);
+  // Truncated version-1 files are rejected too.
+  for (size_t n = 0; n < v1.size(); ++n) {
+    CHECK(CoordinatorState::deserialize(std::span<const std::byte>(v1).first(n)).status() ==
+          Status::kFormatError);
+  }
+}
+
+TEST_CASE("coordinator state: bad epoch sections and unknown versions are format errors",
+          "[coordinator][state]") {
+  CoordinatorState st;
+  uint64_t m1 = st.enlist(wire::kServiceMaster, "h:1", 0).server_id;
+  uint64_t m2 = st.enlist(wire::kServiceMaster, "h:2", 0).server_id;
+  auto base = st.serialize();  // ends with the epoch count, 0
+  REQUIRE(base.back() == std::byte{0});
+  base.pop_back();
+  auto with_epochs = [&](std::vector<std::array<uint64_t, 3>> entries) {
+    std::vector<std::byte> out = base;
+    out.resize(base.size() + 10 + entries.size() * 24);
+    ByteWriter w(std::span<std::byte>(out).subspan(base.size()));
+    w.put_varint(entries.size());
+    for (const auto& e : entries) {
+      for (uint64_t v : e) w.put(v);
+    }
+    REQUIRE(w.ok());
+    out.resize(base.size() + w.size());
+    return out;
+  };
+  CHECK(CoordinatorState::deserialize(with_epochs({{m1, 1, 1}, {m2, 1, 1}})).ok());
+  // Duplicate or decreasing master ids.
+  CHECK(CoordinatorState::deserialize(with_epochs({{m1, 1, 1}, {m1, 2, 2}})).status() ==
+        Status::kFormatError);
+  CHECK(CoordinatorState::deserialize(with_epochs({{m2, 1, 1}, {m1, 1, 1}})).status() ==
+        Status::kFormatError);
+  // Master ids never issued: index 0, an index not listed, a generation not reached.
+  for (uint64_t bad : {uint64_t{0}, make_server_id(0, 1), make_server_id(3, 1),
+                       make_server_id(1, 2), make_server_id(1, 0)}) {
+    CHECK(CoordinatorState::deserialize(with_epochs({{bad, 1, 1}})).status() ==
+          Status::kFormatError);
+  }
+  // A count larger than the bytes that follow.
+  auto lying = with_epochs({{m1, 1, 1}});
+  lying[base.size()] = std::byte{2};
+  CHECK(CoordinatorState::deserialize(lying).status() == Status::kFormatError);
+  // Versions other than 1 and 2, and bytes that are no state at all.
+  for (uint32_t version : {0u, 3u, 0xffffffffu}) {
+    auto copy = st.serialize();
+    ByteWriter(copy).put(version);
+    CHECK(CoordinatorState::deserialize(copy).status() == Status::kFormatError);
+  }
+  std::string garbage = "not a coordinator state at all";
+  auto g = std::as_bytes(std::span(garbage));
+  CHECK(CoordinatorState::deserialize(g).status() == Status::kFormatError);
+  CHECK(CoordinatorState::deserialize({}).status() == Status::kFormatError);
 }
