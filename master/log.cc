@@ -22,7 +22,11 @@ Result<std::unique_ptr<Log>> Log::create(const MasterConfig& config, const Clock
 
 Log::Log(const MasterConfig& config, const Clock& clock, HeadMetadataSource* metadata,
          std::unique_ptr<SegletPool> pool)
-    : config_(config), clock_(clock), metadata_(metadata), pool_(std::move(pool)) {
+    : config_(config),
+      clock_(clock),
+      metadata_(metadata),
+      pool_(std::move(pool)),
+      master_id_(config.master_id) {
   low_free_seglets_ = config_.cleaner_low_free_bytes / config_.seglet_bytes;
 }
 
@@ -47,8 +51,7 @@ Status Log::open_head_locked(bool allow_reserve) {
 
   std::vector<std::byte> header, digest, safe, stats;
   encode_segment_header(
-      {.master_id = config_.master_id, .segment_id = id, .segment_bytes = config_.segment_bytes},
-      &header);
+      {.master_id = master_id_, .segment_id = id, .segment_bytes = config_.segment_bytes}, &header);
   encode_log_digest(ids, &digest);
   encode_safe_version(metadata_ != nullptr ? metadata_->safe_version() : 1, &safe);
   encode_table_stats(metadata_ != nullptr ? metadata_->table_stats() : std::vector<TableStat>{},
@@ -73,6 +76,7 @@ Status Log::open_head_locked(bool allow_reserve) {
   }
   head_ = seg.get();
   segments_.emplace(id, std::move(seg));
+  changes_.fetch_add(1, std::memory_order_release);
   return Status::kOk;
 }
 
@@ -113,6 +117,7 @@ Result<Log::Appended> Log::append(EntryType type,
     // object's).
     if (live) seg->add_live_bytes(bytes);
     ref = seg->arena_offset(*offset);
+    changes_.fetch_add(1, std::memory_order_release);
   }
   appended_bytes_.fetch_add(bytes, std::memory_order_relaxed);
   if (wake_cleaner_ && free_for_data() < low_free_seglets_) wake_cleaner_();
@@ -199,7 +204,9 @@ std::vector<Segment*> Log::cleanable_segments() const {
   std::vector<Segment*> out;
   out.reserve(segments_.size());
   for (const auto& [id, seg] : segments_) {
-    if (seg.get() != head_) out.push_back(seg.get());
+    if (seg.get() == head_) continue;
+    if (replication_required_ && !replicated_.contains(id)) continue;  // not on backups yet
+    out.push_back(seg.get());
   }
   return out;
 }
@@ -237,6 +244,7 @@ void Log::finish_compaction(Segment* victim, std::unique_ptr<Segment> compacted)
     RAMKV_CHECK(it != segments_.end() && it->second.get() == victim);
     old = std::move(it->second);
     it->second = std::move(compacted);
+    changes_.fetch_add(1, std::memory_order_release);
   }
   old.reset();  // frees the victim's seglets
   notify_memory_freed();
@@ -258,6 +266,7 @@ void Log::commit_cleaning(std::vector<std::unique_ptr<Segment>> survivors,
       RAMKV_CHECK(it != segments_.end() && it->second.get() == v && v != head_);
       dead.push_back(std::move(it->second));
       segments_.erase(it);
+      replicated_.erase(v->id());
     }
     // The new digest drops the victims and names the survivors. It may draw on the
     // reserve; if even that is spent, free the victims first (memory only: nothing
@@ -275,6 +284,64 @@ void Log::commit_cleaning(std::vector<std::unique_ptr<Segment>> survivors,
   }
   dead.clear();
   notify_memory_freed();
+}
+
+Status Log::set_master_id(uint64_t master_id) {
+  std::lock_guard lock(append_mutex_);
+  if (segments_.size() != 1 || head_ == nullptr || head_->live_bytes() != 0 ||
+      appended_bytes_.load() != 0) {
+    return Status::kInvalidArgument;
+  }
+  master_id_ = master_id;
+  head_ = nullptr;
+  segments_.clear();
+  next_segment_id_ = 1;
+  return open_head_locked(false);
+}
+
+uint64_t Log::master_id() const {
+  std::lock_guard lock(append_mutex_);
+  return master_id_;
+}
+
+void Log::set_replication_required(bool required) {
+  std::lock_guard lock(append_mutex_);
+  replication_required_ = required;
+}
+
+std::vector<Log::SegmentView> Log::replication_view(uint64_t* head_id) const {
+  std::lock_guard lock(append_mutex_);
+  std::vector<SegmentView> out;
+  out.reserve(segments_.size());
+  for (const auto& [id, seg] : segments_) {
+    out.push_back({.id = id, .length = seg->length(), .closed = seg->closed()});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const SegmentView& a, const SegmentView& b) { return a.id < b.id; });
+  *head_id = head_->id();
+  return out;
+}
+
+bool Log::copy_for_replication(uint64_t segment_id, uint32_t from, std::vector<std::byte>* out,
+                               uint32_t* length, Certificate* certificate, bool* closed) const {
+  std::lock_guard lock(append_mutex_);
+  auto it = segments_.find(segment_id);
+  if (it == segments_.end()) return false;
+  const Segment& seg = *it->second;
+  *length = seg.length();
+  *certificate = seg.certificate();
+  *closed = seg.closed();
+  if (from < seg.length()) {
+    size_t at = out->size();
+    out->resize(at + (seg.length() - from));
+    seg.read(from, std::span<std::byte>(out->data() + at, seg.length() - from));
+  }
+  return true;
+}
+
+void Log::mark_replicated(uint64_t segment_id) {
+  std::lock_guard lock(append_mutex_);
+  if (segments_.contains(segment_id)) replicated_.insert(segment_id);
 }
 
 void Log::notify_memory_freed() {

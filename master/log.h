@@ -101,6 +101,31 @@ class Log {
   std::optional<SegmentCopy> copy_segment(uint64_t segment_id) const;
   LogStats stats() const;
   SegletPool& pool() { return *pool_; }
+
+  // ---- Replication (master/replica_manager.h) -----------------------------------------
+  // The master's id, written into every segment header. A server learns it only after
+  // enlisting, when its memory is already allocated: set_master_id replaces the first
+  // head, which must hold nothing but its metadata yet (kInvalidArgument otherwise).
+  Status set_master_id(uint64_t master_id);
+  uint64_t master_id() const;
+  // With replication required, a segment may be cleaned only once the replica manager
+  // has said it is on its backups (mark_replicated); in-memory compaction then leaves
+  // the backups' copies alone, as RAMCloud does. Set before the cleaner starts.
+  void set_replication_required(bool required);
+  // Bumped by every change to the log's segments or bytes; any thread.
+  uint64_t change_count() const { return changes_.load(std::memory_order_acquire); }
+  struct SegmentView {
+    uint64_t id = 0;
+    uint32_t length = 0;
+    bool closed = false;
+  };
+  // The segments in the log, in id order, and the head's id. Any thread.
+  std::vector<SegmentView> replication_view(uint64_t* head_id) const;
+  // Appends [from, length()) of a segment to *out and says the length and certificate
+  // that go with it; false if the segment is not in the log. Any thread.
+  bool copy_for_replication(uint64_t segment_id, uint32_t from, std::vector<std::byte>* out,
+                            uint32_t* length, Certificate* certificate, bool* closed) const;
+  void mark_replicated(uint64_t segment_id);
   const MasterConfig& config() const { return config_; }
 
   // Blocks until memory may be free for an entry of `type` (new data, or a tombstone),
@@ -161,6 +186,10 @@ class Log {
   uint64_t next_segment_id_ = 1;
   uint64_t head_rollovers_ = 0;
   uint64_t low_free_seglets_ = 0;
+  uint64_t master_id_ = 0;
+  bool replication_required_ = false;
+  std::unordered_set<uint64_t> replicated_;  // segments the cleaner may take
+  std::atomic<uint64_t> changes_{0};
   std::function<void()> wake_cleaner_;
 
   std::atomic<uint64_t> appended_bytes_{0};

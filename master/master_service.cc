@@ -40,6 +40,14 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
   using wire::Opcode;
   ++rpc_count_;
   reply.clear();
+  const auto op = static_cast<Opcode>(header.opcode);
+  const bool mutates = op == Opcode::kWrite || op == Opcode::kRemove || op == Opcode::kIncrement ||
+                       op == Opcode::kMultiWrite || op == Opcode::kMultiRemove;
+  if (mutates && replicas_ != nullptr && replicas_->fenced()) {
+    // Declared crashed (replica_manager.h, rule 6): nothing more is acknowledged.
+    reply.set_status(Status::kFenced);
+    return;
+  }
   Status s = Status::kBadRequest;
   switch (static_cast<Opcode>(header.opcode)) {
     case Opcode::kEcho:
@@ -90,6 +98,8 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
     if (s == Status::kBadRequest) ++bad_request_count_;
     reply.clear();  // invariant 2
     reply.set_status(s);
+  } else if (mutates && replicas_ != nullptr) {
+    replicas_->hold(reply);  // answered once on R backups (invariant 4)
   }
 }
 
@@ -233,24 +243,20 @@ Status MasterService::drop_tablets(std::span<const std::byte> body) {
 // Checks the whole list, keeps its version and size. Older versions (updates can pass
 // each other on different connections) are ignored.
 Status MasterService::server_list_update(std::span<const std::byte> body) {
-  wire::BodyReader in(body);
-  wire::ServerListHeader header;
-  if (!in.get(&header) || header.count > in.remaining() / sizeof(wire::ServerEntry)) {
+  uint64_t version = 0;
+  if (wire::decode_server_list(body, &version, &servers_scratch_) != Status::kOk) {
     return Status::kBadRequest;
   }
-  for (uint32_t i = 0; i < header.count; ++i) {
-    wire::ServerEntry entry;
-    std::string_view locator;
-    if (!in.get(&entry) || !in.get_string(entry.locator_bytes, &locator)) {
-      return Status::kBadRequest;
-    }
-  }
-  if (!in.at_end()) return Status::kBadRequest;
-  if (header.version >= server_list_version_) {
-    server_list_version_ = header.version;
-    server_count_ = header.count;
-  }
+  update_server_list(version, servers_scratch_);
   return Status::kOk;
+}
+
+void MasterService::update_server_list(uint64_t version,
+                                       const std::vector<wire::ServerListItem>& servers) {
+  if (version < server_list_version_) return;  // an older list that arrives late
+  server_list_version_ = version;
+  server_count_ = static_cast<uint32_t>(servers.size());
+  if (replicas_ != nullptr) replicas_->update_servers(servers);
 }
 
 Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply) {
@@ -277,6 +283,17 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
   append_stat(&text, "server_list_version", server_list_version_);
   append_stat(&text, "server_list_servers", server_count_);
   append_stat(&text, "bad_request_count", bad_request_count_);
+  if (replicas_ != nullptr) {
+    const ReplicationStats& r = replicas_->stats();
+    append_stat(&text, "replication_write_rpcs", r.write_rpcs);
+    append_stat(&text, "replication_bytes_sent", r.bytes_sent);
+    append_stat(&text, "replication_replicas_lost", r.replicas_lost);
+    append_stat(&text, "replication_replies_held", replicas_->held_replies());
+    append_stat(&text, "replication_replies_released", r.replies_released);
+    append_stat(&text, "replication_segments_freed", r.segments_freed);
+    append_stat(&text, "replication_backups", r.backups);
+    append_stat(&text, "replication_fenced", replicas_->fenced() ? 1 : 0);
+  }
   reply.writer().put_bytes(text);
   return Status::kOk;
 }

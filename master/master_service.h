@@ -15,6 +15,9 @@
 //   3. Every reply body fits in wire::kMaxBodyBytes: enumerate stops a batch early and a
 //      multi read answers the items that no longer fit with kRetry (as RAMCloud does),
 //      so the client resends just those.
+//   4. With replication on (set_replication), a reply to a write, remove, increment or
+//      multi write/remove that succeeded is held by the ReplicaManager until what it wrote
+//      is on R backups; once the master is fenced, such requests get kFenced.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +32,7 @@
 #include "common/wire_format.h"
 #include "master/master_config.h"
 #include "master/object_manager.h"
+#include "master/replica_manager.h"
 #include "master/tablet_set.h"
 
 namespace ramkv::master {
@@ -51,6 +55,11 @@ class MasterService {
   void handle(const wire::MessageHeader& header, std::span<const std::byte> body, Reply& reply);
 
   ObjectManager& objects() { return *objects_; }
+  // Replies to writes wait for `replicas` (owned by the server; outlives this).
+  void set_replication(ReplicaManager* replicas) { replicas_ = replicas; }
+  // A server list from the coordinator (pushed, or fetched at start); older versions than
+  // the newest seen change nothing.
+  void update_server_list(uint64_t version, const std::vector<wire::ServerListItem>& servers);
   const TabletSet& tablets() const { return tablets_; }
 
  private:
@@ -107,6 +116,8 @@ class MasterService {
   uint64_t server_list_version_ = 0;
   uint32_t server_count_ = 0;
   uint64_t bad_request_count_ = 0;
+  std::vector<wire::ServerListItem> servers_scratch_;
+  ReplicaManager* replicas_ = nullptr;
 };
 
 }  // namespace ramkv::master

@@ -58,7 +58,8 @@ redis_rps50=$(col "$out/redis-c50.csv" 2)
 kill "$redis_pid"; wait "$redis_pid" 2>/dev/null || true; redis_pid=""
 
 echo "== ramkv: $masters masters on 127.0.0.1"
-bash scripts/cluster.sh start --masters "$masters" --dir "$out/cluster" --port 13400 >/dev/null
+# Master-only and unreplicated, like the Redis it is compared with (no persistence).
+bash scripts/cluster.sh start --masters "$masters" --replicas 0 --dir "$out/cluster" --port 13400 >/dev/null
 coord=127.0.0.1:13400
 build/bin/ramkv-bench latency --coordinator "$coord" --value-bytes 100 --count $((seconds * 4000)) \
   --json >"$out/ramkv-latency.json"

@@ -1,45 +1,106 @@
 #!/usr/bin/env bash
 # Starts, stops and shows a local ramkv cluster on 127.0.0.1.
 #
-#   scripts/cluster.sh start  [--masters N] [--dir DIR] [--port P] [--memory SIZE]
-#                             [--poll block|busy] [--bin DIR]
+#   scripts/cluster.sh start  [--servers N] [--masters N] [--backups N] [--replicas R]
+#                             [--durability buffered|disk] [--dir DIR] [--port P]
+#                             [--memory SIZE] [--poll block|busy] [--bin DIR]
 #   scripts/cluster.sh status [--dir DIR]
 #   scripts/cluster.sh stop   [--dir DIR]
 #
-# start: a coordinator on P (default 12246) and N masters (default 3) on P+1..P+N, each
-# with SIZE of log memory (default 256M). PIDs go to DIR/pids, logs to DIR/logs, the
-# coordinator's state to DIR/coordinator (started afresh). It returns once every master
-# has enlisted.
+# start: a coordinator on P (default 12246), then servers on P+1, P+2, ...:
+#   --servers N   N servers that each run a master and a backup (the usual deployment)
+#   --masters N   N master-only servers
+#   --backups N   N backup-only servers
+# These combine. With none of them: 4 servers, each master and backup.
+#   --replicas R  replicas each master keeps of its log (default 3; 0: none), each on a
+#                 backup of another server: so with S combined servers and B backup-only
+#                 ones, R <= S - 1 + B (R <= B when every master is master-only)
+#   --durability  when a backup acknowledges a write: buffered (default; once in its
+#                 memory) or disk (once on disk)
+#   --memory      log memory of each master (default 256M)
+# Server n logs to DIR/logs/server-<n>.log; a backup keeps its replica files in
+# DIR/backup-<n>; PIDs go to DIR/pids, the coordinator's state to DIR/coordinator. All of
+# it is started afresh (a new cluster's masters are empty, so old replicas and state
+# go). It returns once every server has enlisted with the coordinator.
 # stop: stops exactly the processes this script started in DIR (by PID, checking that
 # the PID is still that program), TERM first, KILL after 5 s.
-# status: one line per process, the coordinator first: role, PID, address, state.
+# status: one line per process, the coordinator first: role (coordinator, master, backup,
+# master+backup), PID, address, alive or dead, and a backup's data directory. Exits 1
+# if none is alive.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 cmd=${1:-}
 [ -n "$cmd" ] && shift || true
 dir=/tmp/ramkv-cluster
-masters=3
+servers=""
+masters=""
+backups=""
+replicas=3
+durability=buffered
 port=12246
 memory=256M
 poll=block
 bin="$root/build/bin"
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment above, without the '#'.
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
+die() { echo "cluster.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dir) dir=$2; shift 2 ;;
-    --masters) masters=$2; shift 2 ;;
-    --port) port=$2; shift 2 ;;
-    --memory) memory=$2; shift 2 ;;
-    --poll) poll=$2; shift 2 ;;
-    --bin) bin=$2; shift 2 ;;
+    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin)
+      [ $# -ge 2 ] || die "$1 needs a value (see --help)"
+      case "$1" in
+        --dir) dir=$2 ;;
+        --servers) servers=$2 ;;
+        --masters) masters=$2 ;;
+        --backups) backups=$2 ;;
+        --replicas) replicas=$2 ;;
+        --durability) durability=$2 ;;
+        --port) port=$2 ;;
+        --memory) memory=$2 ;;
+        --poll) poll=$2 ;;
+        --bin) bin=$2 ;;
+      esac
+      shift 2 ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "cluster.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    *) die "unknown option '$1' (see --help)" ;;
   esac
 done
-[[ "$masters" =~ ^[0-9]+$ ]] && [ "$masters" -ge 1 ] || { echo "cluster.sh: --masters must be a number >= 1" >&2; exit 2; }
-[[ "$port" =~ ^[0-9]+$ ]] || { echo "cluster.sh: --port must be a number" >&2; exit 2; }
+# The default deployment: 4 servers, each master and backup, so R = 3 fits.
+if [ -z "$servers$masters$backups" ]; then servers=4; fi
+for v in servers masters backups; do
+  [ -z "${!v}" ] && printf -v "$v" 0
+  [[ "${!v}" =~ ^[0-9]+$ ]] || die "--$v must be a number >= 0, not '${!v}'"
+done
+[[ "$replicas" =~ ^[0-9]+$ ]] || die "--replicas must be a number >= 0, not '$replicas'"
+[[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number"
+case "$durability" in buffered|disk) ;; *) die "--durability must be buffered or disk, not '$durability'" ;; esac
+case "$poll" in block|busy) ;; *) die "--poll must be block or busy, not '$poll'" ;; esac
+total=$((servers + masters + backups))
+
+# Checks the shape of the cluster asked for (start only; stop and status ignore it).
+check_shape() {
+  [ $((servers + masters)) -ge 1 ] || die "no masters: give --servers N or --masters N (N >= 1)"
+  [ $((port + total)) -le 65535 ] || die "--port $port leaves no room for $total servers"
+  # The fewest backups on other servers that any master has: a combined server's own
+  # backup does not count.
+  local avail=$backups what="$backups backup-only server(s)"
+  if [ "$servers" -ge 1 ]; then
+    avail=$((servers - 1 + backups))
+    what="$servers master+backup and $backups backup-only server(s)"
+  fi
+  [ "$replicas" -le "$avail" ] ||
+    die "--replicas $replicas needs $replicas backups on servers other than each master's own, but $what give a master only $avail; add --servers or --backups, or lower --replicas"
+}
+
+# Server n's role: the combined servers first, then master-only, then backup-only.
+role_of() {
+  local n=$1
+  if [ "$n" -le "$servers" ]; then echo master+backup
+  elif [ "$n" -le $((servers + masters)) ]; then echo master
+  else echo backup; fi
+}
 
 # Is PID alive and still running program NAME (listening on ADDR, when given)? argv[0]'s
 # base name must be NAME exactly and ADDR one whole argument: a PID reused by some other
@@ -58,6 +119,7 @@ alive() {
 }
 
 start() {
+  check_shape
   for b in ramkv-coordinator ramkv-server; do
     [ -x "$bin/$b" ] || { echo "cluster.sh: $bin/$b not found; build first (scripts/build.sh)" >&2; exit 1; }
   done
@@ -67,25 +129,44 @@ start() {
       if alive "$pid" "$prog" "$addr"; then echo "cluster.sh: a cluster is already running in $dir (stop it first)" >&2; exit 1; fi
     done
   fi
-  # A new cluster: its masters start empty, so the previous coordinator state goes too.
-  rm -rf "$dir/pids" "$dir/logs" "$dir/coordinator"
+  # A new cluster: its masters start empty and server ids start again at 1, so the
+  # previous coordinator state and replica files go too.
+  rm -rf "$dir/pids" "$dir/logs" "$dir/coordinator" "$dir"/backup-*
   mkdir -p "$dir/pids" "$dir/logs" "$dir/coordinator"
   local coord="127.0.0.1:$port"
   "$bin/ramkv-coordinator" --listen "$coord" --data-dir "$dir/coordinator" --poll "$poll" \
     >"$dir/logs/coordinator.log" 2>&1 &
   echo "$! ramkv-coordinator coordinator $coord" >"$dir/pids/0-coordinator.pid"
-  for i in $(seq 1 "$masters"); do
-    local addr="127.0.0.1:$((port + i))"
-    "$bin/ramkv-server" --coordinator "$coord" --listen "$addr" --memory "$memory" --poll "$poll" \
-      >"$dir/logs/server-$i.log" 2>&1 &
-    echo "$! ramkv-server master $addr" >"$dir/pids/$i-server.pid"
+  local n
+  for n in $(seq 1 "$total"); do
+    local addr="127.0.0.1:$((port + n))" role
+    role=$(role_of "$n")
+    local args=(--coordinator "$coord" --listen "$addr" --poll "$poll")
+    case "$role" in
+      master|master+backup) args+=(--master --memory "$memory" --replicas "$replicas") ;;
+      *) args+=(--no-master) ;;
+    esac
+    case "$role" in
+      backup|master+backup)
+        mkdir -p "$dir/backup-$n"
+        args+=(--backup --data-dir "$dir/backup-$n" --durability "$durability") ;;
+    esac
+    "$bin/ramkv-server" "${args[@]}" >"$dir/logs/server-$n.log" 2>&1 &
+    echo "$! ramkv-server $role $addr" >"$dir/pids/$n-server.pid"
   done
-  # Wait (bounded) for every master to enlist.
+  # Wait (bounded) for every server to enlist: the coordinator logs each one with its
+  # address.
   local deadline=$((SECONDS + 30))
   while [ $SECONDS -lt $deadline ]; do
-    local up
-    up=$(grep -l "listening on" "$dir"/logs/server-*.log 2>/dev/null | wc -l || true)
-    [ "$up" -ge "$masters" ] && { echo "cluster.sh: coordinator on $coord, $masters master(s) up; logs in $dir/logs"; return 0; }
+    local up=0
+    for n in $(seq 1 "$total"); do
+      grep -qF "at 127.0.0.1:$((port + n)) (" "$dir/logs/coordinator.log" 2>/dev/null && up=$((up + 1))
+    done
+    if [ "$up" -ge "$total" ]; then
+      echo "cluster.sh: coordinator on $coord; $total server(s) up ($servers master+backup," \
+        "$masters master, $backups backup; $replicas replica(s), $durability); logs in $dir/logs"
+      return 0
+    fi
     for f in "$dir"/pids/*.pid; do
       IFS=' ' read -r pid prog role addr <"$f"
       if ! alive "$pid" "$prog" "$addr"; then
@@ -96,26 +177,29 @@ start() {
     done
     sleep 0.1
   done
-  echo "cluster.sh: masters did not come up within 30 s; see $dir/logs" >&2
+  echo "cluster.sh: servers did not come up within 30 s; see $dir/logs" >&2
   stop_all; exit 1
 }
 
 status() {
-  [ -d "$dir/pids" ] || { echo "cluster.sh: no cluster in $dir"; exit 1; }
-  local any=0
-  for f in $(ls "$dir"/pids/*.pid 2>/dev/null | sort -V); do
+  ls "$dir"/pids/*.pid >/dev/null 2>&1 || { echo "cluster.sh: no cluster in $dir"; exit 1; }
+  local any=0 files=()
+  mapfile -t files < <(printf '%s\n' "$dir"/pids/*.pid | sort -V)
+  for f in "${files[@]}"; do
     IFS=' ' read -r pid prog role addr <"$f"
-    local state=dead
-    alive "$pid" "$prog" "$addr" && { state=running; any=1; }
-    printf '%-12s pid %-8s %-22s %s\n' "$role" "$pid" "$addr" "$state"
+    local state=dead data=""
+    alive "$pid" "$prog" "$addr" && { state=alive; any=1; }
+    [[ "$role" == *backup ]] && data="data $dir/backup-$(basename "$f" -server.pid)"
+    printf '%-14s pid %-8s %-22s %-6s %s\n' "$role" "$pid" "$addr" "$state" "$data"
   done
   [ $any -eq 1 ]
 }
 
 stop_all() {
   [ -d "$dir/pids" ] || return 0
-  local pids=()
-  for f in $(ls -r "$dir"/pids/*.pid 2>/dev/null | sort -rV); do
+  local pids=() files=()
+  ls "$dir"/pids/*.pid >/dev/null 2>&1 && mapfile -t files < <(printf '%s\n' "$dir"/pids/*.pid | sort -rV)
+  for f in ${files[@]+"${files[@]}"}; do
     IFS=' ' read -r pid prog _ addr <"$f"
     if alive "$pid" "$prog" "$addr"; then kill -TERM "$pid" 2>/dev/null || true; pids+=("$pid $prog $addr"); fi
   done

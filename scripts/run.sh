@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The README's main command: sets up, builds, starts a local ramkv cluster on 127.0.0.1
-# (a coordinator and 3 masters), shows it working with the ramkv tool, measures read and
-# write latency against the bare round trip, and stops the cluster.
-#   scripts/run.sh [--masters N] [--dir DIR]
+# (by default a coordinator and 4 servers, each master and backup, 3 replicas), shows it
+# working with the ramkv tool, measures read and write latency against the bare round
+# trip, and stops the cluster.
+#   scripts/run.sh [--servers N] [--masters N] [--backups N] [--replicas R]
+#                  [--durability buffered|disk] [--dir DIR]
+# The cluster flags go to scripts/cluster.sh start unchanged (see its --help).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-masters=3
+cluster_flags=()
 dir=/tmp/ramkv-demo
 while [ $# -gt 0 ]; do
   case "$1" in
-    --masters) masters=$2; shift 2 ;;
+    --servers|--masters|--backups|--replicas|--durability)
+      [ $# -ge 2 ] || { echo "run.sh: $1 needs a value" >&2; exit 2; }
+      cluster_flags+=("$1" "$2"); shift 2 ;;
     --dir) dir=$2; shift 2 ;;
-    -h|--help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -24,7 +29,7 @@ port=12246
 bash scripts/cluster.sh stop --dir "$dir" >/dev/null 2>&1 || true
 trap 'bash scripts/cluster.sh stop --dir "$dir"' EXIT
 echo "== starting a local cluster in $dir"
-bash scripts/cluster.sh start --masters "$masters" --dir "$dir" --port "$port"
+bash scripts/cluster.sh start ${cluster_flags[@]+"${cluster_flags[@]}"} --dir "$dir" --port "$port"
 bash scripts/cluster.sh status --dir "$dir"
 
 ramkv() {

@@ -18,6 +18,7 @@ bash scripts/setup.sh || { echo "test: setup failed"; exit 1; }
 
 passed=0
 failed=0
+skipped=0
 # Runs ctest in a build dir and adds its counts to the totals.
 run_ctest() {
   local dir=$1
@@ -25,7 +26,7 @@ run_ctest() {
   local log
   log=$(mktemp)
   (cd "$dir" && ctest --output-on-failure -j "$jobs" "$@") 2>&1 | tee "$log"
-  local line total nfail
+  local line total nfail nskip
   line=$(grep -E 'tests passed, [0-9]+ tests? failed out of [0-9]+' "$log" | tail -n 1)
   if [ -z "$line" ]; then
     echo "test: ctest in $dir printed no summary"
@@ -33,8 +34,11 @@ run_ctest() {
   else
     nfail=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$line")
     total=$(sed -E 's/.* failed out of ([0-9]+).*/\1/' <<<"$line")
-    passed=$((passed + total - nfail))
+    # Skipped tests (listed under "did not run") count as neither passed nor failed.
+    nskip=$(sed -n '/The following tests did not run:/,/^$/p' "$log" | grep -c '(Skipped)' || true)
+    passed=$((passed + total - nfail - nskip))
     failed=$((failed + nfail))
+    skipped=$((skipped + nskip))
   fi
   rm -f "$log"
 }
@@ -85,5 +89,6 @@ else
 fi
 
 echo
+[ "$skipped" -gt 0 ] && echo "($skipped skipped: see the SKIPPED lines above for why)"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

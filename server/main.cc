@@ -1,18 +1,25 @@
-// ramkv-server: one storage host. It allocates the master's memory, listens, enlists with
-// the coordinator and serves master RPCs on one dispatch thread until SIGTERM or SIGINT
-// (docs/rpc.md, "Master"). The backup service arrives in a later issue.
+// ramkv-server: one storage host, running a master, a backup, or both (the usual
+// deployment). It allocates the master's memory and scans the backup's data directory,
+// listens, enlists with the coordinator and serves on one dispatch thread until SIGTERM
+// or SIGINT (docs/rpc.md, "Master" and "Backup"). A master with --replicas R > 0 keeps
+// every segment on R backups of other servers and acknowledges a write only once it is
+// on all of them (master/replica_manager.h).
 //
 // Exit codes: 0 after a clean stop; 1 when the coordinator cannot be reached or refuses
-// us, or the memory cannot be had; 2 for bad flags or a bad configuration. Each failure
-// ends with one line on stderr.
+// us, the memory cannot be had or the data directory cannot be used; 2 for bad flags or
+// a bad configuration. Each failure ends with one line on stderr.
 #include <CLI/CLI.hpp>
+
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
 
+#include "backup/backup_service.h"
 #include "common/clock.h"
 #include "common/config.h"
 #include "common/log.h"
@@ -20,6 +27,7 @@
 #include "common/transport.h"
 #include "common/wire_format.h"
 #include "master/master_service.h"
+#include "master/replica_manager.h"
 
 namespace {
 
@@ -35,7 +43,14 @@ struct ServerOptions {
   std::string hash_table_bytes;
   std::string poll = "block";
   std::string log_level;
+  std::string data_dir;
+  uint32_t replicas = 3;
+  std::string durability = "buffered";
+  uint32_t backup_buffers = 64;
 };
+
+// Replicas travel in one RPC each, so a segment must fit a message with room to spare.
+constexpr uint64_t kMaxReplicatedSegmentBytes = 8u << 20;
 
 // How long to keep trying a coordinator that does not answer, and each attempt's timeout.
 constexpr uint64_t kEnlistPatienceNs = 10'000'000'000;
@@ -53,7 +68,25 @@ void add_flags(CLI::App& app, ServerOptions& o) {
   app.add_option("--listen", o.listen, "address to serve on, HOST:PORT (port 0: any free port)")
       ->capture_default_str();
   app.add_flag("--master,!--no-master", o.master, "run the master service (default on)");
-  app.add_flag("--backup", o.backup, "run the backup service (not available yet)");
+  app.add_flag("--backup", o.backup,
+               "run the backup service, keeping replicas of other masters' segments in "
+               "--data-dir");
+  app.add_option("--data-dir", o.data_dir,
+                 "backup: directory for replica files (<dir>/<master-id>/<segment-id>)");
+  app.add_option("--replicas", o.replicas,
+                 "master: replicas of each segment on other servers' backups; a write is "
+                 "acknowledged once on all of them (0: no replication)")
+      ->capture_default_str();
+  app.add_option("--durability", o.durability,
+                 "backup: acknowledge writes once in RAM buffers (buffered, which assumes "
+                 "they survive power loss, as RAMCloud does) or once on disk (disk); use "
+                 "the same on every server")
+      ->check(CLI::IsMember({"buffered", "disk"}))
+      ->capture_default_str();
+  app.add_option("--backup-buffers", o.backup_buffers,
+                 "backup: open replicas held in RAM at once (each one segment in size)")
+      ->check(CLI::Range(1u, 1u << 16))
+      ->capture_default_str();
   app.add_option("--memory", o.memory, "log memory of the master, e.g. 1G")->capture_default_str();
   app.add_option("--segment-bytes", o.segment_bytes, "log segment size, e.g. 8M (default 8M)");
   app.add_option("--hash-table-bytes", o.hash_table_bytes,
@@ -95,15 +128,16 @@ ramkv::Result<ramkv::master::MasterConfig> master_config(const ServerOptions& o)
   return config;
 }
 
-// Enlists as a master, retrying while the coordinator is unreachable. The server id, or
-// 0 after printing why not.
-uint64_t enlist(const std::string& coordinator, const std::string& locator) {
+// Enlists with `services`, retrying while the coordinator is unreachable. The server id,
+// or 0 after printing why not.
+uint64_t enlist(const std::string& coordinator, const std::string& locator, uint32_t services,
+                uint64_t replaces_id) {
   auto transport = ramkv::make_tcp_client_transport({});
   std::vector<std::byte> body;
   ramkv::wire::BodyWriter w(&body);
-  w.put(ramkv::wire::EnlistServerRequest{.services = ramkv::wire::kServiceMaster,
+  w.put(ramkv::wire::EnlistServerRequest{.services = services,
                                          .locator_bytes = static_cast<uint32_t>(locator.size()),
-                                         .replaces_id = 0});
+                                         .replaces_id = replaces_id});
   w.put_bytes(locator);
   const ramkv::Clock& clock = ramkv::SystemClock::instance();
   const uint64_t deadline = clock.now_ns() + kEnlistPatienceNs;
@@ -138,15 +172,98 @@ uint64_t enlist(const std::string& coordinator, const std::string& locator) {
   return 0;
 }
 
+// The id this backup had before a restart (kept in its data directory), or 0.
+uint64_t previous_server_id(const std::string& data_dir) {
+  std::FILE* f = std::fopen((data_dir + "/server-id").c_str(), "r");
+  if (f == nullptr) return 0;
+  unsigned long long id = 0;
+  if (std::fscanf(f, "%llu", &id) != 1) id = 0;
+  std::fclose(f);
+  return id;
+}
+
+bool save_server_id(const std::string& data_dir, uint64_t id) {
+  std::string tmp = data_dir + "/server-id.tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "w");
+  if (f == nullptr) return false;
+  bool ok = std::fprintf(f, "%llu\n", static_cast<unsigned long long>(id)) > 0;
+  ok = std::fflush(f) == 0 && ok;
+  ok = ::fsync(fileno(f)) == 0 && ok;
+  ok = std::fclose(f) == 0 && ok;
+  return ok && std::rename(tmp.c_str(), (data_dir + "/server-id").c_str()) == 0;
+}
+
+// Fences every master the list shows crashed or replaced by a newer generation (a zombie
+// must not change replicas that recovery will read).
+void fence_masters(ramkv::backup::BackupService& backup,
+                   const std::vector<ramkv::wire::ServerListItem>& servers) {
+  for (const auto& s : servers) {
+    if (s.status != 0) backup.fence_master(s.server_id);
+    // Older generations of this index were replaced: fence the ones we have seen.
+    backup.fence_generations_below(s.server_id);
+  }
+}
+
+// Asks the coordinator for the server list once (after enlisting: the pushed update may
+// have been sent before our loop ran).
+bool fetch_server_list(const std::string& coordinator,
+                       std::vector<ramkv::wire::ServerListItem>* servers, uint64_t* version) {
+  auto transport = ramkv::make_tcp_client_transport({});
+  auto r = ramkv::call(
+      *transport, coordinator,
+      {.opcode = ramkv::wire::Opcode::kGetServerList, .timeout_ns = kEnlistAttemptNs}, {});
+  return r.status == Status::kOk &&
+         ramkv::wire::decode_server_list(r.body, version, servers) == Status::kOk;
+}
+
 int run_server(const ServerOptions& o) {
-  auto config = master_config(o);
-  if (!config.ok()) return 2;
-  auto service = ramkv::master::MasterService::create(*config);
-  if (!service.ok()) {
-    // kInvalidArgument was explained on one line by MasterConfig::finalize.
-    if (service.status() == Status::kInvalidArgument) return 2;
-    return fail(1, "cannot allocate the master's memory ({}): {}", o.memory,
-                ramkv::status_name(service.status()));
+  std::unique_ptr<ramkv::master::MasterService> master;
+  uint32_t segment_bytes = 8u << 20;
+  if (o.master) {
+    auto config = master_config(o);
+    if (!config.ok()) return 2;
+    if (o.replicas > 0 && config->segment_bytes > kMaxReplicatedSegmentBytes) {
+      return fail(2, "--segment-bytes {} is too large to replicate (at most {})",
+                  ramkv::format_bytes(config->segment_bytes),
+                  ramkv::format_bytes(kMaxReplicatedSegmentBytes));
+    }
+    segment_bytes = config->segment_bytes;
+    auto service = ramkv::master::MasterService::create(*config);
+    if (!service.ok()) {
+      // kInvalidArgument was explained on one line by MasterConfig::finalize.
+      if (service.status() == Status::kInvalidArgument) return 2;
+      return fail(1, "cannot allocate the master's memory ({}): {}", o.memory,
+                  ramkv::status_name(service.status()));
+    }
+    master = std::move(service).value();
+  } else if (!o.segment_bytes.empty()) {
+    auto parsed = ramkv::parse_bytes(o.segment_bytes);
+    if (!parsed.ok() || *parsed == 0 || *parsed > kMaxReplicatedSegmentBytes) {
+      return fail(2, "bad --segment-bytes '{}': expected a size up to 8M", o.segment_bytes);
+    }
+    segment_bytes = static_cast<uint32_t>(*parsed);
+  }
+  std::unique_ptr<ramkv::backup::BackupService> backup;
+  uint64_t replaces_id = 0;
+  if (o.backup) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.data_dir, ec);
+    if (ec) return fail(1, "cannot create --data-dir {}: {}", o.data_dir, ec.message());
+    // The largest segment any master may send: ours, or the most a replica may be.
+    auto service = ramkv::backup::BackupService::create(
+        {.data_dir = o.data_dir,
+         .segment_bytes = o.segment_bytes.empty() && !o.master
+                              ? static_cast<uint32_t>(kMaxReplicatedSegmentBytes)
+                              : segment_bytes,
+         .max_buffers = o.backup_buffers,
+         .durability = o.durability == "disk" ? ramkv::backup::Durability::kDisk
+                                              : ramkv::backup::Durability::kBuffered});
+    if (!service.ok()) {
+      return fail(1, "cannot start the backup service on {}: {}", o.data_dir,
+                  ramkv::status_name(service.status()));
+    }
+    backup = std::move(service).value();
+    replaces_id = previous_server_id(o.data_dir);
   }
   ramkv::TransportOptions topts;
   topts.busy_poll = o.poll == "busy";
@@ -164,17 +281,73 @@ int run_server(const ServerOptions& o) {
         "with this host's address",
         locator);
   }
-  uint64_t server_id = enlist(o.coordinator, locator);
+  const uint32_t services =
+      (master ? ramkv::wire::kServiceMaster : 0u) | (backup ? ramkv::wire::kServiceBackup : 0u);
+  uint64_t server_id = enlist(o.coordinator, locator, services, replaces_id);
   if (server_id == 0) {
     // The transport dies on return: a signal must not reach it through the handler.
     ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
     return 1;
   }
-  LOG_INFO("server {} listening on {} (master; {} of log memory)", server_id, locator,
-           ramkv::format_bytes((*service)->objects().config().memory_bytes));
-  ramkv::master::MasterService& master = **service;
-  transport->run([&master](const ramkv::wire::MessageHeader& h, std::span<const std::byte> body,
-                           ramkv::Reply& reply) { master.handle(h, body, reply); });
+  if (backup && !save_server_id(o.data_dir, server_id)) {
+    LOG_WARNING("cannot record our server id in {}: a restart will enlist as a new server",
+                o.data_dir);
+  }
+  std::unique_ptr<ramkv::master::ReplicaManager> replicas;
+  if (master) {
+    if (Status s = master->objects().log().set_master_id(server_id); s != Status::kOk) {
+      ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
+      return fail(1, "cannot start the log as master {}: {}", server_id, ramkv::status_name(s));
+    }
+    if (o.replicas > 0) {
+      replicas = std::make_unique<ramkv::master::ReplicaManager>(
+          ramkv::master::ReplicaManager::Options{.replicas = o.replicas,
+                                                 .coordinator = o.coordinator},
+          master->objects().log(), *transport);
+      replicas->set_server_id(server_id);
+      master->set_replication(replicas.get());
+      transport->set_loop_task(replicas.get());
+    }
+  }
+  std::vector<ramkv::wire::ServerListItem> servers;
+  uint64_t list_version = 0;
+  if (fetch_server_list(o.coordinator, &servers, &list_version)) {
+    if (master) master->update_server_list(list_version, servers);
+    if (backup) fence_masters(*backup, servers);
+  }
+  LOG_INFO(
+      "server {} listening on {} ({}{}{})", server_id, locator,
+      master ? fmt::format("master with {} of log memory, {} replicas",
+                           ramkv::format_bytes(master->objects().config().memory_bytes), o.replicas)
+             : std::string(),
+      master && backup ? "; " : "",
+      backup ? fmt::format("backup in {}, {} durability", o.data_dir, o.durability)
+             : std::string());
+  transport->run([&](const ramkv::wire::MessageHeader& h, std::span<const std::byte> body,
+                     ramkv::Reply& reply) {
+    const auto op = static_cast<ramkv::wire::Opcode>(h.opcode);
+    const bool backup_op =
+        h.opcode >= static_cast<uint16_t>(ramkv::wire::Opcode::kBackupOpen) &&
+        h.opcode <= static_cast<uint16_t>(ramkv::wire::Opcode::kBackupListReplicas);
+    if (backup_op) {
+      if (backup) return backup->handle(h, body, reply);
+      return reply.set_status(Status::kBadRequest);
+    }
+    if (op == ramkv::wire::Opcode::kServerListUpdate && backup) {
+      uint64_t version = 0;
+      if (ramkv::wire::decode_server_list(body, &version, &servers) != Status::kOk) {
+        return reply.set_status(Status::kBadRequest);
+      }
+      if (version >= list_version) {
+        list_version = version;
+        fence_masters(*backup, servers);
+      }
+      if (!master) return;
+    }
+    if (master) return master->handle(h, body, reply);
+    if (op == ramkv::wire::Opcode::kEcho) return reply.add_external(body);
+    reply.set_status(Status::kBadRequest);  // a backup-only server has no master service
+  });
   ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
   LOG_INFO("server {} stopped", server_id);
   return 0;
@@ -183,7 +356,7 @@ int run_server(const ServerOptions& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"ramkv-server: a ramkv storage server (master service)"};
+  CLI::App app{"ramkv-server: a ramkv storage server (master and/or backup service)"};
   ServerOptions options;
   add_flags(app, options);
   try {
@@ -203,10 +376,12 @@ int main(int argc, char** argv) {
     }
     ramkv::set_log_level(level);
   }
-  if (options.backup) {
-    return fail(2, "--backup: the backup service is not available yet (run with --master only)");
+  if (!options.master && !options.backup) {
+    return fail(2, "nothing to run: --no-master and no --backup");
   }
-  if (!options.master) return fail(2, "nothing to run: --no-master and no --backup");
+  if (options.backup && options.data_dir.empty()) {
+    return fail(2, "--backup needs --data-dir DIR for its replica files");
+  }
   if (auto loc = ramkv::parse_locator(options.coordinator); !loc.ok()) {
     return fail(2, "bad --coordinator '{}': expected HOST:PORT", options.coordinator);
   }

@@ -88,16 +88,30 @@ inline uint16_t free_port() {
   return loc->port;
 }
 
+// What a LocalCluster runs besides its coordinator.
+struct ClusterShape {
+  int masters = 0;   // master-only servers
+  int servers = 0;   // master and backup on each
+  int backups = 0;   // backup-only servers
+  int replicas = 0;  // per segment, on every master
+  std::string durability = "buffered";
+};
+
 class LocalCluster {
  public:
-  explicit LocalCluster(int masters) {
-    char tmpl[] = "/tmp/ramkv-cluster-test-XXXXXX";
+  // `masters` master-only servers without replication.
+  explicit LocalCluster(int masters) : LocalCluster(ClusterShape{.masters = masters}) {}
+  explicit LocalCluster(const ClusterShape& shape) : shape_(shape) {
+    // Under /var/tmp: backups write with O_DIRECT, which tmpfs may refuse.
+    char tmpl[] = "/var/tmp/ramkv-cluster-test-XXXXXX";
     REQUIRE(::mkdtemp(tmpl) != nullptr);
     dir_ = tmpl;
     coordinator_locator_ = "127.0.0.1:" + std::to_string(free_port());
     start_coordinator();
-    for (int i = 0; i < masters; ++i) add_master();
-    wait_for_masters(masters);
+    for (int i = 0; i < shape.servers; ++i) add_server(true, true);
+    for (int i = 0; i < shape.masters; ++i) add_server(true, false);
+    for (int i = 0; i < shape.backups; ++i) add_server(false, true);
+    wait_for_servers(shape.servers + shape.masters + shape.backups);
   }
   ~LocalCluster() {
     for (auto& s : servers_) s->stop();
@@ -125,12 +139,59 @@ class LocalCluster {
     FAIL("the coordinator did not answer within 6 s; see " << dir_ << "/coordinator.log");
   }
 
-  void add_master() {
-    size_t n = servers_.size() + 1;
+  void add_master() { add_server(true, false); }
+
+  // Starts server number servers_.size() + 1; a backup keeps its replicas in
+  // backup_dir(n). A server restarted with start_server(n) keeps its data dir.
+  void add_server(bool master, bool backup) {
     servers_.push_back(std::make_unique<Process>());
-    servers_.back()->start({std::string(RAMKV_BIN_DIR) + "/ramkv-server", "--coordinator",
-                            coordinator_locator_, "--listen", "127.0.0.1:0", "--memory", "64M"},
-                           dir_ + "/server-" + std::to_string(n) + ".log");
+    roles_.push_back({master, backup});
+    start_server(servers_.size() - 1);
+  }
+  void start_server(size_t index) {
+    auto [master, backup] = roles_.at(index);
+    std::vector<std::string> argv = {std::string(RAMKV_BIN_DIR) + "/ramkv-server",
+                                     "--coordinator",
+                                     coordinator_locator_,
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--memory",
+                                     "64M",
+                                     "--replicas",
+                                     std::to_string(shape_.replicas),
+                                     master ? "--master" : "--no-master"};
+    if (backup) {
+      for (const char* a : {"--backup", "--durability"}) argv.push_back(a);
+      argv.push_back(shape_.durability);
+      argv.push_back("--data-dir");
+      argv.push_back(backup_dir(index));
+    }
+    servers_.at(index)->start(argv, dir_ + "/server-" + std::to_string(index + 1) + ".log");
+  }
+  std::string backup_dir(size_t index) const {
+    return dir_ + "/backup-" + std::to_string(index + 1);
+  }
+  bool is_backup(size_t index) const { return roles_.at(index).second; }
+  size_t server_count() const { return servers_.size(); }
+
+  // Waits until `count` servers are up at the coordinator.
+  void wait_for_servers(int count) {
+    ClientOptions o;
+    o.coordinator = coordinator_locator_;
+    o.timeout_ms = 2000;
+    for (int i = 0; i < 300; ++i) {
+      auto c = Client::connect(o);
+      if (c.ok()) {
+        auto list = (*c)->servers();
+        if (list.ok()) {
+          int up = 0;
+          for (const auto& s : *list) up += s.status == ServerStatus::kUp;
+          if (up >= count) return;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    FAIL("servers did not enlist within a few seconds; logs in " << dir_);
   }
 
   void wait_for_masters(int masters) {
@@ -163,6 +224,8 @@ class LocalCluster {
   }
 
  private:
+  ClusterShape shape_;
+  std::vector<std::pair<bool, bool>> roles_;  // master, backup per server
   std::string dir_;
   std::string coordinator_locator_;
   Process coordinator_;

@@ -1,0 +1,405 @@
+#include "master/replica_manager.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/clock.h"
+#include "common/log.h"
+
+namespace ramkv::master {
+
+namespace {
+
+// How long the loop may sleep while replication RPCs are in flight (their timeouts are
+// checked when it wakes) or replies wait for a backup to appear.
+constexpr uint64_t kInFlightWakeNs = 20'000'000;
+constexpr uint64_t kWaitingWakeNs = 100'000'000;
+
+}  // namespace
+
+ReplicaManager::ReplicaManager(const Options& options, Log& log, ServerTransport& server)
+    : options_(options),
+      log_(log),
+      server_(server),
+      client_(make_tcp_client_transport({})),
+      random_(options.seed != 0 ? options.seed : SystemClock::instance().now_ns()) {
+  log_.set_replication_required(options_.replicas > 0);
+}
+
+ReplicaManager::~ReplicaManager() = default;
+
+void ReplicaManager::update_servers(const std::vector<wire::ServerListItem>& servers) {
+  std::map<uint64_t, std::string> backups;
+  for (const auto& s : servers) {
+    if (s.status == 0 && (s.services & wire::kServiceBackup) != 0 && s.server_id != server_id_) {
+      backups.emplace(s.server_id, s.locator);
+    }
+  }
+  backups_ = std::move(backups);
+  stats_.backups = static_cast<uint32_t>(backups_.size());
+  // Replicas on a server that is no longer a usable backup are lost.
+  for (auto& [id, seg] : segments_) {
+    for (size_t i = seg.replicas.size(); i-- > 0;) {
+      if (!backups_.contains(seg.replicas[i].backup_id)) lose_replica(seg, i, Status::kUnavailable);
+    }
+  }
+  if (backups_.size() >= options_.replicas) warned_few_backups_ = false;
+  dirty_ = true;
+}
+
+void ReplicaManager::hold(Reply& reply) {
+  if (fenced_) {
+    reply.clear();
+    reply.set_status(Status::kFenced);
+    return;
+  }
+  Held h;
+  h.token = reply.token();
+  h.reply = reply;
+  reply.defer();
+  held_.push_back(std::move(h));
+  ++stats_.replies_held;
+  dirty_ = true;
+}
+
+uint64_t ReplicaManager::run() {
+  if (client_->outstanding() > 0) client_->poll(0);
+  if (fenced_) {
+    fail_held(Status::kFenced);
+  } else if (dirty_ || log_.change_count() != seen_changes_) {
+    dirty_ = false;
+    refresh_view();
+    for (auto& [id, seg] : segments_) {
+      if (seg.in_log) choose_backups(seg);
+    }
+    send_writes();
+    free_dead_segments();
+    release_durable();
+  }
+  if (client_->outstanding() > 0) return kInFlightWakeNs;
+  if (!held_.empty() || segments_.size() > 0) {
+    // Something may be waiting for a backup to appear or a lost replica to be re-made.
+    return held_.empty() ? kWaitingWakeNs * 10 : kWaitingWakeNs;
+  }
+  return UINT64_MAX;
+}
+
+void ReplicaManager::refresh_view() {
+  const uint64_t changes = log_.change_count();
+  if (changes != seen_changes_) {
+    // Read before the view: a change after this bumps the count again.
+    seen_changes_ = changes;
+    uint64_t head = 0;
+    auto view = log_.replication_view(&head);
+    for (auto& [id, seg] : segments_) seg.in_log = false;
+    for (const auto& v : view) {
+      Seg& seg = segments_[v.id];
+      seg.id = v.id;
+      seg.in_log = true;
+      seg.length = v.length;
+      seg.closed = v.closed;
+      if (v.id == head) head_length_ = v.length;
+    }
+    head_id_ = head;
+  }
+  // Everything the batch just handled wrote at most up to here.
+  for (auto it = held_.rbegin(); it != held_.rend() && !it->stamped; ++it) {
+    it->segment_id = head_id_;
+    it->offset = head_length_;
+    it->stamped = true;
+  }
+}
+
+void ReplicaManager::choose_backups(Seg& seg) {
+  while (seg.replicas.size() < options_.replicas) {
+    std::vector<uint64_t> candidates;
+    for (const auto& [id, locator] : backups_) {
+      bool used = std::any_of(seg.replicas.begin(), seg.replicas.end(),
+                              [&](const Replica& r) { return r.backup_id == id; });
+      if (!used && !seg.avoid.contains(id)) candidates.push_back(id);
+    }
+    if (candidates.empty() && !seg.avoid.empty()) {
+      // Every backup failed this segment once: try them again.
+      seg.avoid.clear();
+      continue;
+    }
+    if (candidates.empty()) {
+      if (!warned_few_backups_) {
+        LOG_WARNING(
+            "only {} backups available for {} replicas per segment: writes wait until more "
+            "enlist",
+            backups_.size(), options_.replicas);
+        warned_few_backups_ = true;
+      }
+      return;
+    }
+    uint64_t id = candidates[random_() % candidates.size()];
+    Replica r;
+    r.backup_id = id;
+    r.locator = backups_.at(id);
+    r.serial = ++next_replica_serial_;
+    seg.replicas.push_back(std::move(r));
+  }
+}
+
+bool ReplicaManager::segment_whole(const Seg& seg) const {
+  if (seg.replicas.size() < options_.replicas) return false;
+  return std::all_of(seg.replicas.begin(), seg.replicas.end(), [&](const Replica& r) {
+    return r.open_acked && r.acked >= seg.length && r.epoch_acked >= seg.epoch;
+  });
+}
+
+bool ReplicaManager::head_open_durable() const {
+  auto it = segments_.find(head_id_);
+  if (it == segments_.end()) return false;
+  const Seg& head = it->second;
+  if (head.replicas.size() < options_.replicas || head.epoch_recorded < head.epoch) return false;
+  return std::all_of(head.replicas.begin(), head.replicas.end(),
+                     [&](const Replica& r) { return r.open_acked && r.epoch_acked >= head.epoch; });
+}
+
+bool ReplicaManager::log_durable(uint32_t* head_acked) const {
+  for (const auto& [id, seg] : segments_) {
+    if (!seg.in_log || id == head_id_) continue;
+    if (!segment_whole(seg)) return false;
+  }
+  if (!head_open_durable()) return false;
+  const Seg& head = segments_.at(head_id_);
+  uint32_t acked = UINT32_MAX;
+  for (const auto& r : head.replicas) acked = std::min(acked, r.acked);
+  *head_acked = acked;
+  return true;
+}
+
+void ReplicaManager::send_writes() {
+  bool others_whole = true;
+  for (const auto& [id, seg] : segments_) {
+    if (seg.in_log && id != head_id_ && !segment_whole(seg)) others_whole = false;
+  }
+  const bool head_durable = head_open_durable();
+  for (auto& [id, seg] : segments_) {
+    if (!seg.in_log) continue;
+    const bool is_head = id == head_id_;
+    for (auto& r : seg.replicas) {
+      if (r.close_sent || r.in_flight >= options_.max_in_flight) continue;
+      // Rule 1: a new head opens on the backups once everything before it is there.
+      if (is_head && !r.opened && !others_whole) continue;
+      // Rule 2: other segments close once the head is durably open.
+      const bool close = !is_head && seg.closed && head_durable;
+      if (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || close) {
+        send_write(seg, r, close);
+      }
+    }
+    if (is_head) record_epoch(seg);
+  }
+}
+
+void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
+  std::vector<std::byte> body(sizeof(wire::BackupWriteRequest));
+  uint32_t length = 0;
+  Certificate cert;
+  bool closed = false;
+  if (!log_.copy_for_replication(seg.id, r.sent, &body, &length, &cert, &closed)) {
+    seg.in_log = false;  // cleaned since the view; freed once the log is durable
+    dirty_ = true;
+    return;
+  }
+  if (length < r.sent) {
+    // Only a compacted segment shrinks, and only replicated ones are compacted.
+    LOG_ERROR("segment {} shrank below what backup {} holds; making a new replica", seg.id,
+              r.backup_id);
+    return lose_replica(seg, static_cast<size_t>(&r - seg.replicas.data()), Status::kInternal);
+  }
+  wire::BackupWriteRequest req{.master_id = server_id_,
+                               .segment_id = seg.id,
+                               .epoch = seg.epoch,
+                               .offset = r.sent,
+                               .length = length - r.sent,
+                               .certificate_bytes = cert.segment_bytes,
+                               .certificate_checksum = cert.checksum,
+                               .open = static_cast<uint8_t>(r.opened ? 0 : 1),
+                               .close = static_cast<uint8_t>(close && closed ? 1 : 0)};
+  std::memcpy(body.data(), &req, sizeof(req));
+  const uint64_t segment_id = seg.id;
+  const uint64_t serial = r.serial;
+  const uint64_t epoch = seg.epoch;
+  const bool closing = req.close == 1;
+  client_->send(r.locator,
+                {.opcode = wire::Opcode::kBackupWrite,
+                 .client_id = server_id_,
+                 .rpc_seq = ++rpc_seq_,
+                 .timeout_ns = options_.rpc_timeout_ns},
+                body,
+                [this, segment_id, serial, length, epoch, closing](
+                    Status transport, const wire::MessageHeader& h, std::span<const std::byte>) {
+                  Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
+                  on_write_done(segment_id, serial, length, epoch, closing, s);
+                });
+  r.sent = length;
+  r.opened = true;
+  r.epoch_sent = epoch;
+  if (closing) r.close_sent = true;
+  ++r.in_flight;
+  ++stats_.write_rpcs;
+  stats_.bytes_sent += req.length;
+}
+
+void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end,
+                                   uint64_t epoch, bool close, Status status) {
+  dirty_ = true;
+  auto it = segments_.find(segment_id);
+  if (it == segments_.end()) return;
+  Seg& seg = it->second;
+  auto r = std::find_if(seg.replicas.begin(), seg.replicas.end(),
+                        [&](const Replica& x) { return x.serial == serial; });
+  if (r == seg.replicas.end()) return;  // lost meanwhile
+  --r->in_flight;
+  if (status == Status::kOk) {
+    r->acked = std::max(r->acked, end);
+    r->open_acked = true;
+    r->epoch_acked = std::max(r->epoch_acked, epoch);
+    if (close) r->close_acked = true;
+    if (!seg.marked && seg.replicas.size() >= options_.replicas &&
+        std::all_of(seg.replicas.begin(), seg.replicas.end(),
+                    [](const Replica& x) { return x.close_acked; })) {
+      log_.mark_replicated(seg.id);  // the cleaner may take it now
+      seg.marked = true;
+    }
+    return;
+  }
+  if (status == Status::kFenced) {
+    if (!fenced_) {
+      LOG_ERROR(
+          "backup {} refused our writes: the coordinator declared this master crashed; no "
+          "more writes will be acknowledged",
+          r->backup_id);
+    }
+    fenced_ = true;
+    return;
+  }
+  lose_replica(seg, static_cast<size_t>(r - seg.replicas.begin()), status);
+}
+
+void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why) {
+  Replica r = std::move(seg.replicas[index]);
+  seg.replicas.erase(seg.replicas.begin() + static_cast<ptrdiff_t>(index));
+  ++stats_.replicas_lost;
+  dirty_ = true;
+  LOG_WARNING("lost the replica of segment {} on backup {} ({}); making a new one elsewhere",
+              seg.id, r.backup_id, status_name(why));
+  if (!r.close_acked) {
+    // The stale copy may be open: raise the epoch so recovery can tell it from the
+    // others (rule 4). The survivors get the new epoch with their next write.
+    ++seg.epoch;
+  }
+  seg.avoid.insert(r.backup_id);
+  if (auto b = backups_.find(r.backup_id); b != backups_.end()) {
+    // Best effort: a backup that is still up (full disk, no buffer) drops its copy.
+    std::vector<std::byte> body;
+    wire::BodyWriter(&body).put(
+        wire::BackupFreeRequest{.master_id = server_id_, .segment_id = seg.id});
+    client_->send(b->second,
+                  {.opcode = wire::Opcode::kBackupFree,
+                   .client_id = server_id_,
+                   .rpc_seq = ++rpc_seq_,
+                   .timeout_ns = options_.rpc_timeout_ns},
+                  body, [](Status, const wire::MessageHeader&, std::span<const std::byte>) {});
+  }
+}
+
+void ReplicaManager::record_epoch(Seg& seg) {
+  if (seg.epoch <= seg.epoch_recorded || seg.epoch_in_flight || options_.coordinator.empty()) {
+    return;
+  }
+  // Only once every replica holds the new epoch: recorded earlier, a crash now would
+  // leave no replica of the head that recovery may use.
+  if (seg.replicas.size() < options_.replicas) return;
+  for (const auto& r : seg.replicas) {
+    if (r.epoch_acked < seg.epoch) return;
+  }
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(wire::ReplicationEpochEntry{
+      .master_id = server_id_, .segment_id = seg.id, .epoch = seg.epoch});
+  const uint64_t segment_id = seg.id;
+  const uint64_t epoch = seg.epoch;
+  seg.epoch_in_flight = true;
+  client_->send(options_.coordinator,
+                {.opcode = wire::Opcode::kSetReplicationEpoch,
+                 .client_id = server_id_,
+                 .rpc_seq = ++rpc_seq_,
+                 .timeout_ns = options_.rpc_timeout_ns},
+                body,
+                [this, segment_id, epoch](Status transport, const wire::MessageHeader& h,
+                                          std::span<const std::byte>) {
+                  dirty_ = true;
+                  Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
+                  auto it = segments_.find(segment_id);
+                  if (it != segments_.end()) {
+                    it->second.epoch_in_flight = false;
+                    if (s == Status::kOk) {
+                      it->second.epoch_recorded = std::max(it->second.epoch_recorded, epoch);
+                    }
+                  }
+                  if (s == Status::kFenced) {
+                    fenced_ = true;
+                  } else if (s != Status::kOk) {
+                    LOG_WARNING("cannot record epoch {} of segment {} at the coordinator: {}",
+                                epoch, segment_id, status_name(s));
+                  }
+                });
+}
+
+void ReplicaManager::free_dead_segments() {
+  uint32_t head_acked = 0;
+  bool durable = log_durable(&head_acked);
+  for (auto it = segments_.begin(); it != segments_.end();) {
+    Seg& seg = it->second;
+    bool busy = std::any_of(seg.replicas.begin(), seg.replicas.end(),
+                            [](const Replica& r) { return r.in_flight > 0; });
+    // Rule 5: only once the head whose digest drops it is durable.
+    if (seg.in_log || busy || !durable || seg.epoch_in_flight) {
+      ++it;
+      continue;
+    }
+    for (const auto& r : seg.replicas) {
+      std::vector<std::byte> body;
+      wire::BodyWriter(&body).put(
+          wire::BackupFreeRequest{.master_id = server_id_, .segment_id = seg.id});
+      client_->send(r.locator,
+                    {.opcode = wire::Opcode::kBackupFree,
+                     .client_id = server_id_,
+                     .rpc_seq = ++rpc_seq_,
+                     .timeout_ns = options_.rpc_timeout_ns},
+                    body, [](Status, const wire::MessageHeader&, std::span<const std::byte>) {});
+    }
+    ++stats_.segments_freed;
+    it = segments_.erase(it);
+  }
+}
+
+void ReplicaManager::release_durable() {
+  uint32_t head_acked = 0;
+  if (held_.empty() || !log_durable(&head_acked)) return;
+  while (!held_.empty()) {
+    const Held& h = held_.front();
+    if (!h.stamped || h.segment_id > head_id_ ||
+        (h.segment_id == head_id_ && h.offset > head_acked)) {
+      break;
+    }
+    server_.send_deferred(h.token, h.reply);
+    held_.pop_front();
+    ++stats_.replies_released;
+  }
+}
+
+void ReplicaManager::fail_held(Status s) {
+  while (!held_.empty()) {
+    Held& h = held_.front();
+    h.reply.clear();
+    h.reply.set_status(s);
+    server_.send_deferred(h.token, h.reply);
+    held_.pop_front();
+  }
+}
+
+}  // namespace ramkv::master

@@ -1,0 +1,162 @@
+// ReplicaManager: keeps R replicas of every segment of a master's log on backups of other
+// servers, and holds back the replies to writes until what they wrote is on all R
+// (DESIGN.md, Master and Backup; docs/rpc.md, Backup).
+//
+// It runs on the server's dispatch thread as the loop's task (transport.h, LoopTask):
+// after each batch of requests it sends everything the batch appended to the head as
+// one backup write per replica (group commit), with several writes in flight per
+// replica (a connection delivers them in order, and the backup appends only at the
+// length it holds). Replies come back through the same loop.
+//
+// Order, so that the backups always hold a log that recovery can prove complete:
+//   1. Segments other than the head (an old head, the cleaner's survivors) get all
+//      their bytes before a new head is opened on the backups; the new head's digest
+//      names them.
+//   2. An old head is closed on its backups only after the new head is open on all of
+//      its backups (and its epoch recorded, see 4).
+//   3. A write is acknowledged when its bytes are on all R replicas of the head and
+//      every other segment of the log is wholly on its R replicas.
+//   4. When a replica is lost (its backup crashed, filled up, or refused), a new one is
+//      made on another backup from the master's memory. If the segment was still open,
+//      its epoch goes up: the surviving replicas are told, and the new epoch is recorded
+//      at the coordinator before anything more is acknowledged, so a stale open replica
+//      is never used by recovery.
+//   5. Replicas of segments that left the log (cleaned) are freed once the head whose
+//      digest no longer names them is durable.
+//   6. A backup that answers kFenced means the coordinator declared this master crashed:
+//      the manager stops, and every held and later write is answered kFenced.
+//
+// Owner: the server (server/main.cc). Threads: every method runs on the dispatch thread.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/transport.h"
+#include "common/wire_format.h"
+#include "master/log.h"
+
+namespace ramkv::master {
+
+struct ReplicationStats {
+  uint64_t write_rpcs = 0;
+  uint64_t bytes_sent = 0;
+  uint64_t replicas_lost = 0;
+  uint64_t replies_held = 0;  // held at any time
+  uint64_t replies_released = 0;
+  uint64_t segments_freed = 0;
+  uint32_t backups = 0;  // usable now
+};
+
+class ReplicaManager final : public LoopTask {
+ public:
+  struct Options {
+    uint32_t replicas = 3;
+    std::string coordinator;  // where epochs are recorded
+    uint64_t rpc_timeout_ns = 5'000'000'000;
+    uint32_t max_in_flight = 4;  // writes in flight per replica
+    uint64_t seed = 0;           // backup choice; 0: from the clock
+  };
+
+  ReplicaManager(const Options& options, Log& log, ServerTransport& server);
+  ~ReplicaManager() override;
+  ReplicaManager(const ReplicaManager&) = delete;
+  ReplicaManager& operator=(const ReplicaManager&) = delete;
+
+  // Our own server id (never a backup for ourselves); set once enlisted.
+  void set_server_id(uint64_t id) { server_id_ = id; }
+  // The coordinator's newest server list: the backups to use. Replicas on a server that
+  // is gone, crashed or replaced are lost and made again elsewhere.
+  void update_servers(const std::vector<wire::ServerListItem>& servers);
+  // Takes over a reply the handler just produced (and marks it deferred): it is sent when
+  // everything written so far is durable, or answered kFenced.
+  void hold(Reply& reply);
+  bool fenced() const { return fenced_; }
+  const ReplicationStats& stats() const { return stats_; }
+  size_t held_replies() const { return held_.size(); }
+
+  // LoopTask
+  int wait_fd() const override { return client_->wait_fd(); }
+  uint64_t run() override;
+
+ private:
+  struct Replica {
+    uint64_t backup_id = 0;
+    uint64_t serial = 0;  // tells this replica's RPC replies from an earlier one's
+    std::string locator;
+    uint32_t sent = 0;   // bytes sent (acknowledged or in flight)
+    uint32_t acked = 0;  // bytes the backup has acknowledged
+    uint64_t epoch_sent = 0;
+    uint64_t epoch_acked = 0;
+    bool opened = false;  // the open has been sent
+    bool open_acked = false;
+    bool close_sent = false;
+    bool close_acked = false;
+    uint32_t in_flight = 0;
+  };
+  struct Seg {
+    uint64_t id = 0;
+    uint64_t epoch = 1;
+    uint64_t epoch_recorded = 1;  // the coordinator knows this epoch (1: nothing to know)
+    bool epoch_in_flight = false;
+    uint32_t length = 0;
+    bool closed = false;  // in the master's memory
+    bool in_log = true;
+    bool marked = false;  // told the log it is replicated
+    std::vector<Replica> replicas;
+    std::set<uint64_t> avoid;  // backups that failed this segment
+  };
+  struct Held {
+    ReplyToken token;
+    Reply reply;
+    uint64_t segment_id = 0;  // the head and its length when the reply was taken
+    uint32_t offset = 0;
+    bool stamped = false;
+  };
+
+  void refresh_view();
+  void choose_backups(Seg& seg);
+  void send_writes();
+  void send_write(Seg& seg, Replica& r, bool close);
+  void on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end, uint64_t epoch, bool close,
+                     Status status);
+  void lose_replica(Seg& seg, size_t index, Status why);
+  void record_epoch(Seg& seg);
+  void free_dead_segments();
+  void release_durable();
+  // Every non-head segment wholly on R replicas, and the head open on R with its epoch
+  // recorded; *head_acked is then what the head's replicas all hold.
+  bool log_durable(uint32_t* head_acked) const;
+  bool head_open_durable() const;
+  // All R replicas hold every byte of the segment at its current epoch.
+  bool segment_whole(const Seg& seg) const;
+  void fail_held(Status s);
+
+  Options options_;
+  Log& log_;
+  ServerTransport& server_;
+  std::unique_ptr<ClientTransport> client_;
+  uint64_t server_id_ = 0;
+  std::map<uint64_t, std::string> backups_;  // usable backups: id -> locator
+  std::map<uint64_t, Seg> segments_;
+  uint64_t head_id_ = 0;
+  uint32_t head_length_ = 0;
+  uint64_t seen_changes_ = UINT64_MAX;
+  uint64_t next_replica_serial_ = 0;
+  bool dirty_ = true;  // something may be due: run() looks at everything
+  std::deque<Held> held_;
+  bool fenced_ = false;
+  bool warned_few_backups_ = false;
+  uint64_t rpc_seq_ = 0;
+  std::mt19937_64 random_;
+  ReplicationStats stats_;
+  std::vector<std::byte> scratch_;
+};
+
+}  // namespace ramkv::master

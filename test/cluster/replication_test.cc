@@ -1,0 +1,246 @@
+// Replication with real processes: masters keep R replicas on backups of other servers,
+// acknowledge writes only once they are there, re-replicate after a backup dies, and a
+// master the coordinator replaced (a zombie) gets its writes refused. The replicas are
+// read back from the backups' files and parsed, as recovery will.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <string>
+
+#include "backup/replica_file.h"
+#include "common/log_entry.h"
+#include "common/segment_iterator.h"
+#include "test/cluster/cluster_fixture.h"
+
+namespace ramkv {
+using test::ClusterShape;
+using test::free_port;
+using test::LocalCluster;
+namespace {
+
+// key -> newest version, of the objects in one backup's replicas of `master_id` (0: of
+// every master). Every replica must load and validate against its certificate.
+std::map<std::string, uint64_t> objects_on_backup(const std::string& data_dir, uint64_t master_id) {
+  std::map<std::string, uint64_t> out;
+  std::error_code ec;
+  if (!std::filesystem::exists(data_dir, ec)) return out;
+  for (const auto& dir : std::filesystem::directory_iterator(data_dir)) {
+    if (!dir.is_directory()) continue;
+    if (master_id != 0 && dir.path().filename() != std::to_string(master_id)) continue;
+    for (const auto& file : std::filesystem::directory_iterator(dir.path())) {
+      auto loaded = backup::load_replica(file.path().string());
+      INFO("replica " << file.path());
+      REQUIRE(loaded.ok());
+      std::span<const std::byte> bytes =
+          loaded->data.span().subspan(0, loaded->header.certificate_bytes);
+      SegmentIterator it(bytes, Certificate{loaded->header.certificate_bytes,
+                                            loaded->header.certificate_checksum});
+      REQUIRE(it.validate() == Status::kOk);
+      for (; it.valid(); it.next()) {
+        if (it.type() != EntryType::kObject) continue;
+        auto object = decode_object(it.payload());
+        REQUIRE(object.ok());
+        uint64_t& v = out[std::string(object->key)];
+        v = std::max(v, object->version);
+      }
+    }
+  }
+  return out;
+}
+
+// Waits until no master holds a reply for its backups (bounded).
+void wait_until_replicated(Client& client, const std::vector<ServerInfo>& servers) {
+  for (int i = 0; i < 200; ++i) {
+    bool idle = true;
+    for (const auto& s : servers) {
+      if (!s.master) continue;
+      auto stats = client.server_stats(s.locator);
+      if (stats.ok() && stats->find("replication_replies_held 0\n") == std::string::npos) {
+        idle = false;
+      }
+    }
+    if (idle) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// A write sent straight to one master, bypassing the client library.
+Status raw_write(const std::string& locator, uint64_t table_id, std::string_view key,
+                 std::string_view value) {
+  std::vector<std::byte> body;
+  wire::BodyWriter w(&body);
+  w.put(wire::WriteRequest{.table_id = table_id,
+                           .key_bytes = static_cast<uint32_t>(key.size()),
+                           .value_bytes = static_cast<uint32_t>(value.size()),
+                           .rules = {}});
+  w.put_bytes(key);
+  w.put_bytes(value);
+  auto transport = make_tcp_client_transport({});
+  return call(*transport, locator, {.opcode = wire::Opcode::kWrite, .timeout_ns = 3'000'000'000},
+              body)
+      .status;
+}
+
+}  // namespace
+
+TEST_CASE("replication: every acknowledged write is on R backups of other servers",
+          "[cluster][replication]") {
+  LocalCluster cluster(ClusterShape{.servers = 4, .replicas = 3, .durability = "disk"});
+  auto client = cluster.client();
+  auto table = client->create_table("replicated");
+  REQUIRE(table.ok());
+  std::map<std::string, uint64_t> acked;
+  for (int i = 0; i < 200; ++i) {
+    std::string key = "key-" + std::to_string(i);
+    auto v = client->write(*table, key, "value-" + std::to_string(i));
+    REQUIRE(v.ok());
+    acked[key] = *v;
+  }
+  auto servers = client->servers();
+  REQUIRE(servers.ok());
+  // Disk durability: an acknowledged write is already in every replica's file.
+  std::map<std::string, int> copies;
+  for (size_t i = 0; i < cluster.server_count(); ++i) {
+    for (const auto& [key, version] : objects_on_backup(cluster.backup_dir(i), 0)) {
+      if (acked.contains(key) && version >= acked[key]) ++copies[key];
+    }
+  }
+  for (const auto& [key, version] : acked) {
+    INFO(key);
+    CHECK(copies[key] == 3);
+  }
+  // Never on the master's own server: no backup holds a directory named by its own id.
+  for (size_t i = 0; i < cluster.server_count(); ++i) {
+    std::ifstream id_file(cluster.backup_dir(i) + "/server-id");
+    uint64_t own_id = 0;
+    id_file >> own_id;
+    REQUIRE(own_id != 0);
+    CHECK_FALSE(std::filesystem::exists(cluster.backup_dir(i) + "/" + std::to_string(own_id)));
+  }
+}
+
+TEST_CASE("replication: a backup killed during writes loses nothing and is replaced",
+          "[cluster][replication]") {
+  LocalCluster cluster(
+      ClusterShape{.masters = 1, .backups = 4, .replicas = 3, .durability = "disk"});
+  auto client = cluster.client();
+  auto table = client->create_table("survives");
+  REQUIRE(table.ok());
+  auto servers = client->servers();
+  REQUIRE(servers.ok());
+  uint64_t master_id = 0;
+  for (const auto& s : *servers) {
+    if (s.master) master_id = s.server_id;
+  }
+  REQUIRE(master_id != 0);
+
+  std::map<std::string, uint64_t> acked;
+  size_t killed = SIZE_MAX;
+  for (int i = 0; i < 400; ++i) {
+    if (i == 150) {
+      // Kill a backup that holds a replica of this master.
+      for (size_t b = 1; b < cluster.server_count() && killed == SIZE_MAX; ++b) {
+        if (std::filesystem::exists(cluster.backup_dir(b) + "/" + std::to_string(master_id))) {
+          killed = b;
+        }
+      }
+      REQUIRE(killed != SIZE_MAX);
+      cluster.server(killed).kill9();
+    }
+    std::string key = "key-" + std::to_string(i);
+    auto v = client->write(*table, key, std::string(100, static_cast<char>('a' + i % 26)));
+    INFO("write " << i << ": " << status_name(v.status()));
+    REQUIRE(v.ok());
+    acked[key] = *v;
+  }
+  wait_until_replicated(*client, *servers);
+  // Every acknowledged write is readable, and on all three surviving backups: the
+  // replicas the dead backup held were made again from the master's memory.
+  for (const auto& [key, version] : acked) {
+    auto r = client->read(*table, key);
+    REQUIRE(r.ok());
+    CHECK(r->version == version);
+  }
+  for (size_t b = 1; b < cluster.server_count(); ++b) {
+    if (b == killed) continue;
+    auto held = objects_on_backup(cluster.backup_dir(b), master_id);
+    for (const auto& [key, version] : acked) {
+      INFO("backup " << b + 1 << " key " << key);
+      REQUIRE(held.contains(key));
+      CHECK(held[key] >= version);
+    }
+  }
+  // The open head lost a replica, so its epoch went up and the coordinator recorded it.
+  auto transport = make_tcp_client_transport({});
+  auto epochs =
+      call(*transport, cluster.coordinator(), {.opcode = wire::Opcode::kGetReplicationEpochs}, {});
+  REQUIRE(epochs.status == Status::kOk);
+  wire::BodyReader in(epochs.body);
+  wire::ReplicationEpochsHeader header;
+  REQUIRE(in.get(&header));
+  bool found = false;
+  for (uint32_t i = 0; i < header.count; ++i) {
+    wire::ReplicationEpochEntry e;
+    REQUIRE(in.get(&e));
+    if (e.master_id == master_id) {
+      found = true;
+      CHECK(e.epoch >= 2);
+    }
+  }
+  CHECK(found);
+}
+
+TEST_CASE("replication: a zombie master's writes are refused by its backups",
+          "[cluster][replication]") {
+  LocalCluster cluster(ClusterShape{.masters = 1, .backups = 3, .replicas = 3});
+  auto client = cluster.client();
+  auto table = client->create_table("zombie");
+  REQUIRE(table.ok());
+  REQUIRE(client->write(*table, "before", "ok").ok());
+  auto servers = client->servers();
+  REQUIRE(servers.ok());
+  ServerInfo master;
+  for (const auto& s : *servers) {
+    if (s.master) master = s;
+  }
+  // Another server enlists in the master's place (as a restarted one would): the
+  // coordinator replaces the old id, and the backups fence it.
+  std::string fake = "127.0.0.1:" + std::to_string(free_port());
+  std::vector<std::byte> body;
+  wire::BodyWriter w(&body);
+  w.put(wire::EnlistServerRequest{.services = wire::kServiceMaster,
+                                  .locator_bytes = static_cast<uint32_t>(fake.size()),
+                                  .replaces_id = master.server_id});
+  w.put_bytes(fake);
+  auto transport = make_tcp_client_transport({});
+  REQUIRE(call(*transport, cluster.coordinator(), {.opcode = wire::Opcode::kEnlistServer}, body)
+              .status == Status::kOk);
+
+  // The old master still runs and still thinks it owns the table; its backups refuse it.
+  Status last = Status::kOk;
+  for (int i = 0; i < 100 && last != Status::kFenced; ++i) {
+    last = raw_write(master.locator, *table, "zombie-" + std::to_string(i), "value");
+    if (last == Status::kOk) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  CHECK(last == Status::kFenced);
+  // Once fenced it stays so, and every backup refuses the old id directly too.
+  CHECK(raw_write(master.locator, *table, "after", "value") == Status::kFenced);
+  for (const auto& s : *servers) {
+    if (!s.backup) continue;
+    std::vector<std::byte> b;
+    wire::BodyWriter bw(&b);
+    bw.put(wire::BackupWriteRequest{.master_id = master.server_id,
+                                    .segment_id = 999,
+                                    .epoch = 1,
+                                    .offset = 0,
+                                    .length = 0,
+                                    .open = 1});
+    CHECK(call(*transport, s.locator, {.opcode = wire::Opcode::kBackupWrite}, b).status ==
+          Status::kFenced);
+  }
+}
+
+}  // namespace ramkv
