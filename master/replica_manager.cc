@@ -113,9 +113,10 @@ void ReplicaManager::refresh_view() {
 void ReplicaManager::choose_backups(Seg& seg) {
   while (seg.replicas.size() < options_.replicas) {
     std::vector<uint64_t> candidates;
-    for (const auto& [id, locator] : backups_) {
+    for (const auto& backup : backups_) {
+      const uint64_t id = backup.first;  // not a structured binding: clang 14 cannot capture one
       bool used = std::any_of(seg.replicas.begin(), seg.replicas.end(),
-                              [&](const Replica& r) { return r.backup_id == id; });
+                              [id](const Replica& r) { return r.backup_id == id; });
       if (!used && !seg.avoid.contains(id)) candidates.push_back(id);
     }
     if (candidates.empty() && !seg.avoid.empty()) {
