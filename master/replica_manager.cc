@@ -296,16 +296,20 @@ void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why) {
   seg.avoid.insert(r.backup_id);
   if (auto b = backups_.find(r.backup_id); b != backups_.end()) {
     // Best effort: a backup that is still up (full disk, no buffer) drops its copy.
-    std::vector<std::byte> body;
-    wire::BodyWriter(&body).put(
-        wire::BackupFreeRequest{.master_id = server_id_, .segment_id = seg.id});
-    client_->send(b->second,
-                  {.opcode = wire::Opcode::kBackupFree,
-                   .client_id = server_id_,
-                   .rpc_seq = ++rpc_seq_,
-                   .timeout_ns = options_.rpc_timeout_ns},
-                  body, [](Status, const wire::MessageHeader&, std::span<const std::byte>) {});
+    send_free(b->second, seg.id);
   }
+}
+
+void ReplicaManager::send_free(const std::string& locator, uint64_t segment_id) {
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(
+      wire::BackupFreeRequest{.master_id = server_id_, .segment_id = segment_id});
+  client_->send(locator,
+                {.opcode = wire::Opcode::kBackupFree,
+                 .client_id = server_id_,
+                 .rpc_seq = ++rpc_seq_,
+                 .timeout_ns = options_.rpc_timeout_ns},
+                body, [](Status, const wire::MessageHeader&, std::span<const std::byte>) {});
 }
 
 void ReplicaManager::record_epoch(Seg& seg) {
@@ -362,17 +366,7 @@ void ReplicaManager::free_dead_segments() {
       ++it;
       continue;
     }
-    for (const auto& r : seg.replicas) {
-      std::vector<std::byte> body;
-      wire::BodyWriter(&body).put(
-          wire::BackupFreeRequest{.master_id = server_id_, .segment_id = seg.id});
-      client_->send(r.locator,
-                    {.opcode = wire::Opcode::kBackupFree,
-                     .client_id = server_id_,
-                     .rpc_seq = ++rpc_seq_,
-                     .timeout_ns = options_.rpc_timeout_ns},
-                    body, [](Status, const wire::MessageHeader&, std::span<const std::byte>) {});
-    }
+    for (const auto& r : seg.replicas) send_free(r.locator, seg.id);
     ++stats_.segments_freed;
     it = segments_.erase(it);
   }

@@ -128,6 +128,8 @@ class ReplicaManager final : public LoopTask {
                      Status status);
   void lose_replica(Seg& seg, size_t index, Status why);
   void record_epoch(Seg& seg);
+  // Asks a backup to drop its replica of `segment_id`; the answer is not waited for.
+  void send_free(const std::string& locator, uint64_t segment_id);
   void free_dead_segments();
   void release_durable();
   // Every non-head segment wholly on R replicas, and the head open on R with its epoch

@@ -174,8 +174,9 @@ class LocalCluster {
   bool is_backup(size_t index) const { return roles_.at(index).second; }
   size_t server_count() const { return servers_.size(); }
 
-  // Waits until `count` servers are up at the coordinator.
-  void wait_for_servers(int count) {
+  // Waits until `count` servers (masters only, with `masters_only`) are up at the
+  // coordinator.
+  void wait_for_servers(int count, bool masters_only = false) {
     ClientOptions o;
     o.coordinator = coordinator_locator_;
     o.timeout_ms = 2000;
@@ -185,7 +186,9 @@ class LocalCluster {
         auto list = (*c)->servers();
         if (list.ok()) {
           int up = 0;
-          for (const auto& s : *list) up += s.status == ServerStatus::kUp;
+          for (const auto& s : *list) {
+            up += (s.master || !masters_only) && s.status == ServerStatus::kUp;
+          }
           if (up >= count) return;
         }
       }
@@ -193,25 +196,7 @@ class LocalCluster {
     }
     FAIL("servers did not enlist within a few seconds; logs in " << dir_);
   }
-
-  void wait_for_masters(int masters) {
-    ClientOptions o;
-    o.coordinator = coordinator_locator_;
-    o.timeout_ms = 2000;
-    for (int i = 0; i < 300; ++i) {
-      auto c = Client::connect(o);
-      if (c.ok()) {
-        auto list = (*c)->servers();
-        if (list.ok()) {
-          int up = 0;
-          for (const auto& s : *list) up += s.master && s.status == ServerStatus::kUp;
-          if (up >= masters) return;
-        }
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    FAIL("masters did not enlist within a few seconds; logs in " << dir_);
-  }
+  void wait_for_masters(int masters) { wait_for_servers(masters, true); }
 
   std::unique_ptr<Client> client(uint64_t timeout_ms = 5000) {
     ClientOptions o;
