@@ -17,14 +17,6 @@ namespace {
 
 using wire::Opcode;
 
-// Closes a file descriptor on every path out.
-struct Fd {
-  int fd = -1;
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 constexpr size_t align_down(size_t n) { return n / kDirectAlignment * kDirectAlignment; }
 
 // Out of blocks or inodes, or over a disk quota: full, as far as the master is concerned.
@@ -41,7 +33,7 @@ uint8_t scan_status_code(Status s) {
 
 Result<std::unique_ptr<BackupService>> BackupService::create(const Options& options) {
   if (options.data_dir.empty() || options.segment_bytes == 0 || options.max_buffers == 0 ||
-      options.ring_depth < 2) {
+      options.ring_depth < 3 || options.max_deferred_replies == 0) {
     return Status::kInvalidArgument;
   }
   auto ring = Uring::create(options.ring_depth);
@@ -52,19 +44,43 @@ Result<std::unique_ptr<BackupService>> BackupService::create(const Options& opti
 }
 
 BackupService::BackupService(const Options& options, std::unique_ptr<Uring> ring)
-    : options_(options), ring_(std::move(ring)) {}
+    : options_(options), ring_(std::move(ring)) {
+  to_flush_.reserve(options_.max_buffers);
+}
+
+BackupService::~BackupService() = default;
+
+BackupService::File::~File() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+BackupService::File& BackupService::File::operator=(File&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+  }
+  return *this;
+}
+
+void BackupService::attach(ServerTransport& transport) {
+  transport_ = &transport;
+  transport.add_loop_task(this);
+}
 
 Status BackupService::load_existing() {
   auto scanned = scan_replicas(options_.data_dir);
   if (!scanned.ok()) return scanned.status();
   for (const ScannedReplica& s : *scanned) {
     Replica r;
-    r.epoch = s.header.epoch;
-    r.held_bytes = r.file_bytes = s.header.certificate_bytes;
-    r.certificate_bytes = s.header.certificate_bytes;
-    r.certificate_checksum = s.header.certificate_checksum;
-    // Found on disk: immutable whatever its header says (see the class comment).
-    r.closed = s.header.closed;
+    r.durable = {.epoch = s.header.epoch,
+                 .held_bytes = s.header.certificate_bytes,
+                 .certificate_bytes = s.header.certificate_bytes,
+                 .certificate_checksum = s.header.certificate_checksum,
+                 // Found on disk: immutable whatever its header says (see the class comment).
+                 .closed = s.header.closed};
+    r.staged = r.durable;
+    r.staged_seq = r.durable_seq = 1;  // what the file holds counts as acknowledged
+    r.file_bytes = s.header.certificate_bytes;
     r.has_file = true;
     r.found_on_disk = true;
     r.scan_status = scan_status_code(s.status);  // the scan has logged the bad ones
@@ -79,13 +95,22 @@ void BackupService::handle(const wire::MessageHeader& request, std::span<const s
   Status s = Status::kBadRequest;  // reserved and foreign opcodes
   switch (static_cast<Opcode>(request.opcode)) {
     case Opcode::kBackupWrite:
-      s = write(body);
+      s = write(body, reply);
       break;
     case Opcode::kBackupFree:
-      s = free_replica(body);
+      s = free_replica(body, reply);
       break;
     case Opcode::kBackupListReplicas:
       s = list_replicas(body, reply);
+      break;
+    case Opcode::kBackupStartReadingData:
+      s = start_reading(body, reply);
+      break;
+    case Opcode::kBackupStartPartitioning:
+      s = start_partitioning(body);
+      break;
+    case Opcode::kBackupGetRecoveryData:
+      s = get_recovery_data(body, reply);
       break;
     default:
       break;
@@ -96,7 +121,7 @@ void BackupService::handle(const wire::MessageHeader& request, std::span<const s
   }
 }
 
-Status BackupService::write(std::span<const std::byte> body) {
+Status BackupService::write(std::span<const std::byte> body, Reply& reply) {
   wire::BodyReader in(body);
   wire::BackupWriteRequest req;
   std::string_view data;
@@ -107,6 +132,8 @@ Status BackupService::write(std::span<const std::byte> body) {
   if (is_fenced(req.master_id)) return Status::kFenced;
   uint64_t end = uint64_t{req.offset} + req.length;
   if (end > options_.segment_bytes || req.certificate_bytes > end) return Status::kBadRequest;
+  // Before anything changes: the reply may have to wait (nothing was applied).
+  if (deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;
   auto bytes = std::as_bytes(std::span(data));
 
   Key key{req.master_id, req.segment_id};
@@ -116,88 +143,225 @@ Status BackupService::write(std::span<const std::byte> body) {
     auto buffer = acquire_buffer();
     if (!buffer.ok()) return buffer.status();
     Replica r;
-    r.epoch = req.epoch;
     r.buffer = std::move(*buffer);
     it = replicas_.emplace(key, std::move(r)).first;
-    return append(it, req, bytes, /*created=*/true);
+    return append(it, req, bytes, /*created=*/true, reply);
   }
   Replica& r = it->second;
   if (r.found_on_disk) return Status::kBadRequest;  // see the class comment
+  if (r.free_pending) return Status::kRetry;        // gone once the free is done
   // Invariant 2: the bytes held never change, and appends leave no gap.
-  if (req.offset > r.held_bytes || !matches_held(r, req.offset, bytes)) {
+  if (req.offset > r.staged.held_bytes || !matches_held(r, req.offset, bytes)) {
     return Status::kBadRequest;
   }
-  if (is_resend(r, req, end)) return Status::kOk;  // already done: nothing changes
-  return append(it, req, bytes, /*created=*/false);
+  // A resend is answered once what it asks for is durable (invariant 5): now, or when
+  // the flush of the staged writes it repeats succeeds.
+  if (r.durable_seq > 0 && is_resend(r.durable, req, end)) return Status::kOk;
+  if (is_resend(r.staged, req, end)) {
+    defer(r, r.staged_seq, reply);
+    return Status::kOk;
+  }
+  return append(it, req, bytes, /*created=*/false, reply);
 }
 
 bool BackupService::matches_held(const Replica& r, uint32_t offset,
                                  std::span<const std::byte> data) {
-  if (r.buffer.size() == 0 || offset >= r.held_bytes) return true;
-  size_t overlap = std::min<size_t>(data.size(), r.held_bytes - offset);
+  if (r.buffer.size() == 0 || offset >= r.staged.held_bytes) return true;
+  size_t overlap = std::min<size_t>(data.size(), r.staged.held_bytes - offset);
   return std::memcmp(r.buffer.span().data() + kReplicaHeaderBlock + offset, data.data(), overlap) ==
          0;
 }
 
-bool BackupService::is_resend(const Replica& r, const wire::BackupWriteRequest& req, uint64_t end) {
+bool BackupService::is_resend(const State& held, const wire::BackupWriteRequest& req,
+                              uint64_t end) {
   // An older certificate cannot be checked (only the latest is kept); an equal length
   // must come with the same checksum.
-  bool certificate_held = req.certificate_bytes < r.certificate_bytes ||
-                          (req.certificate_bytes == r.certificate_bytes &&
-                           req.certificate_checksum == r.certificate_checksum);
-  bool close_held = req.close == 0 || (r.closed && end == r.held_bytes);
-  return end <= r.held_bytes && req.epoch <= r.epoch && certificate_held && close_held;
+  bool certificate_held = req.certificate_bytes < held.certificate_bytes ||
+                          (req.certificate_bytes == held.certificate_bytes &&
+                           req.certificate_checksum == held.certificate_checksum);
+  bool close_held = req.close == 0 || (held.closed && end == held.held_bytes);
+  return end <= held.held_bytes && req.epoch <= held.epoch && certificate_held && close_held;
 }
 
 Status BackupService::append(std::map<Key, Replica>::iterator it,
                              const wire::BackupWriteRequest& req, std::span<const std::byte> data,
-                             bool created) {
-  const Key& key = it->first;
+                             bool created, Reply& reply) {
   Replica& r = it->second;
+  State& staged = r.staged;
   const uint64_t end = uint64_t{req.offset} + req.length;
-  if (r.closed || r.buffer.size() == 0 || req.offset > r.held_bytes || end < r.held_bytes ||
-      req.certificate_bytes < r.certificate_bytes || req.epoch < r.epoch) {
+  if (staged.closed || r.buffer.size() == 0 || req.offset > staged.held_bytes ||
+      end < staged.held_bytes || req.certificate_bytes < staged.certificate_bytes ||
+      req.epoch < staged.epoch) {
     // Invariant 2: held bytes, certificates and epochs never shrink; invariant 3: a
     // closed replica is never written again.
     if (created) forget(it);
     return Status::kBadRequest;
   }
 
-  // Stage the new tail (the overlap has matched: invariant 2); the replica's fields change
-  // only once the write has succeeded (invariant 4), so a failure leaves the bytes beyond
-  // held_bytes unclaimed.
-  auto tail = data.subspan(r.held_bytes - req.offset);
+  // Stage the new tail past the staged bytes (the overlap has matched: invariant 2). A
+  // flush in flight may be writing the block these bytes start in: it writes either them
+  // or the zeros it put there, past the length its header certifies, and the next flush
+  // rewrites that block.
+  auto tail = data.subspan(staged.held_bytes - req.offset);
   if (!tail.empty()) {
-    std::memcpy(r.buffer.data() + kReplicaHeaderBlock + r.held_bytes, tail.data(), tail.size());
+    std::memcpy(r.buffer.data() + kReplicaHeaderBlock + staged.held_bytes, tail.data(),
+                tail.size());
   }
-  const uint64_t old_epoch = r.epoch;
-  const uint32_t old_held = r.held_bytes;
-  const uint32_t old_certificate_bytes = r.certificate_bytes;
-  const uint32_t old_certificate_checksum = r.certificate_checksum;
-  r.epoch = req.epoch;
-  r.held_bytes = static_cast<uint32_t>(end);
-  r.certificate_bytes = req.certificate_bytes;
-  r.certificate_checksum = req.certificate_checksum;
-  bool to_disk = req.close == 1 || options_.durability == Durability::kDisk;
-  if (to_disk) {
-    if (Status s = write_file(key, r, req.close == 1, true); s != Status::kOk) {
-      r.epoch = old_epoch;
-      r.held_bytes = old_held;
-      r.certificate_bytes = old_certificate_bytes;
-      r.certificate_checksum = old_certificate_checksum;
-      if (created) forget(it);  // the open itself failed: nothing remains
-      return s;
-    }
+  staged = {.epoch = req.epoch,
+            .held_bytes = static_cast<uint32_t>(end),
+            .certificate_bytes = req.certificate_bytes,
+            .certificate_checksum = req.certificate_checksum,
+            .closed = req.close == 1};
+  ++r.staged_seq;
+  if (req.close == 0 && options_.durability == Durability::kBuffered) {
+    // Acknowledged from RAM. No flush can be under way: only a close starts one here,
+    // and a closed replica takes no more writes.
+    r.durable = staged;
+    r.durable_seq = r.staged_seq;
+    return Status::kOk;
   }
-  if (req.close == 1) {
-    r.closed = true;
-    release_buffer(std::move(r.buffer));
-    r.buffer = AlignedBuffer();
-  }
+  defer(r, r.staged_seq, reply);
+  queue_flush(*it);
   return Status::kOk;
 }
 
-Status BackupService::write_file(const Key& key, Replica& r, bool closed, bool sync) {
+void BackupService::defer(Replica& r, uint64_t seq, Reply& reply) {
+  RAMKV_CHECK_MSG(transport_ != nullptr, "a backup that defers replies needs attach()");
+  r.waiters.push_back({.token = reply.token(), .seq = seq});
+  ++deferred_replies_;
+  reply.defer();
+}
+
+void BackupService::answer_writes(Replica& r, uint64_t up_to, Status status) {
+  size_t n = 0;
+  while (n < r.waiters.size() && r.waiters[n].seq != kFreeSeq && r.waiters[n].seq <= up_to) {
+    answer(r.waiters[n].token, status);
+    ++n;
+  }
+  r.waiters.erase(r.waiters.begin(), r.waiters.begin() + static_cast<ptrdiff_t>(n));
+}
+
+void BackupService::answer(const ReplyToken& token, Status status) {
+  Reply reply;
+  reply.set_status(status);
+  --deferred_replies_;
+  // false when the connection has closed meanwhile: a master that reconnects resends.
+  transport_->send_deferred(token, reply);
+}
+
+void BackupService::queue_flush(Entry& entry) {
+  Replica& r = entry.second;
+  // A flush in flight takes up what was staged behind it once it is done.
+  if (r.queued || (r.flushing && r.flush.ops_in_flight > 0)) return;
+  r.queued = true;
+  to_flush_.push_back(&entry);
+}
+
+uint64_t BackupService::run() {
+  if (to_flush_.empty() && ring_->in_flight() == 0 && !event_may_be_set_) return UINT64_MAX;
+  // Cleared before collecting: a completion posted after this leaves the eventfd readable.
+  ring_->clear_event();
+  event_may_be_set_ = false;
+  // Each round submits what was queued and collects what is ready; completions can let
+  // more flushes start (the next one of a replica, or one that found no room).
+  for (;;) {
+    start_flushes();
+    done_.clear();
+    if (Status s = ring_->wait(0, &done_); s != Status::kOk) {
+      // Nothing was submitted; what is queued stays in the ring. Try again soon.
+      return 1'000'000;
+    }
+    if (done_.empty()) break;
+    event_may_be_set_ = true;
+    for (const Uring::Completion& c : done_) complete(c);
+  }
+  return UINT64_MAX;
+}
+
+void BackupService::start_flushes() {
+  // finish_flush() below never queues (it does only on success), so the loop sees every
+  // entry once; those without room yet keep their place.
+  size_t kept = 0;
+  for (size_t i = 0; i < to_flush_.size(); ++i) {
+    Entry* e = to_flush_[i];
+    Status s = start_chain(*e);
+    if (s == Status::kRetry) {
+      to_flush_[kept++] = e;
+      continue;
+    }
+    e->second.queued = false;
+    if (s != Status::kOk) finish_flush(*e, s);
+  }
+  to_flush_.resize(kept);
+}
+
+Status BackupService::start_chain(Entry& entry) {
+  const Key& key = entry.first;
+  Replica& r = entry.second;
+  Flush& f = r.flush;
+  // The blocks to write: a new file gets its header block and everything in one write;
+  // an existing one its blocks from the one the durable bytes end in. A flush under way
+  // resumes where its last chain stopped.
+  bool created = !r.has_file;
+  size_t next = created ? 0 : align_down(kReplicaHeaderBlock + r.file_bytes);
+  size_t end = align_up(kReplicaHeaderBlock + r.staged.held_bytes);
+  if (r.flushing) {
+    created = f.created;
+    next = f.next_offset;
+    end = f.end_offset;
+  }
+  uint32_t ops = (next < end ? 1u : 0u) + (created ? 0u : 1u) + 1u;
+  if (ring_->room() < ops) return Status::kRetry;  // a completion makes room
+
+  if (!r.flushing) {
+    if (r.file.get() < 0) {
+      if (Status s = open_file(key, r); s != Status::kOk) return s;
+    }
+    r.flushing = true;
+    ++flushes_;
+    f = Flush{.seq = r.staged_seq,
+              .state = r.staged,
+              .created = created,
+              .next_offset = next,
+              .end_offset = end};
+    encode_replica_header({.master_id = key.first,
+                           .segment_id = key.second,
+                           .epoch = f.state.epoch,
+                           .capacity = options_.segment_bytes,
+                           .certificate_bytes = f.state.certificate_bytes,
+                           .certificate_checksum = f.state.certificate_checksum,
+                           .closed = f.state.closed},
+                          r.buffer.span());
+    // O_DIRECT writes whole blocks: zero the tail of the last one so no stale bytes from
+    // the buffer's previous replica reach the file.
+    size_t held_end = kReplicaHeaderBlock + f.state.held_bytes;
+    std::memset(r.buffer.data() + held_end, 0, end - held_end);
+  }
+
+  // One chain, each operation starting once the one before completed in full: the new
+  // blocks, then (an existing file) the header that certifies them, then the fdatasync
+  // that covers both. A failure or a short write cancels the rest (-ECANCELED), so a
+  // full disk leaves the old header true (invariant 4).
+  const auto tag = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(&entry));
+  RAMKV_CHECK((tag & 3) == 0);
+  const int fd = r.file.get();
+  f.data_bytes = end - next;
+  f.header = !created;
+  f.ops_in_flight = ops;
+  std::fill(std::begin(f.results), std::end(f.results), 0);
+  if (f.data_bytes > 0) {
+    RAMKV_CHECK(ring_->submit_write(fd, r.buffer.span().subspan(next, f.data_bytes), next,
+                                    tag | kData, /*link_next=*/true) == Status::kOk);
+  }
+  if (f.header) {
+    RAMKV_CHECK(ring_->submit_write(fd, r.buffer.span().first(kReplicaHeaderBlock), 0,
+                                    tag | kHeader, /*link_next=*/true) == Status::kOk);
+  }
+  RAMKV_CHECK(ring_->submit_datasync(fd, tag | kSync) == Status::kOk);
+  return Status::kOk;
+}
+
+Status BackupService::open_file(const Key& key, Replica& r) {
   std::error_code ec;
   std::string dir = options_.data_dir + "/" + std::to_string(key.first);
   std::filesystem::create_directories(dir, ec);
@@ -207,115 +371,138 @@ Status BackupService::write_file(const Key& key, Replica& r, bool closed, bool s
   }
   std::string path = replica_path(options_.data_dir, key.first, key.second);
   int flags = O_WRONLY | O_CREAT | O_DIRECT | O_CLOEXEC | (r.has_file ? 0 : O_TRUNC);
-  Fd f{::open(path.c_str(), flags, 0644)};
-  if (f.fd < 0) {
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) {
     int err = errno;
     LOG_ERROR("cannot open replica file {}: {}", path, std::strerror(err));
     return errno_status(err);
   }
-  encode_replica_header({.master_id = key.first,
-                         .segment_id = key.second,
-                         .epoch = r.epoch,
-                         .capacity = options_.segment_bytes,
-                         .certificate_bytes = r.certificate_bytes,
-                         .certificate_checksum = r.certificate_checksum,
-                         .closed = closed},
-                        r.buffer.span());
-  // O_DIRECT writes whole blocks: zero the tail of the last one so no stale bytes from
-  // the buffer's previous replica reach the file.
-  size_t end = align_up(kReplicaHeaderBlock + r.held_bytes);
-  std::memset(r.buffer.data() + kReplicaHeaderBlock + r.held_bytes, 0,
-              end - kReplicaHeaderBlock - r.held_bytes);
-  // Only the blocks not yet on disk, and the header block. A new file goes in one write
-  // (removed if it fails). An existing one gets its new blocks first and its header only
-  // once they are in, so a write that fails (a full disk) leaves the header saying what
-  // the file held before (invariant 4). Nothing orders them on the device before the
-  // fdatasync, though: a crash in between can leave an open replica torn, which the
-  // restart scan flags.
-  bool created = !r.has_file;
-  Status s = Status::kOk;
-  if (created) {
-    s = write_blocks(f.fd, r.buffer.span().first(end), 0, path);
+  r.file = File(fd);
+  return Status::kOk;
+}
+
+void BackupService::complete(const Uring::Completion& c) {
+  auto* entry = reinterpret_cast<Entry*>(static_cast<uintptr_t>(c.user_data & ~uint64_t{3}));
+  Flush& f = entry->second.flush;
+  RAMKV_CHECK(entry->second.flushing && f.ops_in_flight > 0);
+  f.results[c.user_data & 3] = c.result;
+  if (--f.ops_in_flight > 0) return;
+  Status s = chain_status(*entry);
+  if (s == Status::kRetry) {
+    queue_flush(*entry);  // the rest of the blocks, from where the write stopped
   } else {
-    size_t start = align_down(kReplicaHeaderBlock + r.file_bytes);
-    if (start < end)
-      s = write_blocks(f.fd, r.buffer.span().subspan(start, end - start), start, path);
-    if (s == Status::kOk) {
-      s = write_blocks(f.fd, r.buffer.span().first(kReplicaHeaderBlock), 0, path);
+    finish_flush(*entry, s);
+  }
+}
+
+Status BackupService::chain_status(Entry& entry) {
+  Flush& f = entry.second.flush;
+  auto failed = [&](const char* what, int32_t result) {
+    std::string path = replica_path(options_.data_dir, entry.first.first, entry.first.second);
+    LOG_ERROR("{} replica {}: {}", what, path, std::strerror(-result));
+    return errno_status(-result);
+  };
+  // The first operation that did not complete in full decides; those after it in the
+  // chain were cancelled.
+  if (f.data_bytes > 0) {
+    int32_t result = f.results[kData];
+    if (result < 0) return failed("writing", result);
+    auto written = static_cast<size_t>(result);
+    if (written < f.data_bytes) {
+      // A short write is resumed where it stopped, so that the error which stopped it
+      // decides the status (ENOSPC: kNoSpace) rather than a guess; Linux also cuts single
+      // writes at 2 GiB - 4 KiB. O_DIRECT can resume only at a block boundary. No
+      // progress, or none that O_DIRECT can resume from: a regular file takes fewer bytes
+      // than asked only when it runs out of room (or past the file-size limit).
+      if (written == 0 || written % kDirectAlignment != 0) {
+        std::string path = replica_path(options_.data_dir, entry.first.first, entry.first.second);
+        LOG_ERROR("short write of replica {}: {} of {} bytes", path, written, f.data_bytes);
+        return Status::kNoSpace;
+      }
+      f.next_offset += written;
+      return Status::kRetry;
     }
   }
-  // After the writes completed: it covers them.
-  if (s == Status::kOk && sync) s = datasync(f.fd, path);
-  if (s != Status::kOk) {
-    if (created) ::unlink(path.c_str());  // invariant 4: no file existed before
-    return s;
+  if (f.header) {
+    int32_t result = f.results[kHeader];
+    if (result < 0) return failed("writing the header of", result);
+    if (static_cast<size_t>(result) != kReplicaHeaderBlock) return Status::kNoSpace;
   }
-  r.has_file = true;
-  r.file_bytes = r.held_bytes;
+  if (f.results[kSync] < 0) return failed("syncing", f.results[kSync]);
   return Status::kOk;
 }
 
-Status BackupService::write_blocks(int fd, std::span<const std::byte> blocks, size_t file_offset,
-                                   const std::string& path) {
-  // A short write is resumed where it stopped, so that the error which stopped it decides
-  // the status (ENOSPC: kNoSpace) rather than a guess; Linux also cuts single writes at
-  // 2 GiB - 4 KiB. O_DIRECT can resume only at a block boundary.
-  while (!blocks.empty()) {
-    uint64_t op = ++last_op_;
-    if (Status s = ring_->submit_write(fd, blocks, file_offset, op); s != Status::kOk) return s;
-    auto result = wait_for(op);  // the buffer may be touched again only after this
-    if (!result.ok()) return result.status();
-    if (*result < 0) {
-      LOG_ERROR("writing replica {}: {}", path, std::strerror(-*result));
-      return errno_status(-*result);
+void BackupService::finish_flush(Entry& entry, Status status) {
+  const Key& key = entry.first;
+  Replica& r = entry.second;
+  const Flush& f = r.flush;
+  r.flushing = false;
+  if (status == Status::kOk) {
+    r.has_file = true;
+    r.file_bytes = f.state.held_bytes;
+    r.durable = f.state;
+    r.durable_seq = f.seq;
+    answer_writes(r, r.durable_seq, Status::kOk);
+    if (r.durable.closed) {
+      // Invariant 3: never written again. Nothing can be staged behind a close.
+      release_buffer(std::move(r.buffer));
+      r.buffer = AlignedBuffer();
+      r.file = File();
+    } else if (r.staged_seq > r.durable_seq) {
+      queue_flush(entry);  // what was staged while this flush was in flight
     }
-    auto written = static_cast<size_t>(*result);
-    if (written == blocks.size()) break;
-    if (written == 0 || written % kDirectAlignment != 0) {
-      // No progress, or none that O_DIRECT can resume from. A regular file takes fewer
-      // bytes than asked only when it runs out of room (or past the file-size limit).
-      LOG_ERROR("short write of replica {}: {} of {} bytes", path, written, blocks.size());
-      return Status::kNoSpace;
+  } else {
+    // Invariant 4: back to the durable state; the writes staged behind this flush built
+    // on it, so they fail with it. A file this flush created goes too.
+    if (!r.has_file) {
+      r.file = File();
+      std::string path = replica_path(options_.data_dir, key.first, key.second);
+      ::unlink(path.c_str());
     }
-    blocks = blocks.subspan(written);
-    file_offset += written;
+    r.staged = r.durable;
+    r.staged_seq = r.durable_seq;
+    answer_writes(r, kFreeSeq - 1, status);
   }
-  return Status::kOk;
-}
-
-Status BackupService::datasync(int fd, const std::string& path) {
-  uint64_t op = ++last_op_;
-  if (Status s = ring_->submit_datasync(fd, op); s != Status::kOk) return s;
-  auto result = wait_for(op);
-  if (!result.ok()) return result.status();
-  if (*result < 0) {
-    LOG_ERROR("syncing replica {}: {}", path, std::strerror(-*result));
-    return errno_status(-*result);
-  }
-  return Status::kOk;
-}
-
-Result<int32_t> BackupService::wait_for(uint64_t op) {
-  // Completions of operations whose wait failed earlier may come first: skip them.
-  std::vector<Uring::Completion> done;
-  for (;;) {
-    if (Status s = ring_->wait(1, &done); s != Status::kOk) return s;
-    for (const auto& c : done) {
-      if (c.user_data == op) return c.result;
-    }
-    done.clear();
+  auto it = replicas_.find(key);
+  if (r.free_pending) {
+    if (idle(r)) complete_free(it);
+  } else if (status != Status::kOk && r.durable_seq == 0) {
+    forget(it);  // an open never acknowledged: nothing remains (invariant 4)
   }
 }
 
-Status BackupService::free_replica(std::span<const std::byte> body) {
+void BackupService::complete_free(std::map<Key, Replica>::iterator it) {
+  // Idle: every write's reply has gone, only the frees' wait.
+  std::vector<Waiter> frees = std::move(it->second.waiters);
+  it->second.waiters.clear();
+  it->second.free_pending = false;
+  Status s = remove(it);  // on kIoError the replica stays, as it was
+  for (const Waiter& w : frees) {
+    RAMKV_CHECK(w.seq == kFreeSeq);
+    answer(w.token, s);
+  }
+}
+
+Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply) {
   wire::BodyReader in(body);
   wire::BackupFreeRequest req;
   if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
   if (is_fenced(req.master_id)) return Status::kFenced;  // recovery needs them
   auto it = replicas_.find({req.master_id, req.segment_id});
   if (it == replicas_.end()) return Status::kOk;  // already freed: a resent free is fine
+  if (!idle(it->second)) {
+    // Not under a write in flight (invariant 6): once the flushes are done.
+    if (deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;
+    it->second.free_pending = true;
+    defer(it->second, kFreeSeq, reply);
+    return Status::kOk;
+  }
+  return remove(it);
+}
+
+Status BackupService::remove(std::map<Key, Replica>::iterator it) {
   if (it->second.has_file) {
-    std::string path = replica_path(options_.data_dir, req.master_id, req.segment_id);
+    std::string path = replica_path(options_.data_dir, it->first.first, it->first.second);
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
       LOG_ERROR("cannot remove replica file {}: {}", path, std::strerror(errno));
       return Status::kIoError;
@@ -326,23 +513,152 @@ Status BackupService::free_replica(std::span<const std::byte> body) {
 }
 
 void BackupService::forget(std::map<Key, Replica>::iterator it) {
-  if (it->second.buffer.size() != 0) release_buffer(std::move(it->second.buffer));
+  Replica& r = it->second;
+  RAMKV_CHECK(idle(r) && r.waiters.empty());  // invariant 6; no reply left behind
+  if (r.buffer.size() != 0) release_buffer(std::move(r.buffer));
   replicas_.erase(it);
 }
 
 Status BackupService::list_replicas(std::span<const std::byte> body, Reply& reply) {
   if (!body.empty()) return Status::kBadRequest;
+  std::vector<wire::ReplicaEntry> entries = list();
   auto out = reply.writer();
-  out.put(wire::BackupListHeader{.count = static_cast<uint32_t>(replicas_.size())});
-  for (const auto& [key, r] : replicas_) {
-    out.put(wire::ReplicaEntry{.master_id = key.first,
-                               .segment_id = key.second,
-                               .epoch = r.epoch,
-                               .certificate_bytes = r.certificate_bytes,
-                               .closed = static_cast<uint8_t>(r.closed ? 1 : 0),
-                               .status = r.scan_status});
-  }
+  out.put(wire::BackupListHeader{.count = static_cast<uint32_t>(entries.size())});
+  for (const wire::ReplicaEntry& e : entries) out.put(e);
   return Status::kOk;
+}
+
+Status BackupService::start_reading(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  wire::StartReadingDataRequest req;
+  if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
+  // Only the coordinator asks, once it declared the master crashed (the server list saying
+  // so may still be on its way): from now on nothing of that master changes here.
+  if (!is_fenced(req.master_id)) fence_master(req.master_id);
+  auto& recovery = recoveries_[req.master_id];
+  if (recovery == nullptr || recovery->recovery_id() != req.recovery_id) {
+    std::vector<RecoverySource> sources;
+    for (auto it = replicas_.lower_bound({req.master_id, 0});
+         it != replicas_.end() && it->first.first == req.master_id; ++it) {
+      const Replica& r = it->second;
+      if (r.durable_seq == 0) continue;  // never acknowledged: the master did not count it
+      RecoverySource src;
+      src.entry = wire::ReplicaEntry{.master_id = req.master_id,
+                                     .segment_id = it->first.second,
+                                     .epoch = r.durable.epoch,
+                                     .certificate_bytes = r.durable.certificate_bytes,
+                                     .closed = static_cast<uint8_t>(r.durable.closed ? 1 : 0),
+                                     .status = r.scan_status,
+                                     .found_on_disk = static_cast<uint8_t>(r.found_on_disk)};
+      src.certificate_checksum = r.durable.certificate_checksum;
+      if (r.has_file && r.file_bytes >= r.durable.certificate_bytes) {
+        src.path = replica_path(options_.data_dir, req.master_id, it->first.second);
+      } else if (r.buffer.size() != 0) {
+        // Open in buffered mode: its bytes are only in RAM.
+        auto held = r.buffer.span().subspan(kReplicaHeaderBlock, r.durable.certificate_bytes);
+        src.bytes.assign(held.begin(), held.end());
+      } else {
+        continue;  // nothing to read it from (cannot happen: a replica has one or the other)
+      }
+      sources.push_back(std::move(src));
+    }
+    LOG_INFO("recovery {} of master {}: reading our {} replicas of it", req.recovery_id,
+             fmt::format("{}.{}", req.master_id & 0xffffffffu, req.master_id >> 32),
+             sources.size());
+    if (recovery != nullptr) {
+      // An older recovery of the same master: its reads stop first.
+      past_recovery_bytes_ += recovery->bytes_read();
+      past_recovery_ns_ += recovery->read_ns();
+      recovery.reset();
+    }
+    recovery =
+        std::make_unique<RecoverySegments>(req.master_id, req.recovery_id, std::move(sources));
+  }
+  reply.writer().put_bytes(std::span<const std::byte>(recovery->start_response()));
+  return Status::kOk;
+}
+
+BackupService::RecoveryLookup BackupService::find_recovery(uint64_t master_id,
+                                                           uint64_t recovery_id) const {
+  auto it = recoveries_.find(master_id);
+  if (it == recoveries_.end() || it->second->recovery_id() != recovery_id) return nullptr;
+  return it->second.get();
+}
+
+Status BackupService::start_partitioning(std::span<const std::byte> body) {
+  wire::BodyReader in(body);
+  wire::StartPartitioningRequest req;
+  if (!in.get(&req) || req.count > in.remaining() / sizeof(wire::PartitionTablet)) {
+    return Status::kBadRequest;
+  }
+  std::vector<wire::PartitionTablet> map(req.count);
+  for (auto& t : map) in.get(&t);
+  if (!in.at_end()) return Status::kBadRequest;
+  RecoverySegments* recovery = find_recovery(req.master_id, req.recovery_id);
+  if (recovery == nullptr) return Status::kBadRequest;
+  return recovery->start_partitioning(map);
+}
+
+Status BackupService::get_recovery_data(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  wire::GetRecoveryDataRequest req;
+  if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
+  RecoverySegments* recovery = find_recovery(req.master_id, req.recovery_id);
+  if (recovery == nullptr) return Status::kBadRequest;
+  return recovery->get_data(req.segment_id, req.partition_id, &reply.body());
+}
+
+void BackupService::free_master(uint64_t master_id) {
+  if (auto it = recoveries_.find(master_id); it != recoveries_.end()) {
+    past_recovery_bytes_ += it->second->bytes_read();
+    past_recovery_ns_ += it->second->read_ns();
+    recoveries_.erase(it);
+  }
+  size_t freed = 0;
+  for (auto it = replicas_.lower_bound({master_id, 0});
+       it != replicas_.end() && it->first.first == master_id;) {
+    auto next = std::next(it);
+    if (!idle(it->second)) {
+      it->second.free_pending = true;  // removed once its flush is done
+    } else if (remove(it) == Status::kOk) {
+      ++freed;
+    }
+    it = next;
+  }
+  if (freed > 0) {
+    LOG_INFO("freed {} replicas of master {}: its recovery is over", freed,
+             fmt::format("{}.{}", master_id & 0xffffffffu, master_id >> 32));
+    std::error_code ec;
+    std::filesystem::remove(options_.data_dir + "/" + std::to_string(master_id), ec);
+  }
+}
+
+uint64_t BackupService::recovery_bytes_read() const {
+  uint64_t n = past_recovery_bytes_;
+  for (const auto& [master, r] : recoveries_) n += r->bytes_read();
+  return n;
+}
+
+uint64_t BackupService::recovery_read_ns() const {
+  uint64_t n = past_recovery_ns_;
+  for (const auto& [master, r] : recoveries_) n += r->read_ns();
+  return n;
+}
+
+std::vector<wire::ReplicaEntry> BackupService::list(bool found_on_disk_only) const {
+  std::vector<wire::ReplicaEntry> entries;
+  for (const auto& [key, r] : replicas_) {
+    if (found_on_disk_only && !r.found_on_disk) continue;
+    if (r.durable_seq == 0) continue;  // its open is not durable yet
+    entries.push_back(wire::ReplicaEntry{.master_id = key.first,
+                                         .segment_id = key.second,
+                                         .epoch = r.durable.epoch,
+                                         .certificate_bytes = r.durable.certificate_bytes,
+                                         .closed = static_cast<uint8_t>(r.durable.closed ? 1 : 0),
+                                         .status = r.scan_status,
+                                         .found_on_disk = static_cast<uint8_t>(r.found_on_disk)});
+  }
+  return entries;
 }
 
 Result<AlignedBuffer> BackupService::acquire_buffer() {

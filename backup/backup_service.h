@@ -9,9 +9,34 @@
 //              default: the buffers are assumed to survive power loss). Close writes
 //              and fdatasyncs the file before acknowledging, since the buffer is freed.
 //   kDisk      every write is written to the replica file and fdatasync'ed before it is
-//              acknowledged. For now this happens synchronously inside handle(): the
-//              dispatch thread waits for the disk. (A later step makes it a state
-//              machine advanced by the loop, with the reply sent on completion.)
+//              acknowledged.
+//
+// Writing to disk is a state machine advanced by the dispatch loop; handle() never waits
+// for the disk. A write that must reach it (every write in kDisk, a close in both modes)
+// is checked and staged in the replica's buffer at once, so the writes after it are
+// checked against it, and its reply is deferred (Reply::defer). The service is one of the
+// loop's tasks (attach(), LoopTask): after each batch of requests, run() starts one flush
+// per replica with staged writes, covering all of them (group commit: a batch's writes to
+// a replica share one fdatasync), as one linked io_uring chain: the new blocks, then the
+// header block, then an fdatasync (IORING_FSYNC_DATASYNC). Each link starts only once the
+// one before it completed in full, so the header is rewritten only once the blocks it
+// certifies are in (a full disk leaves the old header true), and the fdatasync covers
+// both. Completions wake the loop through the ring's eventfd (wait_fd()); once a chain's
+// last one is in, run() answers every write the flush covered. A short write resumes
+// where it stopped with a new chain, so that the error which stopped it decides the
+// status (ENOSPC: kNoSpace).
+//
+// One flush per replica is in flight at a time (flushes of different replicas overlap):
+// writes that arrive meanwhile are staged behind it and go in the next flush once it has
+// succeeded. If it fails, its writes and every write staged behind it (they built on it)
+// are answered with its status (kNoSpace, kIoError), and the replica's staged state goes
+// back to its durable one. A resent write is answered at once only if what it asks for
+// is durable; if it is only staged, its reply waits for the flush that makes it durable
+// (and fails with it). A free of a replica with writes staged or in flight waits for them
+// (writes to it meanwhile get kRetry), then deletes the file. Operations in flight are
+// bounded by Options::ring_depth (a flush that finds no room waits for completions),
+// deferred replies by Options::max_deferred_replies (beyond it, writes and frees get
+// kRetry).
 //
 // On create() the service scans its data directory (scan_replicas) and keeps every
 // replica it finds as known: list replicas reports them, torn and corrupt ones flagged.
@@ -32,15 +57,24 @@
 // later writes and frees are refused with kFenced, so a zombie cannot change the replicas
 // recovery is about to read.
 //
-// Owner: the server's dispatch thread. Not thread-safe.
+// Owner: the server's dispatch thread, which calls handle() and run(). Not thread-safe.
 // Invariants:
 //   1. At most max_buffers open replicas hold a buffer; beyond that, opens get kRetry.
 //   2. A replica's held bytes only grow and never change: a write may overlap them only
 //      with the same bytes, and appends only what lies past them (no gap). Its epoch and
 //      certificate never go down, and the certificate never claims more than the held
-//      bytes.
+//      bytes. This is true of its durable state (what has been acknowledged) and of its
+//      staged state (what new writes are checked against), which extends the durable one
+//      and equals it when nothing is staged or in flight; only a failed flush takes the
+//      staged state back, to the durable one.
 //   3. A closed replica is never written again, in memory or on disk.
-//   4. A failed write (kNoSpace, kIoError) leaves the replica as it was before it.
+//   4. A failed write (kNoSpace, kIoError) leaves the replica as it was before it: its
+//      durable state (and file bytes) advance only when a flush succeeds. A write never
+//      acknowledged (an open whose flush failed) leaves nothing, its file included.
+//   5. A write is acknowledged only once everything it asks for is durable (in the buffer
+//      for kBuffered writes other than a close, fdatasync'ed otherwise): resends included.
+//   6. A replica with a flush in flight keeps its buffer, its file and its map node (the
+//      ring's user_data points at the node) until the flush's last completion is in.
 #pragma once
 
 #include <algorithm>
@@ -53,6 +87,7 @@
 #include <utility>
 #include <vector>
 
+#include "backup/recovery_segments.h"
 #include "backup/uring.h"
 #include "common/result.h"
 #include "common/transport.h"
@@ -62,24 +97,36 @@ namespace ramkv::backup {
 
 enum class Durability : uint8_t { kBuffered, kDisk };
 
-class BackupService {
+class BackupService final : public LoopTask {
  public:
   struct Options {
     std::string data_dir;
     uint32_t segment_bytes = 8u << 20;  // largest replica; the size of each pool buffer
     uint32_t max_buffers = 64;          // open replicas held in RAM at once
     Durability durability = Durability::kBuffered;
-    uint32_t ring_depth = 16;  // io_uring operations in flight
+    uint32_t ring_depth = 64;              // io_uring operations in flight (at least 3: one flush)
+    uint32_t max_deferred_replies = 4096;  // writes and frees waiting for the disk
   };
 
   // kInvalidArgument for an empty data_dir or a zero size; kUnavailable without
   // io_uring; kIoError when the data directory cannot be scanned.
   static Result<std::unique_ptr<BackupService>> create(const Options& options);
+  ~BackupService() override;
   BackupService(const BackupService&) = delete;
   BackupService& operator=(const BackupService&) = delete;
 
-  // Serves one backup opcode; other opcodes get kBadRequest.
+  // Answers deferred replies through `transport` and adds the service as its loop task.
+  // Before the first handle() that must defer; `transport` must outlive the service's use.
+  void attach(ServerTransport& transport);
+
+  // Serves one backup opcode; other opcodes get kBadRequest. A write that must reach the
+  // disk, or a free that must wait for one, defers `reply`: run() answers it.
   void handle(const wire::MessageHeader& request, std::span<const std::byte> body, Reply& reply);
+
+  // LoopTask: the ring's eventfd. run() starts the flushes staged writes wait for,
+  // collects completions and sends the replies they release; it never blocks.
+  int wait_fd() const override { return ring_->event_fd(); }
+  uint64_t run() override;
 
   // The coordinator declared `master_id` crashed: refuse its writes and frees from now on.
   void fence_master(uint64_t master_id) { fenced_.insert(master_id); }
@@ -95,66 +142,170 @@ class BackupService {
     return it != newest_generation_.end() && static_cast<uint32_t>(master_id >> 32) < it->second;
   }
 
+  // The replicas held, in (master, segment) order, with their durable state (a replica
+  // whose open is not yet durable is left out); with `found_on_disk_only`, only those
+  // the scan at start found (what a restarted backup reports to the coordinator).
+  std::vector<wire::ReplicaEntry> list(bool found_on_disk_only = false) const;
+
+  // The master's recovery is over (the server list shows it removed): its replicas and
+  // any recovery state of it go.
+  void free_master(uint64_t master_id);
+  // Crash recovery reads (docs/recovery.md): bytes read for recoveries since start, and
+  // the time those reads took.
+  uint64_t recovery_bytes_read() const;
+  uint64_t recovery_read_ns() const;
+
   // For tests and stats.
   size_t replica_count() const { return replicas_.size(); }
   size_t buffers_in_use() const { return buffers_allocated_ - free_buffers_.size(); }
+  size_t deferred_replies() const { return deferred_replies_; }
+  uint32_t operations_in_flight() const { return ring_->in_flight(); }
+  uint64_t flushes() const { return flushes_; }  // started so far
 
  private:
-  struct Replica {
+  // What a replica holds (or will, once its staged writes are durable).
+  struct State {
     uint64_t epoch = 0;
-    uint32_t held_bytes = 0;  // segment bytes received
-    uint32_t file_bytes = 0;  // segment bytes already written to the file
+    uint32_t held_bytes = 0;  // segment bytes
     uint32_t certificate_bytes = 0;
     uint32_t certificate_checksum = 0;
     bool closed = false;
+  };
+  // A deferred reply: a write's, sent once durable_seq reaches `seq`; a free's (kFreeSeq),
+  // once the replica is idle.
+  struct Waiter {
+    ReplyToken token;
+    uint64_t seq = 0;
+  };
+  // The operations of one io_uring chain: [data write] -> [header write] -> fdatasync.
+  enum Op : uint64_t { kData = 0, kHeader = 1, kSync = 2 };
+  // One flush: makes the staged state of `seq` durable, in one or more chains (a short
+  // write resumes from next_offset).
+  struct Flush {
+    uint64_t seq = 0;
+    State state;
+    bool created = false;    // the file did not exist before: its first chain has the header
+    size_t next_offset = 0;  // file offset of the blocks still to write
+    size_t end_offset = 0;   // file offset where they end (block-aligned)
+    size_t data_bytes = 0;   // the chain in flight: its data write (0: none)
+    bool header = false;     // ... whether it has a header write
+    uint32_t ops_in_flight = 0;
+    int32_t results[3] = {};  // per Op: bytes, or -errno
+  };
+  // An open file descriptor, closed when dropped.
+  class File {
+   public:
+    File() = default;
+    explicit File(int fd) : fd_(fd) {}
+    ~File();
+    File(File&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    File& operator=(File&& other) noexcept;
+    int get() const { return fd_; }
+
+   private:
+    int fd_ = -1;
+  };
+  struct Replica {
+    State staged;   // with the writes staged or in flight: what new writes are checked against
+    State durable;  // acknowledged: in the buffer (kBuffered) or fdatasync'ed
+    uint64_t staged_seq = 0;   // counts the writes that changed the staged state
+    uint64_t durable_seq = 0;  // the staged_seq the durable state is; 0: nothing acknowledged
+    uint32_t file_bytes = 0;   // segment bytes durable in the file
     bool has_file = false;
     bool found_on_disk = false;  // by the scan in create(): never written again
     uint8_t scan_status = wire::kReplicaOk;
+    bool flushing = false;      // a flush has started and not finished
+    bool queued = false;        // in to_flush_: a flush (or its next chain) waits to start
+    bool free_pending = false;  // a free waits for the flush; writes get kRetry
+    Flush flush;
+    std::vector<Waiter> waiters;  // in seq order, frees last
+    File file;                    // open from the first flush until closed or freed
     // Header block, then segment bytes; empty once closed or for replicas found on disk.
     AlignedBuffer buffer;
   };
   using Key = std::pair<uint64_t, uint64_t>;  // master id, segment id
+  using Entry = std::map<Key, Replica>::value_type;
+  static constexpr uint64_t kFreeSeq = UINT64_MAX;
 
   BackupService(const Options& options, std::unique_ptr<Uring> ring);
   Status load_existing();
-  Status write(std::span<const std::byte> body);
-  // Applies a write that asks for something new (more bytes, a newer certificate or epoch,
-  // the close) to the replica at `it`; `created` when this write's open made it.
+  Status write(std::span<const std::byte> body, Reply& reply);
+  // Stages a write that asks for something new (more bytes, a newer certificate or epoch,
+  // the close) in the replica at `it`; `created` when this write's open made it.
   Status append(std::map<Key, Replica>::iterator it, const wire::BackupWriteRequest& req,
-                std::span<const std::byte> data, bool created);
-  // Whether `data`, to be written at `offset`, equals the bytes the replica already holds
+                std::span<const std::byte> data, bool created, Reply& reply);
+  // Whether `data`, to be written at `offset`, equals the bytes the replica has staged
   // where the two overlap (true when it has no buffer to compare with).
   static bool matches_held(const Replica& replica, uint32_t offset,
                            std::span<const std::byte> data);
-  // Whether `req` (ending at `end`) is a resend that asks for nothing new; see the class
-  // comment. Its overlap with the held bytes must already have matched.
-  static bool is_resend(const Replica& replica, const wire::BackupWriteRequest& req, uint64_t end);
-  Status free_replica(std::span<const std::byte> body);
+  // Whether `req` (ending at `end`) is a resend that asks for nothing beyond `held`; see
+  // the class comment. Its overlap with the held bytes must already have matched.
+  static bool is_resend(const State& held, const wire::BackupWriteRequest& req, uint64_t end);
+  Status free_replica(std::span<const std::byte> body, Reply& reply);
+  // Deletes the replica's file and forgets it; kIoError (and nothing changes) when the
+  // file cannot be removed.
+  Status remove(std::map<Key, Replica>::iterator it);
   Status list_replicas(std::span<const std::byte> body, Reply& reply);
-  // Writes the replica's header block and unwritten bytes to its file, fdatasync'ed
-  // when `sync`, with the header saying `closed`.
-  Status write_file(const Key& key, Replica& replica, bool closed, bool sync);
-  // Writes `blocks` (aligned) at `file_offset` of `fd` and waits until they are written,
-  // a short write resumed. kNoSpace for a full disk, kIoError for other failures.
-  Status write_blocks(int fd, std::span<const std::byte> blocks, size_t file_offset,
-                      const std::string& path);
-  // fdatasyncs `fd`: it covers the writes already completed.
-  Status datasync(int fd, const std::string& path);
-  // Waits for the operation tagged `op` (its user_data); its result (bytes, or -errno).
-  Result<int32_t> wait_for(uint64_t op);
+  // Recovery (docs/recovery.md): `backup start reading data` reads the crashed master's
+  // replicas into a RecoverySegments; partitioning and data requests are answered by it.
+  Status start_reading(std::span<const std::byte> body, Reply& reply);
+  Status start_partitioning(std::span<const std::byte> body);
+  Status get_recovery_data(std::span<const std::byte> body, Reply& reply);
+  using RecoveryLookup = RecoverySegments*;
+  RecoveryLookup find_recovery(uint64_t master_id, uint64_t recovery_id) const;
+
+  // Defers `reply` until the replica's durable_seq reaches `seq` (kFreeSeq: until idle).
+  void defer(Replica& replica, uint64_t seq, Reply& reply);
+  // Sends the deferred replies of writes with seq <= `up_to` with `status`.
+  void answer_writes(Replica& replica, uint64_t up_to, Status status);
+  void answer(const ReplyToken& token, Status status);
+  // Puts the replica in to_flush_ (if not already).
+  void queue_flush(Entry& entry);
+  // No flush started, queued or needed, so nothing refers to the replica but its node.
+  static bool idle(const Replica& r) {
+    return !r.flushing && !r.queued && r.staged_seq == r.durable_seq;
+  }
+  // Starts the flushes (or next chains) in to_flush_ that the ring has room for.
+  void start_flushes();
+  // Queues the next chain of the replica's flush, starting the flush (and opening the
+  // file) first if none is under way. kRetry: no room in the ring yet; nothing changed.
+  Status start_chain(Entry& entry);
+  Status open_file(const Key& key, Replica& replica);
+  // One completion of the chain in flight; the last one decides the flush.
+  void complete(const Uring::Completion& completion);
+  // How the chain that just completed went: kOk (the flush is done), kRetry (a short
+  // write: the next chain resumes it), or the failure.
+  Status chain_status(Entry& entry);
+  // Ends the replica's flush with `status`: acknowledges or fails the writes it covers
+  // (and, on failure, those staged behind it), then a pending free or the next flush.
+  void finish_flush(Entry& entry, Status status);
+  // The replica with a free pending is idle: removes it and answers the frees.
+  void complete_free(std::map<Key, Replica>::iterator it);
   // Drops a replica from memory, its buffer back to the pool (not its file).
   void forget(std::map<Key, Replica>::iterator it);
   Result<AlignedBuffer> acquire_buffer();
   void release_buffer(AlignedBuffer buffer);
 
+  // Teardown runs in reverse: ring_ (declared last) goes first, waiting for the operations
+  // still in flight, while the buffers and files they use are still alive.
   Options options_;
-  std::unique_ptr<Uring> ring_;
-  std::map<Key, Replica> replicas_;
+  ServerTransport* transport_ = nullptr;  // attach(); sends the deferred replies
+  std::map<Key, Replica> replicas_;       // a node stays put while a flush points at it
+  std::vector<Entry*> to_flush_;          // at most one entry per replica with a buffer
+  std::vector<Uring::Completion> done_;   // reused by run()
+  size_t deferred_replies_ = 0;           // at most max_deferred_replies
+  uint64_t flushes_ = 0;
+  bool event_may_be_set_ = false;  // completions were collected after the eventfd's clear
   std::set<uint64_t> fenced_;
   std::map<uint32_t, uint32_t> newest_generation_;  // server index -> newest generation
   std::vector<AlignedBuffer> free_buffers_;
   size_t buffers_allocated_ = 0;
-  uint64_t last_op_ = 0;  // tag of the latest io_uring operation
+  // Crashed masters being recovered: master id -> what we read of it. Its reads run on
+  // its own thread, from copies and files, never from the buffers above.
+  std::map<uint64_t, std::unique_ptr<RecoverySegments>> recoveries_;
+  uint64_t past_recovery_bytes_ = 0;  // of recoveries dropped since
+  uint64_t past_recovery_ns_ = 0;
+  std::unique_ptr<Uring> ring_;
 };
 
 }  // namespace ramkv::backup

@@ -47,6 +47,19 @@ ScannedReplica check_replica(const std::string& path, uint64_t master_id, uint64
   if (!loaded.ok()) {
     r.status = loaded.status() == Status::kIoError ? Status::kIoError : loaded.status();
     r.valid_bytes = salvage_prefix(path);
+    // A torn file may still have a good header (epoch, what it certified): keep it.
+    std::vector<std::byte> block(kReplicaHeaderBlock);
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      ssize_t got = ::pread(fd, block.data(), block.size(), 0);
+      ::close(fd);
+      if (got == static_cast<ssize_t>(block.size())) {
+        auto header = decode_replica_header(block);
+        if (header.ok() && header->master_id == master_id && header->segment_id == segment_id) {
+          r.header = *header;
+        }
+      }
+    }
     return r;
   }
   r.header = loaded->header;

@@ -1,6 +1,8 @@
 #include "backup/uring.h"
 
 #include <liburing.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
@@ -20,6 +22,16 @@ Result<std::unique_ptr<Uring>> Uring::create(uint32_t depth) {
   }
   u->initialised_ = true;
   u->depth_ = depth;
+  u->event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (u->event_fd_ < 0) {
+    LOG_ERROR("cannot create an eventfd for io_uring: {}", std::strerror(errno));
+    return Status::kUnavailable;
+  }
+  rc = io_uring_register_eventfd(u->ring_.get(), u->event_fd_);
+  if (rc < 0) {
+    LOG_ERROR("cannot register an eventfd with io_uring: {}", std::strerror(-rc));
+    return Status::kUnavailable;
+  }
   return u;
 }
 
@@ -28,11 +40,18 @@ Uring::~Uring() {
   // Operations still in flight write into buffers the caller is about to free: wait.
   std::vector<Completion> done;
   while (in_flight_ > 0 && wait(1, &done) == Status::kOk) done.clear();
-  io_uring_queue_exit(ring_.get());
+  io_uring_queue_exit(ring_.get());  // unregisters the eventfd
+  if (event_fd_ >= 0) ::close(event_fd_);
+}
+
+void Uring::clear_event() {
+  uint64_t count = 0;
+  // EAGAIN when nothing was posted since the last clear: nothing to do.
+  [[maybe_unused]] ssize_t n = ::read(event_fd_, &count, sizeof(count));
 }
 
 Status Uring::queue(int fd, void* buffer, size_t length, uint64_t offset, uint64_t user_data,
-                    int op) {
+                    int op, bool link_next) {
   if (in_flight_ >= depth_) return Status::kRetry;
   io_uring_sqe* sqe = io_uring_get_sqe(ring_.get());
   if (sqe == nullptr) return Status::kRetry;
@@ -45,27 +64,30 @@ Status Uring::queue(int fd, void* buffer, size_t length, uint64_t offset, uint64
       break;
     default:
       // No IOSQE_IO_DRAIN: it would stall every other file's I/O on the ring. The caller
-      // submits a datasync once the writes it must cover have completed.
+      // submits a datasync once the writes it must cover have completed, or links it
+      // behind them.
       io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
       break;
   }
   io_uring_sqe_set_data64(sqe, user_data);
+  if (link_next) sqe->flags |= IOSQE_IO_LINK;
   ++in_flight_;
   return Status::kOk;
 }
 
 Status Uring::submit_write(int fd, std::span<const std::byte> buffer, uint64_t offset,
-                           uint64_t user_data) {
-  return queue(fd, const_cast<std::byte*>(buffer.data()), buffer.size(), offset, user_data, 0);
+                           uint64_t user_data, bool link_next) {
+  return queue(fd, const_cast<std::byte*>(buffer.data()), buffer.size(), offset, user_data, 0,
+               link_next);
 }
 
 Status Uring::submit_read(int fd, std::span<std::byte> buffer, uint64_t offset,
                           uint64_t user_data) {
-  return queue(fd, buffer.data(), buffer.size(), offset, user_data, 1);
+  return queue(fd, buffer.data(), buffer.size(), offset, user_data, 1, false);
 }
 
 Status Uring::submit_datasync(int fd, uint64_t user_data) {
-  return queue(fd, nullptr, 0, 0, user_data, 2);
+  return queue(fd, nullptr, 0, 0, user_data, 2, false);
 }
 
 Status Uring::wait(uint32_t min_completions, std::vector<Completion>* out) {

@@ -6,10 +6,16 @@
 // writes them asynchronously; see docs/backup-storage.md "Buffer ownership"). With
 // O_DIRECT files, buffers, lengths and offsets must be multiples of kDirectAlignment.
 //
-// Owner: one thread (the backup's storage thread). Not thread-safe.
+// Completions also count up an eventfd (event_fd()), so that a dispatch loop can sleep on
+// it with its sockets (transport.h, LoopTask) and collect them with wait(0).
+//
+// Owner: one thread (the backup's dispatch thread). Not thread-safe.
 // Invariants:
 //   1. At most depth() operations are in flight; submit_*() answers kRetry beyond that.
 //   2. Every submitted operation completes exactly once through wait().
+//   3. An operation queued with link_next set is followed by the next one queued: that one
+//      starts only once this one has completed in full, and completes with -ECANCELED
+//      if this one fails or is short (IOSQE_IO_LINK). The last of a chain has it unset.
 #pragma once
 
 #include <cstddef>
@@ -34,11 +40,13 @@ class Uring {
   Uring(const Uring&) = delete;
   Uring& operator=(const Uring&) = delete;
 
+  // Queue an operation; it is submitted by the next wait(). `link_next`: invariant 3.
   Status submit_write(int fd, std::span<const std::byte> buffer, uint64_t offset,
-                      uint64_t user_data);
+                      uint64_t user_data, bool link_next = false);
   Status submit_read(int fd, std::span<std::byte> buffer, uint64_t offset, uint64_t user_data);
   // fdatasync of the file. It covers only writes that have already completed: submit it
-  // after their completions (operations in flight together run in any order).
+  // after their completions, or linked behind them (operations in flight together, and
+  // not linked, run in any order).
   Status submit_datasync(int fd, uint64_t user_data);
 
   struct Completion {
@@ -51,12 +59,22 @@ class Uring {
 
   uint32_t depth() const { return depth_; }
   uint32_t in_flight() const { return in_flight_; }
+  // Operations that may still be queued (a chain is queued only where it fits whole).
+  uint32_t room() const { return depth_ - in_flight_; }
+
+  // Readable (level-triggered) once a completion has been posted since the last
+  // clear_event(). Clear it before collecting with wait(0), so that a completion posted
+  // meanwhile leaves it readable.
+  int event_fd() const { return event_fd_; }
+  void clear_event();
 
  private:
   Uring() = default;
-  Status queue(int fd, void* buffer, size_t length, uint64_t offset, uint64_t user_data, int op);
+  Status queue(int fd, void* buffer, size_t length, uint64_t offset, uint64_t user_data, int op,
+               bool link_next);
 
   std::unique_ptr<io_uring> ring_;
+  int event_fd_ = -1;  // registered with ring_; closed after it
   uint32_t depth_ = 0;
   uint32_t in_flight_ = 0;
   bool initialised_ = false;

@@ -122,6 +122,9 @@ void Client::Impl::send(const OpPtr& op, const std::string& locator) {
 }
 
 void Client::Impl::on_reply(const OpPtr& op, Status status, std::span<const std::byte> body) {
+  // A master the coordinator declared crashed answers kFenced: its tablets are going to
+  // recovery masters. For the client that is "not mine" (docs/recovery.md).
+  if (op->target == Target::kRouted && status == Status::kFenced) status = Status::kUnknownTablet;
   if (!op->resend || !client::should_resend(status)) return finish(op, status, body);
   if (op->target == Target::kRouted && tables_[op->table_id].epoch == op->map_epoch) {
     mark_stale(op->table_id);

@@ -128,8 +128,13 @@ void MultiOp::send_batch(const std::string& locator, std::vector<size_t> batch) 
   impl->start(op);
 }
 
+// A master the coordinator declared crashed answers kFenced, to a whole batch or an item:
+// its tablets are going to recovery masters, so it is treated as "not mine".
+Status as_routed(Status s) { return s == Status::kFenced ? Status::kUnknownTablet : s; }
+
 void MultiOp::on_batch(const std::vector<size_t>& batch, Status s,
                        std::span<const std::byte> body) {
+  s = as_routed(s);
   if (s != Status::kOk) {
     for (size_t i : batch) {
       if (should_resend(s)) {
@@ -154,7 +159,7 @@ void MultiOp::on_batch(const std::vector<size_t>& batch, Status s,
 bool MultiOp::parse_item(wire::BodyReader& r, size_t index) {
   uint16_t raw = 0;
   if (!r.get(&raw)) return false;
-  auto s = static_cast<Status>(raw);
+  auto s = as_routed(static_cast<Status>(raw));
   MultiItemResult& out = results[index];
   if (should_resend(s)) {
     impl->mark_stale(items[index].table_id);

@@ -46,6 +46,8 @@ std::string_view status_name(Status s) {
       return "internal error";
     case Status::kFenced:
       return "master fenced";
+    case Status::kIncomplete:
+      return "incomplete log";
   }
   return "unknown status";
 }

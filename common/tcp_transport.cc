@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <charconv>
@@ -230,8 +231,15 @@ class TcpServerTransport final : public ServerTransport {
   void run(const Handler& handler) override {
     epoll_event events[64];
     Reply reply;
-    const int task_fd = task_ != nullptr ? task_->wait_fd() : -1;
-    if (task_fd >= 0) add(task_fd, EPOLLIN);
+    // Each task's descriptor joins the connections' (one task's twice is added once).
+    std::vector<int> task_fds;
+    for (LoopTask* task : tasks_) {
+      int fd = task->wait_fd();
+      if (fd >= 0 && std::find(task_fds.begin(), task_fds.end(), fd) == task_fds.end()) {
+        task_fds.push_back(fd);
+        add(fd, EPOLLIN);
+      }
+    }
     uint64_t task_wait_ns = UINT64_MAX;
     while (!stopping_.load(std::memory_order_relaxed)) {
       int timeout_ms = -1;
@@ -250,17 +258,20 @@ class TcpServerTransport final : public ServerTransport {
         int fd = events[i].data.fd;
         if (fd == listen_fd_) {
           accept_all();
-        } else if (fd != stop_fd_ && fd != task_fd) {
+        } else if (fd != stop_fd_ &&
+                   std::find(task_fds.begin(), task_fds.end(), fd) == task_fds.end()) {
           serve(fd, events[i].events, handler, reply);
         }
       }
-      // After the batch: a master replicates everything the batch wrote at once.
-      if (task_ != nullptr) task_wait_ns = task_->run();
+      // After the batch: a master replicates everything the batch wrote at once, a backup
+      // submits the batch's disk writes together. The loop sleeps until the soonest wake.
+      task_wait_ns = UINT64_MAX;
+      for (LoopTask* task : tasks_) task_wait_ns = std::min(task_wait_ns, task->run());
     }
-    if (task_fd >= 0) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, task_fd, nullptr);
+    for (int fd : task_fds) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
   }
 
-  void set_loop_task(LoopTask* task) override { task_ = task; }
+  void add_loop_task(LoopTask* task) override { tasks_.push_back(task); }
 
   bool send_deferred(const ReplyToken& token, const Reply& reply) override {
     auto it = connections_.find(token.connection);
@@ -379,7 +390,7 @@ class TcpServerTransport final : public ServerTransport {
   std::atomic<bool> stopping_{false};
   std::unordered_map<int, Connection> connections_;
   uint64_t next_serial_ = 0;
-  LoopTask* task_ = nullptr;
+  std::vector<LoopTask*> tasks_;
 };
 
 // ---------------------------------------------------------------------------------------

@@ -83,9 +83,10 @@ struct TransportOptions {
   uint32_t max_connections = 4096;
 };
 
-// Work a dispatch loop does besides serving requests (a master's replication): run() is
-// called on the dispatch thread after every batch of events, and when wait_fd() becomes
-// readable or the time it asked for has passed.
+// Work a dispatch loop does besides serving requests (a master's replication, a backup's
+// disk writes): run() is called on the dispatch thread after every batch of events, and
+// when wait_fd() becomes readable or the time it asked for has passed. A loop may have
+// several; each runs after every batch.
 class LoopTask {
  public:
   virtual ~LoopTask() = default;
@@ -106,8 +107,10 @@ class ServerTransport {
   virtual std::string locator() const = 0;
   // Runs the dispatch loop on the calling thread until stop().
   virtual void run(const Handler& handler) = 0;
-  // Set before run(); the task must outlive it.
-  virtual void set_loop_task(LoopTask* task) = 0;
+  // Adds a task, before run(); it must outlive run(). Tasks run in the order added.
+  virtual void add_loop_task(LoopTask* task) = 0;
+  // The name from when a loop had one task.
+  void set_loop_task(LoopTask* task) { add_loop_task(task); }
   // Sends a reply a handler deferred. Dispatch thread only. Dropped (and false) when the
   // connection has closed since the request arrived.
   virtual bool send_deferred(const ReplyToken& token, const Reply& reply) = 0;

@@ -22,6 +22,26 @@ std::string_view opcode_name(Opcode op) {
       return "set replication epoch";
     case Opcode::kGetReplicationEpochs:
       return "get replication epochs";
+    case Opcode::kReportBackupReplicas:
+      return "report backup replicas";
+    case Opcode::kGetBackupReplicas:
+      return "get backup replicas";
+    case Opcode::kIsReplicaNeeded:
+      return "is replica needed";
+    case Opcode::kHintServerCrashed:
+      return "hint server crashed";
+    case Opcode::kRecoveryMasterFinished:
+      return "recovery master finished";
+    case Opcode::kGetRecoveries:
+      return "get recoveries";
+    case Opcode::kRecover:
+      return "recover";
+    case Opcode::kBackupStartReadingData:
+      return "backup start reading data";
+    case Opcode::kBackupStartPartitioning:
+      return "backup start partitioning";
+    case Opcode::kBackupGetRecoveryData:
+      return "backup get recovery data";
     case Opcode::kRead:
       return "read";
     case Opcode::kWrite:

@@ -49,6 +49,11 @@ enum class Opcode : uint16_t {
   kSetReplicationEpoch = 16,  // master -> coordinator: open replicas of a segment below
                               // this epoch are stale
   kGetReplicationEpochs = 17,
+  kReportBackupReplicas = 18,  // backup -> coordinator, after a restart: what its disk holds
+  kGetBackupReplicas = 19,
+  kHintServerCrashed = 20,       // server -> coordinator: this server does not answer
+  kRecoveryMasterFinished = 21,  // recovery master -> coordinator (docs/recovery.md)
+  kGetRecoveries = 22,
 
   // Master.
   kRead = 30,
@@ -63,6 +68,8 @@ enum class Opcode : uint16_t {
   kDropTablets = 39,       // coordinator -> master: forget these tablets and their objects
   kServerListUpdate = 40,  // coordinator -> server: the server list changed
   kGetServerStats = 41,
+  kIsReplicaNeeded = 42,  // backup -> master: may a replica found on disk be freed?
+  kRecover = 43,          // coordinator -> recovery master: replay this partition
 
   // Backup (docs/rpc.md, Backup). Open and close travel as flags of kBackupWrite; their
   // own numbers are reserved and answered kBadRequest.
@@ -71,6 +78,9 @@ enum class Opcode : uint16_t {
   kBackupClose = 52,  // reserved
   kBackupFree = 53,
   kBackupListReplicas = 54,
+  kBackupStartReadingData = 55,   // coordinator -> backup: recovery step 1
+  kBackupStartPartitioning = 56,  // coordinator -> backup: recovery step 4
+  kBackupGetRecoveryData = 57,    // recovery master -> backup: recovery step 5
 };
 std::string_view opcode_name(Opcode op);
 bool opcode_known(uint16_t op);
@@ -191,6 +201,77 @@ struct ReplicationEpochsHeader {
 };
 static_assert(sizeof(ReplicationEpochsHeader) == 4);
 
+// kReportBackupReplicas: BackupReportHeader + count x ReplicaEntry (see Backup below): the
+// replicas a restarted backup found on its disk. Empty response. The coordinator keeps the
+// newest report of each backup that is up (in memory) and answers kFenced to a backup
+// that was replaced or declared crashed.
+struct BackupReportHeader {
+  uint64_t backup_id = 0;
+  uint32_t count = 0;
+};
+static_assert(sizeof(BackupReportHeader) == 12);
+// kGetBackupReplicas: empty request. Response: BackupReplicasHeader, then
+// count x ReportedReplica, ordered by (backup, master, segment).
+struct BackupReplicasHeader {
+  uint32_t count = 0;
+};
+static_assert(sizeof(BackupReplicasHeader) == 4);
+
+// ---- Failure detection and recovery (docs/recovery.md) ----
+// kHintServerCrashed: ServerIdRequest (the suspect). Empty response, sent before the
+// coordinator's own check ends. An id never given out: kBadRequest.
+struct ServerIdRequest {
+  uint64_t server_id = 0;
+};
+static_assert(sizeof(ServerIdRequest) == 8);
+// kRecoveryMasterFinished: RecoveryMasterFinishedRequest. Empty response. kOk in
+// `status` when the partition is replayed and durable; anything else gives it to
+// another master.
+struct RecoveryMasterFinishedRequest {
+  uint64_t recovery_id = 0;
+  uint64_t recovery_master_id = 0;
+  uint32_t partition_id = 0;
+  uint16_t status = 0;  // a Status
+  uint16_t pad = 0;
+  uint64_t objects = 0;             // objects replayed (the newest versions kept)
+  uint64_t bytes = 0;               // entry bytes pulled from backups
+  uint64_t replay_ns = 0;           // from `recover` to finished
+  uint64_t missing_segment_id = 0;  // status kIncomplete: the segment no backup could give
+};
+static_assert(sizeof(RecoveryMasterFinishedRequest) == 56);
+// kGetRecoveries: empty request. Response: RecoveriesHeader + count x RecoveryInfo +
+// partition_count x PartitionInfo (each recovery's partitions follow in its order) +
+// per recovery, `error_bytes` of text (why it stopped; empty unless failed).
+struct RecoveriesHeader {
+  uint32_t count = 0;
+  uint32_t partition_count = 0;
+};
+static_assert(sizeof(RecoveriesHeader) == 8);
+constexpr uint8_t kRecoveryRunning = 0;
+constexpr uint8_t kRecoveryDone = 1;
+constexpr uint8_t kRecoveryFailed = 2;
+struct RecoveryInfo {
+  uint64_t recovery_id = 0;
+  uint64_t crashed_master_id = 0;
+  uint64_t declared_unix_ns = 0;  // when the master was declared crashed
+  uint64_t finished_unix_ns = 0;  // 0 while running
+  uint64_t bytes = 0;             // entry bytes replayed, all partitions
+  uint32_t partitions = 0;
+  uint32_t error_bytes = 0;
+  uint8_t state = kRecoveryRunning;
+  uint8_t pad[7] = {};
+};
+static_assert(sizeof(RecoveryInfo) == 56);
+struct PartitionInfo {
+  uint64_t recovery_master_id = 0;  // 0 while unassigned
+  uint64_t bytes = 0;
+  uint64_t replay_ns = 0;
+  uint32_t partition_id = 0;
+  uint8_t done = 0;
+  uint8_t pad[3] = {};
+};
+static_assert(sizeof(PartitionInfo) == 32);
+
 // ---- Master ------------------------------------------------------------------------
 // kRead: + key. Response: ReadResponse + value.
 struct ReadRequest {
@@ -272,6 +353,39 @@ static_assert(sizeof(EnumeratedObject) == 16);
 
 // kGetServerStats: empty request. Response: text ("name value" lines).
 
+// kIsReplicaNeeded: ReplicaNeededHeader + count x u64 segment id. Response: count x u8,
+// 1 where the master still needs the backup's replica of that segment (it has not yet
+// made R replicas of it elsewhere, or it does not know of the backup's restart yet), 0
+// where the backup may free it (the segment left the log, or is safe elsewhere).
+struct ReplicaNeededHeader {
+  uint64_t backup_id = 0;  // the asking backup's current id
+  uint32_t count = 0;
+};
+static_assert(sizeof(ReplicaNeededHeader) == 12);
+constexpr uint32_t kMaxReplicaNeededCount = 65536;
+
+// kRecover: RecoverRequest + tablet_count x TabletWire (the partition; server_id = the
+// crashed master) + location_count x (RecoveryLocation + locator). Every segment of the
+// crashed master's log has one or more locations, in the order to try them. Answered at
+// once (kOk: started); the result comes as kRecoveryMasterFinished to the coordinator.
+struct RecoverRequest {
+  uint64_t recovery_id = 0;
+  uint64_t crashed_master_id = 0;
+  uint64_t safe_version = 0;  // versions issued by the crashed master are all below it
+  uint32_t partition_id = 0;
+  uint32_t tablet_count = 0;
+  uint32_t location_count = 0;
+  uint32_t pad = 0;
+};
+static_assert(sizeof(RecoverRequest) == 40);
+struct RecoveryLocation {
+  uint64_t segment_id = 0;
+  uint64_t backup_id = 0;
+  uint32_t locator_bytes = 0;
+  uint32_t pad = 0;
+};
+static_assert(sizeof(RecoveryLocation) == 24);
+
 // ---- Backup ------------------------------------------------------------------------
 // kBackupWrite: BackupWriteRequest + `length` segment bytes. Empty response.
 // An append at `offset`, which must equal the bytes the backup already holds for the
@@ -314,9 +428,85 @@ struct ReplicaEntry {
   uint32_t certificate_bytes = 0;
   uint8_t closed = 0;
   uint8_t status = kReplicaOk;  // kReplicaOk, kReplicaTorn, kReplicaCorrupt
-  uint8_t pad[2] = {};
+  uint8_t found_on_disk = 0;    // 1: found by the backup's scan at start (read-only)
+  uint8_t pad = 0;
 };
 static_assert(sizeof(ReplicaEntry) == 32);
+// kBackupStartReadingData: StartReadingDataRequest. Response: StartReadingDataResponse +
+// replica_count x ReplicaEntry (this master's replicas; found_on_disk as listed) +
+// digest_count x u64 segment id + table_stat_count x TableStatWire. The digest, safe
+// version and table statistics come from the replica with the highest segment id that
+// has a digest (digest_count = 0: none has). The backup then reads every listed replica
+// into memory in the background. Resent (same recovery id): the same answer, no new
+// reads. The backup fences the master first (its writes and frees are refused from then
+// on), whether or not the server list saying it crashed has arrived yet.
+struct StartReadingDataRequest {
+  uint64_t master_id = 0;
+  uint64_t recovery_id = 0;
+};
+static_assert(sizeof(StartReadingDataRequest) == 16);
+struct StartReadingDataResponse {
+  uint64_t digest_segment_id = 0;
+  uint64_t digest_epoch = 0;
+  uint64_t safe_version = 0;
+  uint32_t replica_count = 0;
+  uint32_t digest_count = 0;
+  uint32_t table_stat_count = 0;
+  uint8_t digest_closed = 0;  // the replica the digest came from is closed
+  uint8_t pad[3] = {};
+};
+static_assert(sizeof(StartReadingDataResponse) == 40);
+struct TableStatWire {
+  uint64_t table_id = 0;
+  uint64_t object_count = 0;
+  uint64_t object_bytes = 0;
+};
+static_assert(sizeof(TableStatWire) == 24);
+// kBackupStartPartitioning: StartPartitioningRequest + count x PartitionTablet. Empty
+// response. Object and tombstone entries of each replica of that master are split by
+// which (table, key hash) range they fall in; entries in no range are dropped.
+struct StartPartitioningRequest {
+  uint64_t master_id = 0;
+  uint64_t recovery_id = 0;
+  uint32_t count = 0;
+  uint32_t pad = 0;
+};
+static_assert(sizeof(StartPartitioningRequest) == 24);
+struct PartitionTablet {
+  uint64_t table_id = 0;
+  uint64_t start_hash = 0;  // inclusive
+  uint64_t end_hash = 0;    // inclusive
+  uint32_t partition_id = 0;
+  uint32_t pad = 0;
+};
+static_assert(sizeof(PartitionTablet) == 32);
+// kBackupGetRecoveryData: GetRecoveryDataRequest. Response: RecoveryDataResponse +
+// entry_bytes of whole log entries (common/log_entry.h), in log order. kRetry while the
+// replica is not read and split yet; kBadRequest for a replica or recovery it does not
+// have (the recovery master tries another backup).
+struct GetRecoveryDataRequest {
+  uint64_t master_id = 0;
+  uint64_t recovery_id = 0;
+  uint64_t segment_id = 0;
+  uint32_t partition_id = 0;
+  uint32_t pad = 0;
+};
+static_assert(sizeof(GetRecoveryDataRequest) == 32);
+struct RecoveryDataResponse {
+  uint64_t epoch = 0;  // of the replica the entries came from
+  uint32_t entry_bytes = 0;
+  uint32_t entry_count = 0;
+  uint8_t closed = 0;
+  uint8_t pad[7] = {};
+};
+static_assert(sizeof(RecoveryDataResponse) == 24);
+
+// One replica a backup reported to the coordinator (kGetBackupReplicas).
+struct ReportedReplica {
+  uint64_t backup_id = 0;
+  ReplicaEntry replica;
+};
+static_assert(sizeof(ReportedReplica) == 40);
 #pragma pack(pop)
 
 // ---- Encoding helpers ----------------------------------------------------------------

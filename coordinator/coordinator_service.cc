@@ -59,7 +59,11 @@ Result<std::unique_ptr<CoordinatorService>> CoordinatorService::create(
   }
   Status s = service->transport_->listen(options.listen_locator);
   if (s != Status::kOk) return s;
+  service->transport_->add_loop_task(service->verifier_.get());
+  service->transport_->add_loop_task(service->recovery_.get());
   service->send_tablets(wire::Opcode::kTakeTablets, service->state_.tablets(0), false);
+  // Recoveries the previous coordinator did not finish carry on (recovery_manager.h).
+  service->recovery_->check();
   return service;
 }
 
@@ -69,6 +73,14 @@ CoordinatorService::CoordinatorService(const CoordinatorOptions& options,
       store_(std::move(store)),
       notifier_(std::make_unique<MasterNotifier>(
           MasterNotifier::Options{.timeout_ns = options.master_rpc_timeout_ns})),
+      verifier_(std::make_unique<FailureVerifier>(
+          FailureVerifier::Options{.timeout_ns = options.verify_timeout_ns,
+                                   .attempts = options.verify_attempts},
+          [this](uint64_t id) { declare_crashed(id); })),
+      recovery_(std::make_unique<RecoveryManager>(
+          RecoveryOptions{.partition_bytes = options.recovery_partition_bytes,
+                          .retry_delay_ns = options.recovery_retry_ns},
+          static_cast<RecoveryHost&>(*this), SystemClock::instance())),
       transport_(make_tcp_server_transport(TransportOptions{.busy_poll = options.busy_poll})) {}
 
 CoordinatorService::~CoordinatorService() = default;
@@ -111,6 +123,21 @@ void CoordinatorService::handle(const wire::MessageHeader& request, std::span<co
     case wire::Opcode::kGetReplicationEpochs:
       s = get_replication_epochs(in, reply);
       break;
+    case wire::Opcode::kReportBackupReplicas:
+      s = report_backup_replicas(in, reply);
+      break;
+    case wire::Opcode::kGetBackupReplicas:
+      s = get_backup_replicas(in, reply);
+      break;
+    case wire::Opcode::kRecoveryMasterFinished:
+      s = recovery_->master_finished(body);
+      break;
+    case wire::Opcode::kGetRecoveries:
+      s = get_recoveries(in, reply);
+      break;
+    case wire::Opcode::kHintServerCrashed:
+      s = hint_server_crashed(in, reply);
+      break;
     default:
       break;  // a master's opcode: not served here
   }
@@ -140,10 +167,9 @@ Status CoordinatorService::enlist_server(wire::BodyReader& in, Reply& reply) {
                : std::string());
   reply.writer().put(wire::EnlistServerResponse{.server_id = enlisted.server_id});
   broadcast_server_list();
-  if (enlisted.replaced_id != 0) {
-    // Not waited for: the new master is not serving until it has this reply.
-    send_tablets(wire::Opcode::kTakeTablets, state_.tablets_of(enlisted.server_id), false);
-  }
+  // A replaced master's tablets are recovered; a new master may be what a waiting
+  // recovery needs.
+  recovery_->check();
   return Status::kOk;
 }
 
@@ -161,12 +187,12 @@ void CoordinatorService::encode_server_list(std::vector<std::byte>* body) const 
   for (const auto& s : servers) put_server_entry(w, s.id, &s);
 }
 
-void CoordinatorService::broadcast_server_list() {
+void CoordinatorService::broadcast_server_list(uint64_t also_to) {
   std::vector<std::byte> body;
   encode_server_list(&body);
   std::vector<MasterNotifier::Message> messages;
   for (const auto& s : state_.servers()) {
-    if (s.status != ServerStatus::kUp) continue;
+    if (s.status != ServerStatus::kUp && s.id != also_to) continue;
     messages.push_back(
         {.locator = s.locator, .opcode = wire::Opcode::kServerListUpdate, .body = body});
   }
@@ -271,6 +297,113 @@ Status CoordinatorService::get_replication_epochs(wire::BodyReader& in, Reply& r
     w.put(wire::ReplicationEpochEntry{
         .master_id = master_id, .segment_id = e.segment_id, .epoch = e.epoch});
   }
+  return Status::kOk;
+}
+
+Status CoordinatorService::report_backup_replicas(wire::BodyReader& in, Reply&) {
+  wire::BackupReportHeader header;
+  if (!in.get(&header) || header.count > in.remaining() / sizeof(wire::ReplicaEntry)) {
+    return Status::kBadRequest;
+  }
+  std::vector<wire::ReplicaEntry> replicas(header.count);
+  for (auto& r : replicas) {
+    if (!in.get(&r)) return Status::kBadRequest;
+  }
+  if (!in.at_end() || !state_.issued(header.backup_id)) return Status::kBadRequest;
+  const ServerInfo* server = state_.find_server(header.backup_id);
+  if (server == nullptr || server->status != ServerStatus::kUp) return Status::kFenced;
+  if ((server->services & wire::kServiceBackup) == 0) return Status::kBadRequest;
+  std::set<uint64_t> masters;
+  size_t damaged = 0;
+  for (const auto& r : replicas) {
+    masters.insert(r.master_id);
+    damaged += r.status != wire::kReplicaOk;
+  }
+  std::string names;
+  for (uint64_t m : masters) names += (names.empty() ? "" : ", ") + server_id_string(m);
+  LOG_INFO("backup {} holds {} replicas from before its restart ({} torn or corrupt){}{}",
+           server_id_string(header.backup_id), replicas.size(), damaged,
+           masters.empty() ? "" : " of masters ", names);
+  // Reports of backups that are gone are dropped as they are replaced.
+  for (auto it = backup_reports_.begin(); it != backup_reports_.end();) {
+    const ServerInfo* s = state_.find_server(it->first);
+    it = s == nullptr || s->status != ServerStatus::kUp ? backup_reports_.erase(it) : std::next(it);
+  }
+  backup_reports_[header.backup_id] = std::move(replicas);
+  return Status::kOk;
+}
+
+Status CoordinatorService::get_backup_replicas(wire::BodyReader& in, Reply& reply) {
+  if (!in.at_end()) return Status::kBadRequest;
+  size_t count = 0;
+  for (const auto& [backup, replicas] : backup_reports_) count += replicas.size();
+  if (sizeof(wire::BackupReplicasHeader) + count * sizeof(wire::ReportedReplica) >
+      wire::kMaxBodyBytes) {
+    return Status::kInternal;  // too many to answer in one message
+  }
+  auto w = reply.writer();
+  w.put(wire::BackupReplicasHeader{.count = static_cast<uint32_t>(count)});
+  for (const auto& [backup, replicas] : backup_reports_) {  // std::map: by backup id
+    for (const auto& r : replicas) w.put(wire::ReportedReplica{.backup_id = backup, .replica = r});
+  }
+  return Status::kOk;
+}
+
+Status CoordinatorService::hint_server_crashed(wire::BodyReader& in, Reply&) {
+  wire::ServerIdRequest req;
+  if (!in.get(&req) || !in.at_end() || !state_.issued(req.server_id)) return Status::kBadRequest;
+  const ServerInfo* server = state_.find_server(req.server_id);
+  // Replaced, crashed or removed already: nothing to verify. The reply goes out before
+  // the verification ends; the hint's sender learns the outcome from the server list.
+  if (server == nullptr || server->status != ServerStatus::kUp) return Status::kOk;
+  verifier_->suspect(server->id, server->locator);
+  return Status::kOk;
+}
+
+Status CoordinatorService::declare_crashed(uint64_t id) {
+  const ServerInfo* server = state_.find_server(id);
+  if (server == nullptr || server->status != ServerStatus::kUp) return Status::kOk;
+  const bool master = (server->services & wire::kServiceMaster) != 0;
+  const std::string locator = server->locator;
+  CoordinatorState next = state_;
+  next.mark_crashed(id);
+  if (Status s = commit(std::move(next)); s != Status::kOk) {
+    LOG_ERROR("server {} did not answer, but cannot be declared crashed: {}", server_id_string(id),
+              status_name(s));
+    return s;
+  }
+  LOG_WARNING("declared server {} at {} crashed{}", server_id_string(id), locator,
+              master ? fmt::format(" (a master with {} tablets)", state_.tablets_of(id).size())
+                     : std::string());
+  broadcast_server_list(id);
+  // Recovery of a crashed master starts here (coordinator/recovery_manager.h).
+  recovery_->check();
+  return Status::kOk;
+}
+
+Status CoordinatorService::get_recoveries(wire::BodyReader& in, Reply& reply) {
+  if (!in.at_end()) return Status::kBadRequest;
+  recovery_->encode(&reply.body());
+  return Status::kOk;
+}
+
+Status CoordinatorService::move_tablets(uint64_t from, const std::vector<Tablet>& tablets) {
+  CoordinatorState next = state_;
+  for (const auto& t : tablets) {
+    if (Status s = next.move_tablet_range(from, t); s != Status::kOk) return s;
+  }
+  if (Status s = commit(std::move(next)); s != Status::kOk) return s;
+  send_tablets(wire::Opcode::kTakeTablets, tablets, false);
+  return Status::kOk;
+}
+
+Status CoordinatorService::finish_master(uint64_t master_id) {
+  CoordinatorState next = state_;
+  if (!next.mark_removed(master_id)) return Status::kOk;  // replaced, or removed already
+  if (Status s = commit(std::move(next)); s != Status::kOk) return s;
+  LOG_INFO("master {} is removed: nothing of it is left to recover", server_id_string(master_id));
+  // Backups free the replicas of a removed master.
+  broadcast_server_list();
   return Status::kOk;
 }
 

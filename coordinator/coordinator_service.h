@@ -17,9 +17,13 @@
 //   3. A malformed body is answered kBadRequest and changes nothing.
 //   4. A replication epoch is accepted only from a master that is up; one that was
 //      replaced or declared crashed gets kFenced (a zombie: it must stop serving).
+//   5. A server is declared crashed only by declare_crashed(), which the FailureVerifier
+//      calls once its own pings all failed (docs/recovery.md, "Failure detection"); a
+//      hint alone never changes the state.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -28,7 +32,9 @@
 #include "common/transport.h"
 #include "coordinator/coordinator_state.h"
 #include "coordinator/external_store.h"
+#include "coordinator/failure_verifier.h"
 #include "coordinator/master_notifier.h"
+#include "coordinator/recovery_manager.h"
 
 namespace ramkv::coordinator {
 
@@ -37,9 +43,17 @@ struct CoordinatorOptions {
   bool busy_poll = false;
   // Per order sent to a master (take/drop tablets); create/drop table wait this long.
   uint64_t master_rpc_timeout_ns = 2'000'000'000;
+  // Verifying a server hinted to have crashed: this many pings (>= 1), each with this
+  // timeout and sent at least this far apart; all must fail to declare it crashed.
+  uint64_t verify_timeout_ns = 500'000'000;
+  uint32_t verify_attempts = 3;
+  // Crash recovery (docs/recovery.md): partition size, and the pause before a recovery
+  // that could not go on (an incomplete log) is tried again.
+  uint64_t recovery_partition_bytes = 512ull << 20;
+  uint64_t recovery_retry_ns = 2'000'000'000;
 };
 
-class CoordinatorService {
+class CoordinatorService final : private RecoveryHost {
  public:
   static constexpr size_t kMaxTableNameBytes = 1024;
   static constexpr size_t kMaxLocatorBytes = 1024;
@@ -60,8 +74,15 @@ class CoordinatorService {
   // Async-signal-safe.
   void stop() { transport_->stop(); }
 
-  const CoordinatorState& state() const { return state_; }
+  const CoordinatorState& state() const override { return state_; }
   MasterNotifier& notifier() { return *notifier_; }
+
+  // Declares the server with exactly this id crashed: status crashed, persisted, and the
+  // server list sent to every server that is up and to the crashed one itself (so that
+  // a live but cut-off server learns to stop). kOk and nothing done if it is not listed
+  // with this id or not up; kIoError (still up) if the state cannot be persisted.
+  // Dispatch thread only (the FailureVerifier calls it), or before run().
+  Status declare_crashed(uint64_t id);
 
  private:
   CoordinatorService(const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store);
@@ -75,21 +96,37 @@ class CoordinatorService {
   Status get_tablet_map(wire::BodyReader& in, Reply& reply);
   Status set_replication_epoch(wire::BodyReader& in, Reply& reply);
   Status get_replication_epochs(wire::BodyReader& in, Reply& reply);
+  Status report_backup_replicas(wire::BodyReader& in, Reply& reply);
+  Status get_backup_replicas(wire::BodyReader& in, Reply& reply);
+  // kHintServerCrashed: starts the FailureVerifier on a server that is up.
+  Status hint_server_crashed(wire::BodyReader& in, Reply& reply);
+  Status get_recoveries(wire::BodyReader& in, Reply& reply);
+
+  // RecoveryHost
+  Status move_tablets(uint64_t from, const std::vector<Tablet>& tablets) override;
+  Status finish_master(uint64_t master_id) override;
 
   // Persists `next` and makes it current; kIoError (state unchanged) if it cannot.
   Status commit(CoordinatorState next);
   // Sends `opcode` with each owner's share of `tablets`; waits for the answers if `wait`.
   void send_tablets(wire::Opcode opcode, const std::vector<Tablet>& tablets, bool wait);
-  // Tells every server that is up the whole server list (not waited for).
-  void broadcast_server_list();
+  // Tells every server that is up, and `also_to` (0: none) whatever its status, the
+  // whole server list (not waited for).
+  void broadcast_server_list(uint64_t also_to = 0);
   void encode_server_list(std::vector<std::byte>* body) const;
 
   CoordinatorOptions options_;
   std::unique_ptr<ExternalStore> store_;
   CoordinatorState state_;
+  // What each restarted backup reported finding on its disk (kReportBackupReplicas): a
+  // hint for operators and recovery, not persisted (recovery asks the backups itself).
+  std::map<uint64_t, std::vector<wire::ReplicaEntry>> backup_reports_;
   // Declared before transport_ so that it is destroyed after: nothing the loop queued
   // outlives the notifier's thread.
   std::unique_ptr<MasterNotifier> notifier_;
+  // A task of transport_'s loop: declared before it, so it outlives the loop.
+  std::unique_ptr<FailureVerifier> verifier_;
+  std::unique_ptr<RecoveryManager> recovery_;
   std::unique_ptr<ServerTransport> transport_;
 };
 

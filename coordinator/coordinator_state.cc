@@ -64,18 +64,8 @@ CoordinatorState::EnlistResult CoordinatorState::enlist(uint32_t services, std::
   slot->locator = std::string(locator);
   result.server_id = slot->id;
   ++server_list_version_;
-  // Until crash recovery exists, a restarted master takes over its predecessor's tablets
-  // (empty): better than tablets owned by nobody.
-  if (result.replaced_id != 0 && (services & wire::kServiceMaster) != 0) {
-    bool moved = false;
-    for (auto& t : tablets_) {
-      if (t.server_id == result.replaced_id) {
-        t.server_id = result.server_id;
-        moved = true;
-      }
-    }
-    if (moved) ++tablet_map_version_;
-  }
+  // A replaced master keeps its tablets: they are recovered from its backups onto the
+  // masters that are up (coordinator/recovery_manager.h), the restarted one among them.
   return result;
 }
 
@@ -91,6 +81,15 @@ bool CoordinatorState::issued(uint64_t id) const {
   if (index == 0 || index > servers_.size()) return false;
   uint32_t generation = server_generation(id);
   return generation >= 1 && generation <= server_generation(servers_[index - 1].id);
+}
+
+bool CoordinatorState::mark_crashed(uint64_t id) {
+  if (find_server(id) == nullptr) return false;
+  ServerInfo& s = servers_[server_index(id) - 1];
+  if (s.status != ServerStatus::kUp) return false;
+  s.status = ServerStatus::kCrashed;
+  ++server_list_version_;
+  return true;
 }
 
 std::vector<uint64_t> CoordinatorState::up_masters() const {
@@ -169,6 +168,37 @@ bool CoordinatorState::set_replication_epoch(uint64_t master_id, ReplicationEpoc
   if (inserted) return true;
   if (e <= it->second) return false;
   it->second = e;
+  return true;
+}
+
+Status CoordinatorState::move_tablet_range(uint64_t from, const Tablet& moved) {
+  auto it = std::find_if(tablets_.begin(), tablets_.end(), [&](const Tablet& t) {
+    return t.table_id == moved.table_id && t.server_id == from &&
+           t.start_hash <= moved.start_hash && moved.end_hash <= t.end_hash &&
+           moved.start_hash <= moved.end_hash;
+  });
+  if (it == tablets_.end()) return Status::kInvalidArgument;
+  const Tablet whole = *it;
+  std::vector<Tablet> pieces;
+  if (whole.start_hash < moved.start_hash) {
+    pieces.push_back({whole.table_id, whole.start_hash, moved.start_hash - 1, from});
+  }
+  pieces.push_back(moved);
+  if (moved.end_hash < whole.end_hash) {
+    pieces.push_back({whole.table_id, moved.end_hash + 1, whole.end_hash, from});
+  }
+  it = tablets_.erase(it);
+  tablets_.insert(it, pieces.begin(), pieces.end());
+  ++tablet_map_version_;
+  return Status::kOk;
+}
+
+bool CoordinatorState::mark_removed(uint64_t id) {
+  if (find_server(id) == nullptr) return false;
+  ServerInfo& s = servers_[server_index(id) - 1];
+  if (s.status != ServerStatus::kCrashed) return false;
+  s.status = ServerStatus::kRemoved;
+  ++server_list_version_;
   return true;
 }
 

@@ -85,7 +85,8 @@ class CoordinatorState {
   };
   // Adds a server. If `replaces_id` names a listed server, or `locator` is the locator of
   // a server that is up, that index gets a new generation and the old entry is gone
-  // (its id resolves to "removed"); its tablets move to the new id if it is a master.
+  // (its id resolves to "removed"). A replaced master keeps its tablets until its
+  // recovery moves them.
   EnlistResult enlist(uint32_t services, std::string_view locator, uint64_t replaces_id);
   // The server with exactly this id, or nullptr (unknown or replaced).
   const ServerInfo* find_server(uint64_t id) const;
@@ -93,6 +94,10 @@ class CoordinatorState {
   // is listed.
   bool issued(uint64_t id) const;
   const std::vector<ServerInfo>& servers() const { return servers_; }
+  // Marks the server with exactly this id crashed (docs/recovery.md, "Failure
+  // detection"); its tablets stay with it until its recovery moves them. false (nothing
+  // changed) if it is not listed with this id or is not up.
+  bool mark_crashed(uint64_t id);
   // Ids of the masters that are up, in index order.
   std::vector<uint64_t> up_masters() const;
   uint64_t server_list_version() const { return server_list_version_; }
@@ -112,6 +117,15 @@ class CoordinatorState {
   std::vector<Tablet> tablets_of(uint64_t server_id) const;
   uint64_t tablet_map_version() const { return tablet_map_version_; }
   size_t table_count() const { return tables_.size(); }
+  // Recovery: gives the range `moved` (within one tablet of `from`; moved.server_id = the
+  // new owner) to its new owner, splitting that tablet where the range does not cover
+  // it. kInvalidArgument (nothing changed) if no tablet of `from` contains the range.
+  Status move_tablet_range(uint64_t from, const Tablet& moved);
+
+  // ---- Recovery ----
+  // A crashed master whose recovery is over: its entry is marked removed. false if it is
+  // not listed as crashed with this id.
+  bool mark_removed(uint64_t id);
 
   // ---- Replication epochs ----
   // Records `e` for `master_id` if it is greater than the one recorded (or none is);

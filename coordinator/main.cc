@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <string>
 
+#include "common/config.h"
 #include "common/log.h"
 #include "common/stop_signals.h"
 #include "coordinator/coordinator_service.h"
@@ -18,6 +19,9 @@ struct Flags {
   std::string data_dir;
   std::string poll = "block";
   std::string log_level = "info";
+  uint32_t verify_timeout_ms = 500;
+  uint32_t verify_attempts = 3;
+  std::string recovery_partition = "512M";
 };
 
 }  // namespace
@@ -34,6 +38,20 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--log-level", flags.log_level, "debug, info, warning or error")
       ->check(CLI::IsMember({"debug", "info", "warning", "error"}))
+      ->capture_default_str();
+  app.add_option("--verify-timeout-ms", flags.verify_timeout_ms,
+                 "failure detection: timeout of each ping the coordinator sends to a server "
+                 "reported as not answering (attempts are this far apart)")
+      ->check(CLI::Range(1u, 600'000u))
+      ->capture_default_str();
+  app.add_option("--verify-attempts", flags.verify_attempts,
+                 "failure detection: pings that must all fail before a server is declared "
+                 "crashed")
+      ->check(CLI::Range(1u, 100u))
+      ->capture_default_str();
+  app.add_option("--recovery-partition-bytes", flags.recovery_partition,
+                 "crash recovery: the share of a crashed master's data each recovery master "
+                 "replays (about a second of work each), e.g. 512M")
       ->capture_default_str();
   try {
     app.parse(argc, argv);
@@ -56,8 +74,21 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ramkv-coordinator: cannot use --data-dir %s\n", flags.data_dir.c_str());
     return 1;
   }
+  auto partition = parse_bytes(flags.recovery_partition);
+  if (!partition.ok() || *partition == 0) {
+    std::fprintf(stderr,
+                 "ramkv-coordinator: bad --recovery-partition-bytes '%s': expected a size "
+                 "such as 512M\n",
+                 flags.recovery_partition.c_str());
+    return 2;
+  }
   auto service = coordinator::CoordinatorService::create(
-      {.listen_locator = flags.listen, .busy_poll = flags.poll == "busy"}, std::move(*store));
+      {.listen_locator = flags.listen,
+       .busy_poll = flags.poll == "busy",
+       .verify_timeout_ns = uint64_t{flags.verify_timeout_ms} * 1'000'000,
+       .verify_attempts = flags.verify_attempts,
+       .recovery_partition_bytes = *partition},
+      std::move(*store));
   if (!service.ok()) {
     std::fprintf(stderr, "ramkv-coordinator: cannot start: %s\n",
                  std::string(status_name(service.status())).c_str());

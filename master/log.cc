@@ -9,6 +9,19 @@ namespace ramkv::master {
 
 Result<std::unique_ptr<Log>> Log::create(const MasterConfig& config, const Clock& clock,
                                          HeadMetadataSource* metadata) {
+  // An overwrite appends its object and a tombstone for the old one to one segment
+  // (append_all). The head's metadata takes at most a quarter of a segment
+  // (MasterConfig::finalize), so the largest such pair must fit the other three.
+  const uint64_t max_object =
+      entry_bytes(kMaxObjectPrefixBytes + config.max_key_bytes + config.max_value_bytes);
+  const uint64_t max_tombstone = entry_bytes(kMaxTombstonePrefixBytes + config.max_key_bytes);
+  if (max_object + max_tombstone > uint64_t{config.segment_bytes} / 4 * 3) {
+    LOG_ERROR(
+        "invalid master configuration: the largest object ({} B key + {} B value) and a "
+        "tombstone for it do not fit three quarters of a segment of {} B",
+        config.max_key_bytes, config.max_value_bytes, config.segment_bytes);
+    return Status::kInvalidArgument;
+  }
   auto pool = SegletPool::create({.memory_bytes = config.memory_bytes,
                                   .seglet_bytes = config.seglet_bytes,
                                   .reserve_seglets = config.cleaner_reserve_seglets,
@@ -80,57 +93,86 @@ Status Log::open_head_locked(bool allow_reserve) {
   return Status::kOk;
 }
 
+namespace {
+
+// Payload bytes of an entry made of `pieces`. Oversized payloads are refused by
+// Segment::append; this only has to not wrap.
+uint32_t payload_bytes_of(std::span<const std::span<const std::byte>> pieces) {
+  uint64_t payload = 0;
+  for (auto p : pieces) payload += p.size();
+  return static_cast<uint32_t>(std::min<uint64_t>(payload, kMaxPayloadBytes));
+}
+
+}  // namespace
+
 Result<Log::Appended> Log::append(EntryType type,
                                   std::span<const std::span<const std::byte>> pieces, bool live) {
-  Result<uint32_t> offset = Status::kInternal;
-  Segment* seg = nullptr;
-  LogRef ref = 0;
-  uint64_t payload64 = 0;
-  for (auto p : pieces) payload64 += p.size();
-  // Oversized payloads are refused by Segment::append; this only has to not wrap.
-  const auto payload = static_cast<uint32_t>(std::min<uint64_t>(payload64, kMaxPayloadBytes));
-  const uint32_t bytes = entry_bytes(payload);
+  const EntryToAppend entries[] = {{.type = type, .pieces = pieces, .live = live}};
+  Appended out[1];
+  if (Status s = append_all(entries, out); s != Status::kOk) return s;
+  return out[0];
+}
+
+Status Log::append_all(std::span<const EntryToAppend> entries, std::span<Appended> out) {
+  RAMKV_CHECK(!entries.empty() && out.size() == entries.size());
+  uint64_t batch_bytes = 0;
+  bool new_data = false;
+  for (const EntryToAppend& e : entries) {
+    batch_bytes += entry_bytes(payload_bytes_of(e.pieces));
+    new_data = new_data || e.type != EntryType::kTombstone;
+  }
   {
     std::lock_guard lock(append_mutex_);
-    if (type != EntryType::kTombstone &&
-        seglets_to_append_locked(payload, bytes) > free_for_data()) {
+    if (new_data && seglets_to_append_locked(batch_bytes) > free_for_data()) {
       // Leave the last seglets to tombstones (invariant 4).
       if (wake_cleaner_) wake_cleaner_();
       return Status::kRetry;
     }
-    offset = head_->append(type, pieces);
-    if (offset.status() == Status::kNoSpace) {
-      // The head is full (or the entry does not fit its tail): start a new head.
+    if (uint64_t{head_->length()} + batch_bytes > head_->capacity()) {
+      // The head cannot take the whole batch: start a new head.
       if (Status s = open_head_locked(false); s != Status::kOk) return s;
-      offset = head_->append(type, pieces);
-      // finalize() guarantees the largest entry fits a fresh head.
-      RAMKV_CHECK(offset.status() != Status::kNoSpace);
     }
-    if (!offset.ok()) {
-      if (wake_cleaner_) wake_cleaner_();
-      return offset.status();
+    Segment* seg = head_;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const EntryToAppend& e = entries[i];
+      Result<uint32_t> offset = seg->append(e.type, e.pieces);
+      // finalize() and create() guarantee that the largest batch fits a fresh head.
+      RAMKV_CHECK_MSG(offset.status() != Status::kNoSpace, "entries larger than a fresh head");
+      if (!offset.ok() && i > 0) {
+        // The memory check above saw room for the whole batch, but the cleaner took
+        // seglets since (it allocates without this lock). What it holds is bounded by its
+        // reserve, so the rest of the batch fits there; taking it keeps the batch whole.
+        seg->set_purpose(SegletPool::Purpose::kCleaner);
+        offset = seg->append(e.type, e.pieces);
+        seg->set_purpose(SegletPool::Purpose::kHead);
+        RAMKV_CHECK_MSG(offset.ok(), "no memory for the rest of an atomic append");
+      }
+      if (!offset.ok()) {
+        if (wake_cleaner_) wake_cleaner_();
+        return offset.status();
+      }
+      const uint32_t bytes = entry_bytes(payload_bytes_of(e.pieces));
+      // Counted before the lock is dropped: once another append closes this segment the
+      // cleaner may choose it by its live bytes (which must not grow after that), and may
+      // free it (nothing holds a tombstone's segment alive the way a stripe lock holds an
+      // object's).
+      if (e.live) seg->add_live_bytes(bytes);
+      out[i] = Appended{seg->arena_offset(*offset), seg, bytes, seg->id()};
     }
-    seg = head_;
-    // Counted before the lock is dropped: once another append closes this segment the
-    // cleaner may choose it by its live bytes (which must not grow after that), and may
-    // free it (nothing holds a tombstone's segment alive the way a stripe lock holds an
-    // object's).
-    if (live) seg->add_live_bytes(bytes);
-    ref = seg->arena_offset(*offset);
     changes_.fetch_add(1, std::memory_order_release);
   }
-  appended_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  appended_bytes_.fetch_add(batch_bytes, std::memory_order_relaxed);
   if (wake_cleaner_ && free_for_data() < low_free_seglets_) wake_cleaner_();
-  return Appended{ref, seg, bytes};
+  return Status::kOk;
 }
 
-uint64_t Log::seglets_to_append_locked(uint32_t payload_bytes, uint32_t bytes) const {
+uint64_t Log::seglets_to_append_locked(uint64_t bytes) const {
   const uint64_t seglet = pool_->seglet_bytes();
-  if (head_->fits(payload_bytes)) {
-    uint64_t end = uint64_t{head_->length()} + bytes;
+  uint64_t end = uint64_t{head_->length()} + bytes;
+  if (end <= head_->capacity()) {
     return end <= head_->memory_bytes() ? 0 : (end - head_->memory_bytes() + seglet - 1) / seglet;
   }
-  // A new head: its metadata (one seglet in any usual configuration) and the entry.
+  // A new head: its metadata (one seglet in any usual configuration) and the entries.
   return (bytes + seglet - 1) / seglet + 1;
 }
 
@@ -214,6 +256,12 @@ std::vector<Segment*> Log::cleanable_segments() const {
 bool Log::contains_segment(uint64_t segment_id) const {
   std::lock_guard lock(append_mutex_);
   return segments_.count(segment_id) != 0 || pending_survivors_.count(segment_id) != 0;
+}
+
+Segment* Log::find_segment(uint64_t segment_id) const {
+  std::lock_guard lock(append_mutex_);
+  auto it = segments_.find(segment_id);
+  return it != segments_.end() ? it->second.get() : nullptr;
 }
 
 std::unique_ptr<Segment> Log::new_survivor(uint64_t created_ns) {

@@ -18,7 +18,10 @@
 //   4. Appends for new data never take the cleaner's reserve of seglets, nor the last
 //      kRemoveMarginSeglets of the head's share: those are for tombstones, so that a
 //      remove can be logged when writes have filled memory (removing is how a caller
-//      frees memory, and the cleaner may have nothing to reclaim until it does).
+//      frees memory, and the cleaner may have nothing to reclaim until it does). An
+//      overwrite's tombstone is part of its write (append_all): new data.
+//   5. The entries of one append_all() lie in one segment, in order, end to end; either
+//      all of them are appended or none.
 #pragma once
 
 #include <atomic>
@@ -74,12 +77,26 @@ class Log {
     // of an object entry's key); nothing does for a tombstone.
     Segment* segment = nullptr;
     uint32_t entry_bytes = 0;
+    uint64_t segment_id = 0;  // of `segment`, safe to use when the pointer is not
   };
   // Appends an entry to the head, rolling to a new head when it does not fit. `live`
   // entries count toward their segment's live bytes. kRetry when no memory is free
   // (the cleaner may free some); nothing is appended then. Any thread.
   Result<Appended> append(EntryType type, std::span<const std::span<const std::byte>> pieces,
                           bool live);
+  // One entry of append_all(): its payload is the concatenation of `pieces`.
+  struct EntryToAppend {
+    EntryType type = EntryType::kInvalid;
+    std::span<const std::span<const std::byte>> pieces;
+    bool live = false;
+  };
+  // Appends `entries` to one segment, in this order, or none of them (invariant 5): an
+  // overwrite's new object and the tombstone for the object it supersedes
+  // (docs/log-format.md, "Overwrites"). The batch takes memory as one entry would: if any
+  // entry is not a tombstone it is new data and may not take the remove margin. out[i]
+  // receives entry i. Fails as append() does. create() checks that the largest object and
+  // a tombstone for its key fit an empty head together. Any thread.
+  Status append_all(std::span<const EntryToAppend> entries, std::span<Appended> out);
 
   // The segment holding `ref` and the entry's offset in it. The reference must be live
   // (held in the hash table under its stripe lock, or owned by the caller).
@@ -144,6 +161,9 @@ class Log {
   // Closed segments in the log (not the head), as candidates for cleaning.
   std::vector<Segment*> cleanable_segments() const;
   bool contains_segment(uint64_t segment_id) const;
+  // The segment of the log with this id, or nullptr. Valid until the cleaner frees it:
+  // for the cleaner's own thread, until its next commit or compaction.
+  Segment* find_segment(uint64_t segment_id) const;
   // A new segment for relocated entries, drawing on the reserve. Survivors are not in
   // the log until commit_cleaning.
   std::unique_ptr<Segment> new_survivor(uint64_t created_ns);
@@ -169,9 +189,9 @@ class Log {
       std::unique_ptr<SegletPool> pool);
   // Opens a new head (closing the old one). Caller holds append_mutex_.
   Status open_head_locked(bool allow_reserve);
-  // Seglets that appending `bytes` of entry may take from the pool (an upper bound when
-  // it needs a new head). Caller holds append_mutex_.
-  uint64_t seglets_to_append_locked(uint32_t payload_bytes, uint32_t bytes) const;
+  // Seglets that appending `bytes` of entries may take from the pool (an upper bound
+  // when they need a new head). Caller holds append_mutex_.
+  uint64_t seglets_to_append_locked(uint64_t bytes) const;
 
   const MasterConfig config_;
   const Clock& clock_;

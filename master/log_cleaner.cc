@@ -95,6 +95,18 @@ uint64_t LogCleaner::clean_once() {
       0.9 * static_cast<double>(cfg.max_log_segments())) {
     if (uint64_t freed = clean_combined(segments); freed > 0) return freed;
   }
+  // Tombstones die only with the segments they name, which compaction never removes: once
+  // they hold a quarter of the memory that objects leave, remove segments first.
+  if (const uint64_t tombstones = handlers_.tombstone_bytes(); tombstones > 0) {
+    const LogStats stats = log_.stats();
+    const uint64_t objects = stats.live_bytes > tombstones ? stats.live_bytes - tombstones : 0;
+    const uint64_t headroom = stats.memory_bytes > objects ? stats.memory_bytes - objects : 0;
+    if (tombstones > headroom / 4) {
+      if (uint64_t freed = clean_combined_for(segments, /*memory_only=*/true); freed > 0) {
+        return freed;
+      }
+    }
+  }
   // Best segment to compact: frees at least one seglet and fits the memory the cleaner
   // can count on. The copy is at most the live bytes (entries are packed end to end and
   // a closed segment's live bytes only shrink), so it needs no seglet of slack.
@@ -128,7 +140,17 @@ uint64_t LogCleaner::cleaner_seglets() const {
 // Fills survivor segments for one combined pass.
 class LogCleaner::Survivors final : public EntryRelocator {
  public:
-  Survivors(Log& log, uint64_t created_ns) : log_(log), created_ns_(created_ns) {}
+  Survivors(Log& log, uint64_t created_ns)
+      : log_(log), created_ns_(created_ns), in_log_(log.segment_ids()) {}
+  // The victim whose entries are appended next. Every victim named before it was moved
+  // out in full, so it leaves the log with the survivors.
+  void start_victim(uint64_t segment_id) {
+    leaving_.insert(std::upper_bound(leaving_.begin(), leaving_.end(), segment_id), segment_id);
+  }
+  bool tombstone_needed(uint64_t named) const override {
+    return std::binary_search(in_log_.begin(), in_log_.end(), named) &&
+           !std::binary_search(leaving_.begin(), leaving_.end(), named);
+  }
   Result<LogRef> append(std::span<const std::byte> raw, uint32_t header_bytes) override {
     for (int attempt = 0; attempt < 2; ++attempt) {
       if (!current_) {
@@ -163,13 +185,16 @@ class LogCleaner::Survivors final : public EntryRelocator {
   std::unique_ptr<Segment> current_;
   std::vector<std::unique_ptr<Segment>> done_;
   uint64_t copied_ = 0;
+  const std::vector<uint64_t> in_log_;  // the log's segment ids when the pass began, sorted
+  std::vector<uint64_t> leaving_;       // sorted ids of the victims moved out or being moved
 };
 
 namespace {
 // Relocates into one compaction target.
 class CompactionTarget final : public EntryRelocator {
  public:
-  explicit CompactionTarget(Segment& target) : target_(target) {}
+  CompactionTarget(Segment& target, std::vector<uint64_t> in_log)
+      : target_(target), in_log_(std::move(in_log)) {}
   Result<LogRef> append(std::span<const std::byte> raw, uint32_t header_bytes) override {
     auto off = target_.append_raw(raw, header_bytes);
     if (!off.ok()) return off.status();
@@ -178,9 +203,15 @@ class CompactionTarget final : public EntryRelocator {
     return target_.arena_offset(*off);
   }
   uint64_t copied() const { return copied_; }
+  // The compacted segment keeps its id, and its replicas keep every entry it ever held:
+  // nothing leaves the log.
+  bool tombstone_needed(uint64_t named) const override {
+    return std::binary_search(in_log_.begin(), in_log_.end(), named);
+  }
 
  private:
   Segment& target_;
+  const std::vector<uint64_t> in_log_;  // the log's segment ids, sorted
   uint64_t copied_ = 0;
 };
 
@@ -212,7 +243,7 @@ bool relocate_all(const Segment& victim, LogEntryHandlers& handlers, EntryReloca
 
 uint64_t LogCleaner::compact(Segment* victim) {
   std::unique_ptr<Segment> target = log_.new_compaction_target(*victim);
-  CompactionTarget to(*target);
+  CompactionTarget to(*target, log_.segment_ids());
   bool ok = relocate_all(*victim, handlers_, to);
   // The sizes were checked against the reserve, which only the cleaner draws on.
   RAMKV_CHECK_MSG(ok, "compaction ran out of reserved memory");
@@ -259,10 +290,18 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
     live = next_live;
     victim_memory += s->memory_bytes();
   }
+  // The tombstones naming the victims die with them: their bytes come back when the
+  // segments holding them are next cleaned (overwrites write one each, so in a memory
+  // full of live objects this may be the only way to free any).
+  uint64_t dying_tombstones = 0;
+  for (Segment* v : victims) dying_tombstones += handlers_.tombstone_bytes_naming(v->id());
   uint64_t expected_memory = (live / seglet_bytes_ + live / segment_bytes + 2) * seglet_bytes_;
-  bool frees_memory = victim_memory > expected_memory;
+  bool frees_memory = victim_memory + dying_tombstones > expected_memory;
   bool frees_segments = victims.size() > live / segment_bytes + 1;
-  if (victims.size() < 2 || (!frees_memory && (memory_only || !frees_segments))) return 0;
+  if (victims.empty() || (victims.size() < 2 && dying_tombstones == 0) ||
+      (!frees_memory && (memory_only || !frees_segments))) {
+    return 0;
+  }
 
   uint64_t created = 0;
   {
@@ -276,6 +315,7 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
   Survivors to(log_, created);
   size_t done = 0;
   for (Segment* v : victims) {
+    to.start_victim(v->id());
     if (!relocate_all(*v, handlers_, to)) break;
     ++done;
   }
@@ -285,17 +325,23 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
   for (Segment* v : cleaned) before += v->memory_bytes();
   uint64_t after = to.memory_bytes();
   uint64_t copied = to.copied();
+  std::vector<uint64_t> cleaned_ids;
+  cleaned_ids.reserve(cleaned.size());
+  for (Segment* v : cleaned) cleaned_ids.push_back(v->id());
   log_.commit_cleaning(to.take(), cleaned);
   uint64_t freed = before > after ? before - after : 0;
+  uint64_t died = handlers_.segments_left_log(cleaned_ids);
   std::lock_guard lock(mutex_);
   stats_.combined_passes++;
   stats_.segments_cleaned += cleaned.size();
   stats_.bytes_copied += copied;
   stats_.bytes_freed += freed;
+  stats_.tombstone_bytes_killed += died;
   if (done == 0) return 0;
-  // Fewer segments in the log is progress even when no memory came back, unless memory
-  // was the point.
-  return memory_only ? freed : std::max<uint64_t>(freed, 1);
+  // Dead tombstones are memory that the next compaction of their segments frees. Fewer
+  // segments in the log is progress even when no memory came back, unless memory was the
+  // point.
+  return memory_only ? freed + died : std::max<uint64_t>(freed + died, 1);
 }
 
 }  // namespace ramkv::master

@@ -37,6 +37,14 @@ class EntryRelocator {
   virtual ~EntryRelocator() = default;
   // Appends a whole entry verbatim; kRetry if there is no memory for it.
   virtual Result<LogRef> append(std::span<const std::byte> raw_entry, uint32_t header_bytes) = 0;
+  // Whether a tombstone naming this segment must move: the segment was in the log when
+  // this unit of cleaning began (only the cleaner removes segments, so it still is), and
+  // does not leave with it. A victim of combined cleaning already moved out in full
+  // leaves in the same commit that adds what is appended here; the victim being moved
+  // now leaves too, or stays in the log holding the tombstone itself. Either way, by the
+  // time a copy would be in the log the object it kills is not (docs/master-storage.md,
+  // "Cleaning").
+  virtual bool tombstone_needed(uint64_t named_segment_id) const = 0;
 };
 
 // Decides which entries are still needed, and moves their references (the object
@@ -50,14 +58,23 @@ class LogEntryHandlers {
                           EntryRelocator& to) = 0;
   // A hint that relocate() will soon be called for this entry: start its cache misses.
   virtual void prefetch(const Segment::Entry& entry) = 0;
+  // Bytes of the tombstones in the log that are still needed, all of them, and those that
+  // name one segment (they die when it leaves).
+  virtual uint64_t tombstone_bytes() const = 0;
+  virtual uint64_t tombstone_bytes_naming(uint64_t segment_id) const = 0;
+  // The segments have left the log (a combined pass committed): the tombstones naming
+  // them are dead, and their segments' live bytes go down. Returns those bytes. Called
+  // from the cleaner's thread.
+  virtual uint64_t segments_left_log(std::span<const uint64_t> segment_ids) = 0;
 };
 
 struct CleanerStats {
   uint64_t compactions = 0;  // segments compacted in memory
   uint64_t combined_passes = 0;
-  uint64_t segments_cleaned = 0;  // victims of combined cleaning
-  uint64_t bytes_copied = 0;      // entry bytes relocated, both kinds
-  uint64_t bytes_freed = 0;       // memory returned to the pool, net
+  uint64_t segments_cleaned = 0;        // victims of combined cleaning
+  uint64_t bytes_copied = 0;            // entry bytes relocated, both kinds
+  uint64_t bytes_freed = 0;             // memory returned to the pool, net
+  uint64_t tombstone_bytes_killed = 0;  // tombstones that died with combined passes' victims
 };
 
 class LogCleaner {
@@ -72,10 +89,12 @@ class LogCleaner {
   void wake();
 
   // One unit of work: one compaction or one combined-cleaning pass. Returns the bytes of
-  // memory it freed (net), 0 when nothing was worth cleaning.
+  // memory it freed (net) or made free to reclaim (tombstones that died with a combined
+  // pass's victims), 0 when nothing was worth cleaning.
   uint64_t clean_once();
   // The two kinds of work, for tests: compaction of one segment of the log, and a
-  // combined pass over the best candidates. Return bytes freed (net).
+  // combined pass over the best candidates. Return bytes freed (net), the combined pass
+  // with the tombstone bytes that died.
   uint64_t compact(Segment* victim);
   uint64_t clean_combined(std::vector<Segment*> candidates);
 

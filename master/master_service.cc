@@ -48,6 +48,12 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
     reply.set_status(Status::kFenced);
     return;
   }
+  if (op != Opcode::kEcho && fenced()) {
+    // Declared crashed (invariant 5): a zombie serves nothing, not even reads, whose
+    // answers recovery may already have made stale.
+    reply.set_status(Status::kFenced);
+    return;
+  }
   Status s = Status::kBadRequest;
   switch (static_cast<Opcode>(header.opcode)) {
     case Opcode::kEcho:
@@ -91,6 +97,12 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
     case Opcode::kGetServerStats:
       s = server_stats(body, reply);
       break;
+    case Opcode::kIsReplicaNeeded:
+      s = replica_needed(body, reply);
+      break;
+    case Opcode::kRecover:
+      if (recovery_ != nullptr) s = recovery_->start(body);
+      break;
     default:
       break;  // coordinator opcodes and unknown numbers
   }
@@ -101,6 +113,25 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
   } else if (mutates && replicas_ != nullptr) {
     replicas_->hold(reply);  // answered once on R backups (invariant 4)
   }
+}
+
+Status MasterService::replica_needed(std::span<const std::byte> body, Reply& reply) {
+  wire::BodyReader in(body);
+  wire::ReplicaNeededHeader header;
+  if (!in.get(&header) || header.count > wire::kMaxReplicaNeededCount ||
+      in.remaining() != uint64_t{header.count} * sizeof(uint64_t)) {
+    return Status::kBadRequest;
+  }
+  auto out = reply.writer();
+  for (uint32_t i = 0; i < header.count; ++i) {
+    uint64_t segment_id = 0;
+    in.get(&segment_id);
+    // Without replication this master keeps nothing on backups.
+    const bool needed =
+        replicas_ != nullptr && replicas_->replica_needed(header.backup_id, segment_id);
+    out.put(static_cast<uint8_t>(needed ? 1 : 0));
+  }
+  return Status::kOk;
 }
 
 // ---- Decoding ---------------------------------------------------------------------------
@@ -293,6 +324,15 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
     append_stat(&text, "replication_segments_freed", r.segments_freed);
     append_stat(&text, "replication_backups", r.backups);
     append_stat(&text, "replication_fenced", replicas_->fenced() ? 1 : 0);
+  }
+  if (recovery_ != nullptr) {
+    const RecoveryTaskStats& r = recovery_->stats();
+    append_stat(&text, "recovery_partitions_running", recovery_->running());
+    append_stat(&text, "recovery_partitions_started", r.partitions_started);
+    append_stat(&text, "recovery_partitions_finished", r.partitions_finished);
+    append_stat(&text, "recovery_partitions_failed", r.partitions_failed);
+    append_stat(&text, "recovery_bytes_pulled", r.bytes_pulled);
+    append_stat(&text, "recovery_objects_replayed", r.objects_replayed);
   }
   reply.writer().put_bytes(text);
   return Status::kOk;

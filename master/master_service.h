@@ -18,8 +18,12 @@
 //   4. With replication on (set_replication), a reply to a write, remove, increment or
 //      multi write/remove that succeeded is held by the ReplicaManager until what it wrote
 //      is on R backups; once the master is fenced, such requests get kFenced.
+//   5. Once fence() was called, every request but echo is answered kFenced and changes
+//      nothing (docs/recovery.md, "Failure detection"): the coordinator declared this
+//      server crashed and its tablets belong to recovery.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -32,6 +36,7 @@
 #include "common/wire_format.h"
 #include "master/master_config.h"
 #include "master/object_manager.h"
+#include "master/recovery_task.h"
 #include "master/replica_manager.h"
 #include "master/tablet_set.h"
 
@@ -57,10 +62,17 @@ class MasterService {
   ObjectManager& objects() { return *objects_; }
   // Replies to writes wait for `replicas` (owned by the server; outlives this).
   void set_replication(ReplicaManager* replicas) { replicas_ = replicas; }
+  // Serves kRecover with `recovery` (docs/recovery.md, step 5); without one, kRecover is
+  // a bad request.
+  void set_recovery(RecoveryTask* recovery) { recovery_ = recovery; }
   // A server list from the coordinator (pushed, or fetched at start); older versions than
   // the newest seen change nothing.
   void update_server_list(uint64_t version, const std::vector<wire::ServerListItem>& servers);
   const TabletSet& tablets() const { return tablets_; }
+  // Stops serving for good: the coordinator declared this server crashed (invariant 5).
+  // Thread-safe (the failure detector's thread may call it); idempotent.
+  void fence() { fenced_.store(true, std::memory_order_relaxed); }
+  bool fenced() const { return fenced_.load(std::memory_order_relaxed); }
 
  private:
   // A read, remove or multi-op item: the fixed part and the variable parts after it.
@@ -85,6 +97,8 @@ class MasterService {
   Status take_tablets(std::span<const std::byte> body);
   Status drop_tablets(std::span<const std::byte> body);
   Status server_stats(std::span<const std::byte> body, Reply& reply);
+  // kIsReplicaNeeded: asks the ReplicaManager about each segment (wire_format.h).
+  Status replica_needed(std::span<const std::byte> body, Reply& reply);
   Status server_list_update(std::span<const std::byte> body);
 
   // Item decoders shared by the single and multi forms: the fixed part, then the key
@@ -118,6 +132,8 @@ class MasterService {
   uint64_t bad_request_count_ = 0;
   std::vector<wire::ServerListItem> servers_scratch_;
   ReplicaManager* replicas_ = nullptr;
+  RecoveryTask* recovery_ = nullptr;
+  std::atomic<bool> fenced_{false};
 };
 
 }  // namespace ramkv::master

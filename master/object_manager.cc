@@ -1,5 +1,6 @@
 #include "master/object_manager.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/checksum.h"
@@ -104,23 +105,104 @@ Result<uint64_t> ObjectManager::read(uint64_t table_id, std::string_view key, st
 Result<uint64_t> ObjectManager::write_locked(uint64_t hash, uint64_t table_id, std::string_view key,
                                              std::string_view value, Found& found) {
   uint64_t version = next_version_.fetch_add(1);
+  uint32_t timestamp = clock_.unix_seconds();
   std::byte prefix[kMaxObjectPrefixBytes];
-  uint32_t prefix_bytes = encode_object_prefix(table_id, version, clock_.unix_seconds(),
-                                               static_cast<uint32_t>(key.size()), prefix);
+  uint32_t prefix_bytes =
+      encode_object_prefix(table_id, version, timestamp, static_cast<uint32_t>(key.size()), prefix);
   std::span<const std::byte> pieces[] = {{prefix, prefix_bytes}, as_bytes(key), as_bytes(value)};
-  auto appended = log_->append(EntryType::kObject, pieces, /*live=*/true);
+  auto appended = append_object_locked(table_id, key, timestamp, pieces, found);
   if (!appended.ok()) return appended.status();
-  int64_t user = static_cast<int64_t>(key.size() + value.size());
+  account(table_id, install_locked(hash, *appended, key.size() + value.size(), found));
+  return version;
+}
+
+Result<Log::Appended> ObjectManager::append_object_locked(
+    uint64_t table_id, std::string_view key, uint32_t timestamp,
+    std::span<const std::span<const std::byte>> object_pieces, const Found& found) {
+  if (!found.slot) return log_->append(EntryType::kObject, object_pieces, /*live=*/true);
+  // The superseded object stays in its segment's replicas. Without a tombstone, a
+  // recovery that no longer finds the new object (removed later, and its segment and the
+  // remove's tombstone cleaned) would bring the old one back (docs/log-format.md,
+  // "Overwrites"). The object goes first: a replica holding a prefix of the segment that
+  // ends between the two still has the newer object, which wins.
+  std::byte prefix[kMaxTombstonePrefixBytes];
+  uint32_t prefix_bytes = encode_tombstone_prefix(table_id, found.object.version,
+                                                  found.segment->id(), timestamp, prefix);
+  std::span<const std::byte> tombstone_pieces[] = {{prefix, prefix_bytes}, as_bytes(key)};
+  const Log::EntryToAppend entries[] = {
+      {.type = EntryType::kObject, .pieces = object_pieces, .live = true},
+      {.type = EntryType::kTombstone, .pieces = tombstone_pieces, .live = true}};
+  Log::Appended appended[2];
+  if (Status s = log_->append_all(entries, appended); s != Status::kOk) return s;
+  count_tombstone(found.segment->id(), appended[1].segment_id, appended[1].entry_bytes);
+  return appended[0];
+}
+
+void ObjectManager::count_tombstone(uint64_t named, uint64_t holder, int64_t bytes) {
+  std::lock_guard lock(tombstones_mutex_);
+  auto it = tombstone_bytes_.find(named);
+  if (it == tombstone_bytes_.end()) {
+    // Nothing to take back once the named segment has left the log (ids are not reused).
+    if (bytes < 0) return;
+    it = tombstone_bytes_.emplace(named, std::unordered_map<uint64_t, int64_t>{}).first;
+  }
+  int64_t& held = it->second[holder];
+  held += bytes;
+  tombstone_bytes_total_ += bytes;
+  if (held == 0) it->second.erase(holder);
+  if (it->second.empty()) tombstone_bytes_.erase(it);
+}
+
+uint64_t ObjectManager::tombstone_bytes() const {
+  std::lock_guard lock(tombstones_mutex_);
+  return tombstone_bytes_total_ > 0 ? static_cast<uint64_t>(tombstone_bytes_total_) : 0;
+}
+
+uint64_t ObjectManager::tombstone_bytes_naming(uint64_t segment_id) const {
+  std::lock_guard lock(tombstones_mutex_);
+  auto it = tombstone_bytes_.find(segment_id);
+  if (it == tombstone_bytes_.end()) return 0;
+  uint64_t bytes = 0;
+  for (const auto& [holder, held] : it->second) bytes += held > 0 ? static_cast<uint64_t>(held) : 0;
+  return bytes;
+}
+
+uint64_t ObjectManager::segments_left_log(std::span<const uint64_t> segment_ids) {
+  uint64_t died = 0;
+  std::lock_guard lock(tombstones_mutex_);
+  for (uint64_t id : segment_ids) {
+    auto it = tombstone_bytes_.find(id);
+    if (it == tombstone_bytes_.end()) continue;
+    for (const auto& [holder, held] : it->second) {
+      tombstone_bytes_total_ -= held;
+      // A holder that left the log took its tombstones with it; a negative count is a
+      // holder that a partial combined pass left behind, whose copies count elsewhere.
+      Segment* segment = held > 0 ? log_->find_segment(holder) : nullptr;
+      if (segment == nullptr) continue;
+      const auto bytes = static_cast<uint64_t>(held);
+      RAMKV_CHECK(bytes <= segment->live_bytes());
+      segment->sub_live_bytes(bytes);
+      died += bytes;
+    }
+    tombstone_bytes_.erase(it);
+  }
+  return died;
+}
+
+ObjectManager::StatsDelta ObjectManager::install_locked(uint64_t hash,
+                                                        const Log::Appended& appended,
+                                                        uint64_t user_bytes, const Found& found) {
+  auto user = static_cast<int64_t>(user_bytes);
   if (found.slot) {
     found.segment->sub_live_bytes(found.entry_bytes);
-    found.slot.set_ref(appended->ref);
-    account(table_id, 0, int64_t{appended->entry_bytes} - found.entry_bytes,
-            user - static_cast<int64_t>(key.size() + found.object.value.size()));
-  } else {
-    hash_table_.insert(hash, appended->ref);
-    account(table_id, 1, appended->entry_bytes, user);
+    found.slot.set_ref(appended.ref);
+    return {.objects = 0,
+            .entry_bytes = int64_t{appended.entry_bytes} - found.entry_bytes,
+            .user_bytes =
+                user - static_cast<int64_t>(found.object.key.size() + found.object.value.size())};
   }
-  return version;
+  hash_table_.insert(hash, appended.ref);
+  return {.objects = 1, .entry_bytes = appended.entry_bytes, .user_bytes = user};
 }
 
 Result<uint64_t> ObjectManager::write(uint64_t table_id, std::string_view key,
@@ -157,6 +239,7 @@ Result<uint64_t> ObjectManager::remove(uint64_t table_id, std::string_view key,
     std::span<const std::byte> pieces[] = {{prefix, prefix_bytes}, as_bytes(key)};
     auto appended = log_->append(EntryType::kTombstone, pieces, /*live=*/true);
     if (!appended.ok()) return appended.status();
+    count_tombstone(f.segment->id(), appended->segment_id, appended->entry_bytes);
     f.segment->sub_live_bytes(f.entry_bytes);
     hash_table_.erase(f.slot);
     account(table_id, -1, -int64_t{f.entry_bytes},
@@ -257,6 +340,7 @@ ObjectManagerStats ObjectManager::stats() const {
   }
   s.hash_table_bytes = hash_table_.memory_bytes();
   s.hash_overflow_buckets = hash_table_.overflow_bucket_count();
+  s.tombstone_bytes = tombstone_bytes();
   s.log = log_->stats();
   s.cleaner = cleaner_->stats();
   return s;
@@ -289,15 +373,239 @@ Status ObjectManager::relocate(const Segment& victim, uint32_t offset, const Seg
     case EntryType::kTombstone: {
       auto t = decode_tombstone(entry.payload);
       RAMKV_CHECK(t.ok());
-      // Needed while the removed object's segment may still be replayed at recovery.
-      if (!log_->contains_segment(t->segment_id)) return Status::kOk;
+      // Needed while the removed object's segment may still be replayed at recovery: not
+      // once that segment leaves the log, nor when it leaves with this entry's victim
+      // (whose count goes with it in segments_left_log).
+      if (!to.tombstone_needed(t->segment_id)) return Status::kOk;
+      // The key's stripe orders the move with the append that counted the tombstone.
+      std::lock_guard lock(stripe_for(key_hash(t->table_id, t->key)));
       auto raw = victim.raw_entry_at(offset, entry.header.total_bytes(), &scratch);
       auto new_ref = to.append(raw, entry.header.header_bytes);
-      return new_ref.ok() ? Status::kOk : new_ref.status();
+      if (!new_ref.ok()) return new_ref.status();
+      if (uint64_t holder = log_->resolve(*new_ref).first->id(); holder != victim.id()) {
+        const auto bytes = static_cast<int64_t>(entry.header.total_bytes());
+        count_tombstone(t->segment_id, victim.id(), -bytes);
+        count_tombstone(t->segment_id, holder, bytes);
+      }
+      return Status::kOk;
     }
     default:
       // Headers, digests, safe versions and table stats are rewritten in every head.
       return Status::kOk;
+  }
+}
+
+// ---- Recovery: replay (docs/recovery.md, step 5) ----------------------------------------
+
+namespace {
+
+// The next entry of a replay stream, checked. Bytes from a backup never reach an
+// assertion: whatever cannot be a whole, intact entry is kCorrupt.
+struct StreamEntry {
+  EntryHeader header;
+  std::span<const std::byte> payload;
+};
+Result<StreamEntry> next_stream_entry(std::span<const std::byte> rest) {
+  auto h = decode_entry_header(rest);
+  // A zero tag is unwritten space, which a concatenation of whole entries never holds.
+  if (!h.ok() || h->type == EntryType::kInvalid) return Status::kCorrupt;
+  if (uint64_t{h->header_bytes} + h->payload_bytes > rest.size()) return Status::kCorrupt;
+  auto payload = rest.subspan(h->header_bytes, h->payload_bytes);
+  if (entry_checksum(h->type, payload) != h->checksum) return Status::kCorrupt;
+  return StreamEntry{*h, payload};
+}
+
+}  // namespace
+
+Status ObjectManager::replay(std::span<const std::byte> entries,
+                             const std::function<bool(uint64_t, uint64_t)>& accept,
+                             ReplayStats* stats) {
+  ReplayProgress progress;
+  Status status = Status::kOk;
+  for (size_t offset = 0; offset < entries.size();) {
+    auto e = next_stream_entry(entries.subspan(offset));
+    if (!e.ok()) {
+      status = e.status();
+      break;
+    }
+    status = replay_entry(e->header.type, e->payload, accept, &progress);
+    if (status != Status::kOk) break;
+    ++progress.stats.entries;
+    progress.stats.bytes += e->header.total_bytes();
+    offset += e->header.total_bytes();
+  }
+  for (const auto& [table_id, delta] : progress.table_deltas) account(table_id, delta);
+  // Versions only grow per key across remove and re-create (log-format.md, rule 4): new
+  // writes must come above whatever was replayed, even before finish_replay().
+  if (progress.max_version != 0) raise_next_version(progress.max_version + 1);
+  if (stats != nullptr) {
+    const ReplayStats& done = progress.stats;
+    stats->entries += done.entries;
+    stats->objects += done.objects;
+    stats->tombstones += done.tombstones;
+    stats->skipped += done.skipped;
+    stats->obsolete += done.obsolete;
+    stats->bytes += done.bytes;
+  }
+  return status;
+}
+
+void ObjectManager::ReplayProgress::add(uint64_t table_id, const StatsDelta& delta) {
+  auto it = std::find_if(table_deltas.begin(), table_deltas.end(),
+                         [&](const auto& t) { return t.first == table_id; });
+  if (it == table_deltas.end()) it = table_deltas.insert(table_deltas.end(), {table_id, {}});
+  it->second.objects += delta.objects;
+  it->second.entry_bytes += delta.entry_bytes;
+  it->second.user_bytes += delta.user_bytes;
+}
+
+Status ObjectManager::replay_entry(EntryType type, std::span<const std::byte> payload,
+                                   const std::function<bool(uint64_t, uint64_t)>& accept,
+                                   ReplayProgress* progress) {
+  ReplayStats& done = progress->stats;
+  Result<bool> applied = true;
+  if (type == EntryType::kObject) {
+    auto object = decode_object(payload);
+    if (!object.ok()) return Status::kCorrupt;
+    uint64_t hash = key_hash(object->table_id, object->key);
+    if (!accept(object->table_id, hash)) {
+      ++done.skipped;
+      return Status::kOk;
+    }
+    progress->max_version = std::max(progress->max_version, object->version);
+    applied = replay_object(hash, *object, payload, progress);
+    if (applied.ok()) ++done.objects;
+  } else if (type == EntryType::kTombstone) {
+    auto tombstone = decode_tombstone(payload);
+    if (!tombstone.ok()) return Status::kCorrupt;
+    uint64_t hash = key_hash(tombstone->table_id, tombstone->key);
+    if (!accept(tombstone->table_id, hash)) {
+      ++done.skipped;
+      return Status::kOk;
+    }
+    progress->max_version = std::max(progress->max_version, tombstone->version);
+    applied = replay_tombstone(hash, *tombstone, progress);
+    if (applied.ok()) ++done.tombstones;
+  }
+  // Other entries (segment header, digest, safe version, table stats) describe the
+  // crashed master's log, not its data; the coordinator has what recovery needs of them.
+  if (!applied.ok()) return applied.status();
+  if (!*applied) ++done.obsolete;
+  return Status::kOk;
+}
+
+Result<bool> ObjectManager::replay_object(uint64_t hash, const ObjectView& object,
+                                          std::span<const std::byte> payload,
+                                          ReplayProgress* progress) {
+  if (Status s = check_sizes(object.key, object.value); s != Status::kOk) return s;
+  return with_memory_retry(EntryType::kObject, [&]() -> Result<bool> {
+    thread_local std::string scratch;
+    Stripe& stripe = stripe_of(hash);
+    std::lock_guard lock(stripe.mutex);
+    Found f = lookup(hash, object.table_id, object.key, &scratch);
+    auto marker = stripe.markers.end();
+    if (f.slot) {
+      if (f.object.version >= object.version) return false;
+    } else {
+      marker = find_marker(stripe, hash, object.table_id, object.key);
+      if (marker != stripe.markers.end() && marker->second.version >= object.version) {
+        return false;
+      }
+    }
+    // The payload goes in unchanged: the object keeps its version and timestamp. An object
+    // it supersedes here gets a tombstone, as an overwrite's does: this log's own segments
+    // are what a recovery of this master will replay.
+    std::span<const std::byte> pieces[] = {payload};
+    auto appended = append_object_locked(object.table_id, object.key, object.timestamp, pieces, f);
+    if (!appended.ok()) return appended.status();
+    if (marker != stripe.markers.end()) {
+      stripe.markers.erase(marker);
+      marker_count_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    progress->add(object.table_id,
+                  install_locked(hash, *appended, object.key.size() + object.value.size(), f));
+    return true;
+  });
+}
+
+Result<bool> ObjectManager::replay_tombstone(uint64_t hash, const TombstoneView& tombstone,
+                                             ReplayProgress* progress) {
+  return with_memory_retry(EntryType::kTombstone, [&]() -> Result<bool> {
+    thread_local std::string scratch;
+    Stripe& stripe = stripe_of(hash);
+    std::lock_guard lock(stripe.mutex);
+    Found f = lookup(hash, tombstone.table_id, tombstone.key, &scratch);
+    if (f.slot) {
+      if (f.object.version > tombstone.version) return false;
+      // The object was replayed into this log, so this log needs a tombstone for it, or a
+      // recovery of this master would bring it back. It names this log's segment that
+      // holds the object (the crashed master's segment id means nothing here), so the
+      // cleaner keeps it exactly as long as it keeps one written by remove().
+      std::byte prefix[kMaxTombstonePrefixBytes];
+      uint32_t prefix_bytes = encode_tombstone_prefix(tombstone.table_id, tombstone.version,
+                                                      f.segment->id(), tombstone.timestamp, prefix);
+      std::span<const std::byte> pieces[] = {{prefix, prefix_bytes}, as_bytes(tombstone.key)};
+      auto appended = log_->append(EntryType::kTombstone, pieces, /*live=*/true);
+      if (!appended.ok()) return appended.status();
+      count_tombstone(f.segment->id(), appended->segment_id, appended->entry_bytes);
+      f.segment->sub_live_bytes(f.entry_bytes);
+      hash_table_.erase(f.slot);
+      progress->add(
+          tombstone.table_id,
+          {.objects = -1,
+           .entry_bytes = -int64_t{f.entry_bytes},
+           .user_bytes = -static_cast<int64_t>(f.object.key.size() + f.object.value.size())});
+    } else if (auto marker = find_marker(stripe, hash, tombstone.table_id, tombstone.key);
+               marker != stripe.markers.end()) {
+      if (marker->second.version >= tombstone.version) return false;
+      marker->second.version = tombstone.version;
+      return true;
+    }
+    // No object of the key is left here. Objects replayed later that the tombstone covers
+    // must stay out; with none of them in this log, no log entry is needed for that.
+    stripe.markers.emplace(hash, ReplayMarker{.table_id = tombstone.table_id,
+                                              .version = tombstone.version,
+                                              .key = std::string(tombstone.key)});
+    marker_count_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  });
+}
+
+ObjectManager::MarkerMap::iterator ObjectManager::find_marker(Stripe& stripe, uint64_t hash,
+                                                              uint64_t table_id,
+                                                              std::string_view key) {
+  if (stripe.markers.empty()) return stripe.markers.end();
+  auto [it, end] = stripe.markers.equal_range(hash);
+  for (; it != end; ++it) {
+    if (it->second.table_id == table_id && it->second.key == key) return it;
+  }
+  return stripe.markers.end();
+}
+
+void ObjectManager::raise_next_version(uint64_t next_version) {
+  uint64_t current = next_version_.load();
+  while (current < next_version && !next_version_.compare_exchange_weak(current, next_version)) {
+  }
+}
+
+void ObjectManager::finish_replay(std::span<const TabletRange> tablets, uint64_t safe_version) {
+  raise_next_version(safe_version == UINT64_MAX ? safe_version : safe_version + 1);
+  if (marker_count_.load(std::memory_order_relaxed) == 0) return;
+  auto recovered = [&](uint64_t table_id, uint64_t hash) {
+    return std::any_of(tablets.begin(), tablets.end(), [&](const TabletRange& t) {
+      return t.table_id == table_id && hash >= t.start_hash && hash <= t.end_hash;
+    });
+  };
+  for (Stripe& stripe : stripes_) {
+    std::lock_guard lock(stripe.mutex);
+    for (auto it = stripe.markers.begin(); it != stripe.markers.end();) {
+      if (recovered(it->second.table_id, it->first)) {
+        it = stripe.markers.erase(it);
+        marker_count_.fetch_sub(1, std::memory_order_relaxed);
+      } else {
+        ++it;
+      }
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // ObjectManager: a master's objects. It ties the hash table (key -> log reference) to the
 // log (the only copy of the data) and implements the operations of the client API on one
-// master: read, write, remove, increment, enumerate, each with reject rules.
+// master: read, write, remove, increment, enumerate, each with reject rules; and, on a
+// recovery master, the replay of a crashed master's log entries (replay()).
 //
 // Owner: the master service. Threads: every public method is thread-safe.
 // Locking (docs/master-storage.md, "Locking"):
@@ -13,22 +14,44 @@
 //     only after moving every live entry out of it; so a reader holding a stripe lock
 //     never sees memory freed under it.
 //   - Waiting for the cleaner happens with no stripe held.
+//   - Tombstone accounting (tombstones_mutex_) is taken inside a stripe, or by the
+//     cleaner with no stripe held, and outside the log's mutex: stripe -> tombstones ->
+//     log.
 // Invariants:
 //   1. Each (table, key) has at most one hash-table slot, pointing at its newest object
 //      entry; removed keys have none.
 //   2. Versions only grow: every write takes the next value of one master-wide counter,
-//      so a re-created object's version is above its removed predecessor's.
+//      so a re-created object's version is above its removed predecessor's. Replayed
+//      objects keep their versions; the counter is moved above them (and above the
+//      crashed master's safe version by finish_replay()).
 //   3. An object entry is counted in its segment's live bytes exactly while a slot
 //      points at it.
+//   4. During a recovery's replay (replay(), finish_replay()), a key of the partition has
+//      an object slot or a tombstone marker, never both. Markers live beside the hash
+//      table, under the key's stripe lock, until finish_replay() drops them.
+//   5. An object that stopped being its key's newest (overwritten, incremented, replaced
+//      by a replayed object, or removed) has a tombstone naming the segment that held it,
+//      appended by the operation that made it dead (with the new object in one
+//      Log::append_all, the object first; or by the remove). The cleaner keeps the
+//      tombstone, counted in its segment's live bytes, while that segment is in the log:
+//      the segment's replicas still hold the dead object (docs/log-format.md,
+//      "Overwrites").
+//   6. tombstone_bytes_ holds, for each segment in the log, the bytes of the tombstones
+//      naming it in each segment that holds them. When a segment leaves the log, those
+//      tombstones die and the holders' live bytes go down by as much, so the cleaner
+//      sees the memory it can take back (docs/master-storage.md, "Cleaning").
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "common/clock.h"
@@ -57,8 +80,29 @@ struct ObjectManagerStats {
   uint64_t user_bytes = 0;  // keys plus values of live objects
   uint64_t hash_table_bytes = 0;
   uint64_t hash_overflow_buckets = 0;
+  uint64_t tombstone_bytes = 0;  // tombstones in the log still needed (in log.live_bytes)
   LogStats log;
   CleanerStats cleaner;
+};
+
+// What replay() did, summed over calls (each call adds to it). Every entry read is
+// counted in `entries` and `bytes`; of the object and tombstone entries, those of other
+// partitions are `skipped`, the others are `objects` or `tombstones`, and of those the
+// ones older than what was already there (not applied) are also counted `obsolete`.
+struct ReplayStats {
+  uint64_t entries = 0;
+  uint64_t objects = 0;
+  uint64_t tombstones = 0;
+  uint64_t skipped = 0;
+  uint64_t obsolete = 0;
+  uint64_t bytes = 0;
+};
+
+// A tablet under recovery: key hashes [start_hash, end_hash] (both inclusive) of a table.
+struct TabletRange {
+  uint64_t table_id = 0;
+  uint64_t start_hash = 0;
+  uint64_t end_hash = UINT64_MAX;
 };
 
 class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
@@ -111,6 +155,43 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   Result<uint64_t> remove_range(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end);
   uint64_t end_cursor() const { return hash_table_.bucket_count(); }
 
+  // ---- Recovery (docs/recovery.md, step 5 "Replay") -----------------------------------
+  // Replays whole log entries into this master: `entries` is a concatenation of entries,
+  // each with its header and checksum, as a backup serves a recovery partition (segment
+  // metadata entries among them are ignored). Objects and tombstones for which
+  // accept(table_id, key_hash) is false belong to another partition and are skipped.
+  // Entries may come from the crashed master's segments in any order; the newest version
+  // of a key wins:
+  //   - an object is applied only if it is newer than the key's object or tombstone
+  //     marker here: it is appended to this log with its version and timestamp, and the
+  //     hash table points at it (the marker, if any, goes); an object it supersedes here
+  //     gets a tombstone in the same append, as an overwrite's does (invariant 5);
+  //   - a tombstone at least as new as the key's object removes it and logs a tombstone
+  //     naming this log's segment that held it (as remove() does), so a later recovery
+  //     of this master keeps it dead. Whether or not there was an object to remove, it
+  //     leaves a marker (beside the hash table: a copy of the key) that keeps out the
+  //     versions it covers when they are replayed later. A tombstone that removes
+  //     nothing here is not logged: nothing in this log needs it.
+  // Markers matter to replay only (read, write and remove ignore them); finish_replay()
+  // drops them. Replaying entries twice changes nothing, so after an error a caller may
+  // replay the same entries again. Stops at the first entry it cannot use, with what
+  // came before it applied: kCorrupt for a bad checksum, a truncated entry or one that
+  // does not parse; kKeyTooLarge / kValueTooLarge for an object over this master's
+  // limits; kRetry / kNoSpace when memory is full, as write(). Before it returns, object
+  // counts and table statistics include what it applied, and the version counter is
+  // above every version of the partition it read. Adds what it did to *stats (may be
+  // null). Any thread (stripe locks; other tablets may be served meanwhile); `entries`
+  // is read only during the call.
+  Status replay(std::span<const std::byte> entries,
+                const std::function<bool(uint64_t table_id, uint64_t key_hash)>& accept,
+                ReplayStats* stats);
+  // Ends a recovery's replay of `tablets`: drops the tombstone markers replay kept for them
+  // and moves the version counter above `safe_version` (the crashed master's: every version
+  // it issued is below it). Call it also when a replay is abandoned. Any thread.
+  void finish_replay(std::span<const TabletRange> tablets, uint64_t safe_version);
+  // Tombstone markers kept by replays not finished yet (tests, tools).
+  uint64_t replay_marker_count() const { return marker_count_.load(std::memory_order_relaxed); }
+
   ObjectManagerStats stats() const;
   Log& log() { return *log_; }
   LogCleaner& cleaner() { return *cleaner_; }
@@ -123,6 +204,9 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   Status relocate(const Segment& victim, uint32_t offset, const Segment::Entry& entry,
                   EntryRelocator& to) override;
   void prefetch(const Segment::Entry& entry) override;
+  uint64_t tombstone_bytes() const override;
+  uint64_t tombstone_bytes_naming(uint64_t segment_id) const override;
+  uint64_t segments_left_log(std::span<const uint64_t> segment_ids) override;
 
  private:
   ObjectManager(const MasterConfig& config, const Clock& clock);
@@ -137,34 +221,102 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   // Finds the object for (table, key). Caller holds the stripe lock; views in the
   // result point into the log or *scratch.
   Found lookup(uint64_t hash, uint64_t table_id, std::string_view key, std::string* scratch);
-  std::mutex& stripe_for(uint64_t hash) {
-    return stripes_[hash_table_.bucket_of(hash) % stripes_.size()].mutex;
+  // A tombstone kept by replay for a key with no object here (invariant 4): it keeps out
+  // object versions at or below `version` replayed later.
+  struct ReplayMarker {
+    uint64_t table_id = 0;
+    uint64_t version = 0;
+    std::string key;
+  };
+  using MarkerMap = std::unordered_multimap<uint64_t, ReplayMarker>;  // by key hash
+  struct alignas(64) Stripe {
+    std::mutex mutex;
+    MarkerMap markers;  // guarded by `mutex`; empty outside recoveries
+  };
+  Stripe& stripe_of(uint64_t hash) {
+    return stripes_[hash_table_.bucket_of(hash) % stripes_.size()];
   }
+  std::mutex& stripe_for(uint64_t hash) { return stripe_of(hash).mutex; }
   Status check_sizes(std::string_view key, std::string_view value) const;
   // Writes a new object entry for the key and points the slot at it; the shared part of
   // write and increment. Caller holds the stripe lock.
   Result<uint64_t> write_locked(uint64_t hash, uint64_t table_id, std::string_view key,
                                 std::string_view value, Found& found);
+  // Appends an object entry (its payload in pieces) for the key. When it supersedes the
+  // object `found` has, a tombstone for that one, naming its segment and stamped
+  // `timestamp`, goes in the same append, after the object (invariant 5): the pair needs
+  // memory for new data, never the remove margin. Returns the object's entry. Caller
+  // holds the stripe lock.
+  Result<Log::Appended> append_object_locked(
+      uint64_t table_id, std::string_view key, uint32_t timestamp,
+      std::span<const std::span<const std::byte>> object_pieces, const Found& found);
+  // A change to one table's statistics (account()).
+  struct StatsDelta {
+    int64_t objects = 0;
+    int64_t entry_bytes = 0;
+    int64_t user_bytes = 0;
+  };
+  // Points the key's slot at a newly appended object entry; the old object, if `found`
+  // has one, becomes dead. Returns the change to the table's statistics, for the caller
+  // to account. Caller holds the stripe lock.
+  StatsDelta install_locked(uint64_t hash, const Log::Appended& appended, uint64_t user_bytes,
+                            const Found& found);
+  // What one replay() call has done so far. Its statistics changes are accounted once, at
+  // the end of the call (a call carries one segment's entries of a partition: few tables),
+  // which saves a shared lock per entry.
+  struct ReplayProgress {
+    ReplayStats stats;
+    uint64_t max_version = 0;
+    std::vector<std::pair<uint64_t, StatsDelta>> table_deltas;
+    void add(uint64_t table_id, const StatsDelta& delta);
+  };
+  // Replays one checked entry of a replay stream into *progress (all but `entries` and
+  // `bytes`).
+  Status replay_entry(EntryType type, std::span<const std::byte> payload,
+                      const std::function<bool(uint64_t, uint64_t)>& accept,
+                      ReplayProgress* progress);
+  // Replay of one object or tombstone of the partition (the stripe lock is taken inside).
+  // Returns whether it was applied (false: obsolete).
+  Result<bool> replay_object(uint64_t hash, const ObjectView& object,
+                             std::span<const std::byte> payload, ReplayProgress* progress);
+  Result<bool> replay_tombstone(uint64_t hash, const TombstoneView& tombstone,
+                                ReplayProgress* progress);
+  // The marker of (table, key) in its stripe, or markers.end(). Caller holds the stripe
+  // lock.
+  MarkerMap::iterator find_marker(Stripe& stripe, uint64_t hash, uint64_t table_id,
+                                  std::string_view key);
+  // Raises the version counter to at least `next_version`.
+  void raise_next_version(uint64_t next_version);
   // Retries `op` (which takes and drops the stripe lock itself) while the log is out of
   // memory for an entry of `type` and the cleaner may free some.
   template <typename Op>
   auto with_memory_retry(EntryType type, Op&& op) -> decltype(op());
+  // Counts `bytes` of tombstone naming segment `named` held in segment `holder` (negative:
+  // no longer held there). The caller holds the stripe lock of the tombstone's key, so
+  // that the cleaner moving that tombstone counts after the append did.
+  void count_tombstone(uint64_t named, uint64_t holder, int64_t bytes);
   void account(uint64_t table_id, int64_t objects, int64_t entry_bytes, int64_t user_bytes);
+  void account(uint64_t table_id, const StatsDelta& d) {
+    account(table_id, d.objects, d.entry_bytes, d.user_bytes);
+  }
 
   const MasterConfig config_;
   const Clock& clock_;
   // Teardown order (reverse of declaration): the cleaner thread stops first, then the
   // log and its memory, then the hash table.
   HashTable hash_table_;
-  struct alignas(64) Stripe {
-    std::mutex mutex;
-  };
   std::vector<Stripe> stripes_;
   std::atomic<uint64_t> next_version_{1};
-  mutable std::mutex stats_mutex_;  // guards table_stats_, object_count_, user_bytes_
+  std::atomic<uint64_t> marker_count_{0};  // markers in all stripes
+  mutable std::mutex stats_mutex_;         // guards table_stats_, object_count_, user_bytes_
   std::unordered_map<uint64_t, TableStat> table_stats_;
   uint64_t object_count_ = 0;
   uint64_t user_bytes_ = 0;
+  // Tombstone bytes in the log by the segment they name, then by the segment holding
+  // them (invariant 6). Locked after a stripe, before the log's append mutex.
+  mutable std::mutex tombstones_mutex_;
+  std::unordered_map<uint64_t, std::unordered_map<uint64_t, int64_t>> tombstone_bytes_;
+  int64_t tombstone_bytes_total_ = 0;  // the sum of tombstone_bytes_
   std::unique_ptr<Log> log_;
   std::unique_ptr<LogCleaner> cleaner_;
 };

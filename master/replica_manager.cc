@@ -43,8 +43,25 @@ void ReplicaManager::update_servers(const std::vector<wire::ServerListItem>& ser
       if (!backups_.contains(seg.replicas[i].backup_id)) lose_replica(seg, i, Status::kUnavailable);
     }
   }
-  if (backups_.size() >= options_.replicas) warned_few_backups_ = false;
+  if (backups_.size() >= options_.replicas) {
+    if (warned_few_backups_) {
+      LOG_INFO("{} backups are up: back to {} replicas per segment", backups_.size(),
+               options_.replicas);
+    }
+    warned_few_backups_ = false;
+  } else if (!backups_.empty() && !warned_few_backups_) {
+    LOG_WARNING(
+        "only {} other servers run a backup, fewer than --replicas {}: each segment is "
+        "replicated on all {} of them until more enlist (a write is then acknowledged with "
+        "fewer copies)",
+        backups_.size(), options_.replicas, backups_.size());
+    warned_few_backups_ = true;
+  }
   dirty_ = true;
+}
+
+size_t ReplicaManager::target() const {
+  return std::max<size_t>(1, std::min<size_t>(options_.replicas, backups_.size()));
 }
 
 void ReplicaManager::hold(Reply& reply) {
@@ -60,6 +77,40 @@ void ReplicaManager::hold(Reply& reply) {
   held_.push_back(std::move(h));
   ++stats_.replies_held;
   dirty_ = true;
+}
+
+bool ReplicaManager::replica_needed(uint64_t backup_id, uint64_t segment_id) const {
+  // An older server list than the backup's restart: our replicas there may be its old
+  // ones, not yet re-made.
+  if (!backups_.contains(backup_id)) return true;
+  auto it = segments_.find(segment_id);
+  if (it == segments_.end() || !it->second.in_log) return false;
+  const Seg& seg = it->second;
+  const auto index = static_cast<uint32_t>(backup_id);
+  if (std::any_of(seg.replicas.begin(), seg.replicas.end(), [index](const Replica& r) {
+        return static_cast<uint32_t>(r.backup_id) == index;
+      })) {
+    return true;  // a replica of ours on that server, of any generation
+  }
+  if (seg.id != head_id_) return !segment_whole(seg);
+  // The head grows: its replicas are never all whole for long. Open on R at the current
+  // epoch, recorded at the coordinator, is what makes an older copy useless to recovery.
+  return !head_open_durable();
+}
+
+std::pair<uint64_t, uint32_t> ReplicaManager::log_position() const {
+  uint64_t head = 0;
+  auto view = log_.replication_view(&head);
+  for (const auto& v : view) {
+    if (v.id == head) return {head, v.length};
+  }
+  return {head, 0};
+}
+
+bool ReplicaManager::durable_through(uint64_t segment_id, uint32_t offset) const {
+  uint32_t head_acked = 0;
+  if (!log_durable(&head_acked)) return false;
+  return segment_id < head_id_ || (segment_id == head_id_ && offset <= head_acked);
 }
 
 uint64_t ReplicaManager::run() {
@@ -125,15 +176,13 @@ void ReplicaManager::choose_backups(Seg& seg) {
       continue;
     }
     if (candidates.empty()) {
-      if (!warned_few_backups_) {
-        LOG_WARNING(
-            "only {} backups available for {} replicas per segment: writes wait until more "
-            "enlist",
-            backups_.size(), options_.replicas);
-        warned_few_backups_ = true;
+      if (backups_.empty() && !warned_no_backups_) {
+        LOG_WARNING("no other server runs a backup: writes wait until one enlists");
+        warned_no_backups_ = true;
       }
       return;
     }
+    warned_no_backups_ = false;
     uint64_t id = candidates[random_() % candidates.size()];
     Replica r;
     r.backup_id = id;
@@ -144,7 +193,7 @@ void ReplicaManager::choose_backups(Seg& seg) {
 }
 
 bool ReplicaManager::segment_whole(const Seg& seg) const {
-  if (seg.replicas.size() < options_.replicas) return false;
+  if (seg.replicas.size() < target()) return false;
   return std::all_of(seg.replicas.begin(), seg.replicas.end(), [&](const Replica& r) {
     return r.open_acked && r.acked >= seg.length && r.epoch_acked >= seg.epoch;
   });
@@ -154,7 +203,7 @@ bool ReplicaManager::head_open_durable() const {
   auto it = segments_.find(head_id_);
   if (it == segments_.end()) return false;
   const Seg& head = it->second;
-  if (head.replicas.size() < options_.replicas || head.epoch_recorded < head.epoch) return false;
+  if (head.replicas.size() < target() || head.epoch_recorded < head.epoch) return false;
   return std::all_of(head.replicas.begin(), head.replicas.end(),
                      [&](const Replica& r) { return r.open_acked && r.epoch_acked >= head.epoch; });
 }
@@ -260,7 +309,7 @@ void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_
     r->open_acked = true;
     r->epoch_acked = std::max(r->epoch_acked, epoch);
     if (close) r->close_acked = true;
-    if (!seg.marked && seg.replicas.size() >= options_.replicas &&
+    if (!seg.marked && seg.replicas.size() >= target() &&
         std::all_of(seg.replicas.begin(), seg.replicas.end(),
                     [](const Replica& x) { return x.close_acked; })) {
       log_.mark_replicated(seg.id);  // the cleaner may take it now
@@ -288,9 +337,12 @@ void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why) {
   dirty_ = true;
   LOG_WARNING("lost the replica of segment {} on backup {} ({}); making a new one elsewhere",
               seg.id, r.backup_id, status_name(why));
-  if (!r.close_acked) {
-    // The stale copy may be open: raise the epoch so recovery can tell it from the
-    // others (rule 4). The survivors get the new epoch with their next write.
+  if (!r.close_acked && !seg.closed) {
+    // The stale copy may be open while the segment still grows: raise the epoch so
+    // recovery can tell it from the others (rule 4). The survivors get the new epoch with
+    // their next write. A segment closed in memory is not raised: its survivors may be
+    // closed on their backups already (never written again, so never at a new epoch),
+    // and every copy of it ends closed, which recovery prefers to any open one.
     ++seg.epoch;
   }
   seg.avoid.insert(r.backup_id);
@@ -318,7 +370,7 @@ void ReplicaManager::record_epoch(Seg& seg) {
   }
   // Only once every replica holds the new epoch: recorded earlier, a crash now would
   // leave no replica of the head that recovery may use.
-  if (seg.replicas.size() < options_.replicas) return;
+  if (seg.replicas.size() < target()) return;
   for (const auto& r : seg.replicas) {
     if (r.epoch_acked < seg.epoch) return;
   }

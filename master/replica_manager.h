@@ -25,6 +25,9 @@
 //      digest no longer names them is durable.
 //   6. A backup that answers kFenced means the coordinator declared this master crashed:
 //      the manager stops, and every held and later write is answered kFenced.
+//   7. While fewer than R other servers run a backup (a small cluster after a crash), a
+//      segment is replicated on all of them (at least one) and counts as durable there;
+//      it gets back to R replicas as backups enlist. Said in the log both ways.
 //
 // Owner: the server (server/main.cc). Threads: every method runs on the dispatch thread.
 #pragma once
@@ -36,6 +39,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/transport.h"
@@ -78,6 +82,15 @@ class ReplicaManager final : public LoopTask {
   // everything written so far is durable, or answered kFenced.
   void hold(Reply& reply);
   bool fenced() const { return fenced_; }
+  // Whether the replica of `segment_id` that backup `backup_id` found on its disk after a
+  // restart must be kept: until this master knows of that backup's current id (so it has
+  // given up the replicas it had there) and holds the segment wholly on R other replicas,
+  // at its current epoch. A segment no longer in the log is not needed.
+  bool replica_needed(uint64_t backup_id, uint64_t segment_id) const;
+  // The end of the log now: (head segment id, its length).
+  std::pair<uint64_t, uint32_t> log_position() const;
+  // Whether everything in the log up to `position` is on R replicas (rule 3).
+  bool durable_through(uint64_t segment_id, uint32_t offset) const;
   const ReplicationStats& stats() const { return stats_; }
   size_t held_replies() const { return held_.size(); }
 
@@ -120,6 +133,9 @@ class ReplicaManager final : public LoopTask {
     bool stamped = false;
   };
 
+  // Replicas a segment needs to count as durable: R, or every other backup while fewer
+  // than R are up (at least 1).
+  size_t target() const;
   void refresh_view();
   void choose_backups(Seg& seg);
   void send_writes();
@@ -155,6 +171,7 @@ class ReplicaManager final : public LoopTask {
   std::deque<Held> held_;
   bool fenced_ = false;
   bool warned_few_backups_ = false;
+  bool warned_no_backups_ = false;
   uint64_t rpc_seq_ = 0;
   std::mt19937_64 random_;
   ReplicationStats stats_;

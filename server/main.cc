@@ -3,7 +3,9 @@
 // listens, enlists with the coordinator and serves on one dispatch thread until SIGTERM
 // or SIGINT (docs/rpc.md, "Master" and "Backup"). A master with --replicas R > 0 keeps
 // every segment on R backups of other servers and acknowledges a write only once it is
-// on all of them (master/replica_manager.h).
+// on all of them (master/replica_manager.h). A failure detector thread pings the other
+// servers and reports silent ones to the coordinator; a master that learns it was declared
+// crashed stops serving (server/failure_detector.h, docs/recovery.md).
 //
 // Exit codes: 0 after a clean stop; 1 when the coordinator cannot be reached or refuses
 // us, the memory cannot be had or the data directory cannot be used; 2 for bad flags or
@@ -12,6 +14,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -20,6 +23,7 @@
 #include <thread>
 
 #include "backup/backup_service.h"
+#include "backup/found_replica_collector.h"
 #include "common/clock.h"
 #include "common/config.h"
 #include "common/log.h"
@@ -27,7 +31,9 @@
 #include "common/transport.h"
 #include "common/wire_format.h"
 #include "master/master_service.h"
+#include "master/recovery_task.h"
 #include "master/replica_manager.h"
+#include "server/failure_detector.h"
 
 namespace {
 
@@ -47,6 +53,9 @@ struct ServerOptions {
   uint32_t replicas = 3;
   std::string durability = "buffered";
   uint32_t backup_buffers = 64;
+  uint32_t ping_interval_ms = 100;
+  uint32_t ping_timeout_ms = 500;
+  uint32_t recovery_pull_delay_ms = 0;
 };
 
 // Replicas travel in one RPC each, so a segment must fit a message with room to spare.
@@ -88,6 +97,10 @@ void add_flags(CLI::App& app, ServerOptions& o) {
       ->check(CLI::Range(1u, 1u << 16))
       ->capture_default_str();
   app.add_option("--memory", o.memory, "log memory of the master, e.g. 1G")->capture_default_str();
+  app.add_option("--recovery-pull-delay-ms", o.recovery_pull_delay_ms,
+                 "testing only: a recovery master waits this long between pulls of segment "
+                 "data (slows recovery down so that tests can fail servers during one)")
+      ->check(CLI::Range(0u, 60'000u));
   app.add_option("--segment-bytes", o.segment_bytes, "log segment size, e.g. 8M (default 8M)");
   app.add_option("--hash-table-bytes", o.hash_table_bytes,
                  "hash-table memory (default: memory / 16)");
@@ -95,6 +108,15 @@ void add_flags(CLI::App& app, ServerOptions& o) {
       ->check(CLI::IsMember({"busy", "block"}))
       ->capture_default_str();
   app.add_option("--log-level", o.log_level, "debug, info, warning, error or silent");
+  app.add_option("--ping-interval-ms", o.ping_interval_ms,
+                 "failure detection: ping one other server this often (0: do not ping)")
+      ->check(CLI::Range(0u, 600'000u))
+      ->capture_default_str();
+  app.add_option("--ping-timeout-ms", o.ping_timeout_ms,
+                 "failure detection: a server that does not answer a ping this soon is reported "
+                 "to the coordinator, which checks it itself")
+      ->check(CLI::Range(1u, 600'000u))
+      ->capture_default_str();
 }
 
 // Turns the size flags into a MasterConfig; the error line names the flag.
@@ -201,7 +223,18 @@ void fence_masters(ramkv::backup::BackupService& backup,
     if (s.status != 0) backup.fence_master(s.server_id);
     // Older generations of this index were replaced: fence the ones we have seen.
     backup.fence_generations_below(s.server_id);
+    // Removed: its recovery is over, and its replicas are no longer needed.
+    if (s.status == 2) backup.free_master(s.server_id);
   }
+}
+
+// The backup's lines of `get server stats`.
+std::string backup_stats(const ramkv::backup::BackupService& backup) {
+  return fmt::format(
+      "backup_replicas {}\nbackup_buffers_in_use {}\nbackup_recovery_read_bytes {}\n"
+      "backup_recovery_read_ns {}\n",
+      backup.replica_count(), backup.buffers_in_use(), backup.recovery_bytes_read(),
+      backup.recovery_read_ns());
 }
 
 // Asks the coordinator for the server list once (after enlisting: the pushed update may
@@ -294,6 +327,7 @@ int run_server(const ServerOptions& o) {
                 o.data_dir);
   }
   std::unique_ptr<ramkv::master::ReplicaManager> replicas;
+  std::unique_ptr<ramkv::master::RecoveryTask> recovery;
   if (master) {
     if (Status s = master->objects().log().set_master_id(server_id); s != Status::kOk) {
       ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
@@ -306,14 +340,69 @@ int run_server(const ServerOptions& o) {
           master->objects().log(), *transport);
       replicas->set_server_id(server_id);
       master->set_replication(replicas.get());
-      transport->set_loop_task(replicas.get());
+      transport->add_loop_task(replicas.get());
     }
+    // Any master may be asked to recover part of a crashed one (docs/recovery.md).
+    recovery = std::make_unique<ramkv::master::RecoveryTask>(
+        ramkv::master::RecoveryTask::Options{
+            .coordinator = o.coordinator,
+            .pull_delay_ns = uint64_t{o.recovery_pull_delay_ms} * 1'000'000},
+        master->objects(), replicas.get());
+    recovery->set_server_id(server_id);
+    master->set_recovery(recovery.get());
+    transport->add_loop_task(recovery.get());
+  }
+  // The backup's disk writes complete on the dispatch loop, which sends their replies.
+  if (backup) backup->attach(*transport);
+  // Declared crashed (by a list pushed to the dispatch thread, or one the detector's thread
+  // fetched): the master stops serving for good. Said once in the log.
+  std::atomic<bool> declared_crashed{false};
+  auto stop_serving = [&](const char* how) {
+    if (master) master->fence();
+    if (!declared_crashed.exchange(true)) {
+      LOG_WARNING("server {}.{} was declared crashed by the coordinator ({}){}",
+                  static_cast<uint32_t>(server_id), static_cast<uint32_t>(server_id >> 32), how,
+                  master ? ": the master stops serving (every request but echo is answered "
+                           "fenced)"
+                         : "");
+    }
+  };
+  std::unique_ptr<ramkv::server::FailureDetector> detector;
+  if (o.ping_interval_ms > 0) {
+    detector = std::make_unique<ramkv::server::FailureDetector>(
+        ramkv::server::FailureDetector::Options{
+            .coordinator = o.coordinator,
+            .self_id = server_id,
+            .ping_interval_ns = uint64_t{o.ping_interval_ms} * 1'000'000,
+            .ping_timeout_ns = uint64_t{o.ping_timeout_ms} * 1'000'000},
+        [&] { stop_serving("seen in a server list fetched after losing touch"); });
   }
   std::vector<ramkv::wire::ServerListItem> servers;
   uint64_t list_version = 0;
+  // Everything a server list from the coordinator changes here, on the dispatch thread.
+  auto take_server_list = [&] {
+    if (detector) detector->update_servers(list_version, servers);
+    if (backup) fence_masters(*backup, servers);
+    if (ramkv::server::declared_gone(server_id, servers)) stop_serving("seen in the server list");
+  };
   if (fetch_server_list(o.coordinator, &servers, &list_version)) {
     if (master) master->update_server_list(list_version, servers);
-    if (backup) fence_masters(*backup, servers);
+    take_server_list();
+  }
+  if (detector) detector->start();
+  // A restarted backup tells the coordinator what its disk holds, then frees what the
+  // masters no longer need (backup/found_replica_collector.h).
+  std::unique_ptr<ramkv::backup::FoundReplicaCollector> collector;
+  if (backup) {
+    auto found = backup->list(/*found_on_disk_only=*/true);
+    if (!found.empty()) {
+      LOG_INFO("found {} replicas in {} from before the restart", found.size(), o.data_dir);
+      collector = std::make_unique<ramkv::backup::FoundReplicaCollector>(
+          ramkv::backup::FoundReplicaCollector::Options{
+              .coordinator = o.coordinator, .self_locator = locator, .backup_id = server_id},
+          std::move(found));
+      collector->start();
+    }
   }
   LOG_INFO(
       "server {} listening on {} ({}{}{})", server_id, locator,
@@ -328,26 +417,39 @@ int run_server(const ServerOptions& o) {
     const auto op = static_cast<ramkv::wire::Opcode>(h.opcode);
     const bool backup_op =
         h.opcode >= static_cast<uint16_t>(ramkv::wire::Opcode::kBackupOpen) &&
-        h.opcode <= static_cast<uint16_t>(ramkv::wire::Opcode::kBackupListReplicas);
+        h.opcode <= static_cast<uint16_t>(ramkv::wire::Opcode::kBackupGetRecoveryData);
     if (backup_op) {
       if (backup) return backup->handle(h, body, reply);
       return reply.set_status(Status::kBadRequest);
     }
-    if (op == ramkv::wire::Opcode::kServerListUpdate && backup) {
+    if (op == ramkv::wire::Opcode::kServerListUpdate) {
       uint64_t version = 0;
-      if (ramkv::wire::decode_server_list(body, &version, &servers) != Status::kOk) {
+      std::vector<ramkv::wire::ServerListItem> update;
+      if (ramkv::wire::decode_server_list(body, &version, &update) != Status::kOk) {
         return reply.set_status(Status::kBadRequest);
       }
       if (version >= list_version) {
         list_version = version;
-        fence_masters(*backup, servers);
+        servers = std::move(update);
+        take_server_list();
       }
       if (!master) return;
     }
-    if (master) return master->handle(h, body, reply);
+    if (master) {
+      master->handle(h, body, reply);
+      if (op == ramkv::wire::Opcode::kGetServerStats && backup && reply.status() == Status::kOk) {
+        reply.writer().put_bytes(backup_stats(*backup));
+      }
+      return;
+    }
     if (op == ramkv::wire::Opcode::kEcho) return reply.add_external(body);
+    if (op == ramkv::wire::Opcode::kGetServerStats && body.empty()) {
+      return reply.writer().put_bytes(backup_stats(*backup));
+    }
     reply.set_status(Status::kBadRequest);  // a backup-only server has no master service
   });
+  if (detector) detector->stop();
+  if (collector) collector->stop();
   ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
   LOG_INFO("server {} stopped", server_id);
   return 0;

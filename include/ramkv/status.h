@@ -57,6 +57,9 @@ enum class Status : uint16_t {
   // The coordinator declared the sending master crashed (a zombie): backups refuse its
   // replication. Caller (that master): stop serving; never retry.
   kFenced = 20,
+  // Crash recovery cannot prove a log complete: some segment has no usable replica.
+  // Caller (the coordinator): say which, keep the data unserved, try again later.
+  kIncomplete = 21,
 };
 
 // A short stable name such as "object not found"; "unknown status" for numbers this

@@ -13,6 +13,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -95,7 +97,28 @@ struct ClusterShape {
   int backups = 0;   // backup-only servers
   int replicas = 0;  // per segment, on every master
   std::string durability = "buffered";
+  std::string segment_bytes = {};  // --segment-bytes of every server, when not empty
+  std::string memory = "64M";      // --memory of every server
+  // Server index (as for server(n)) -> its backup data dir, instead of backup_dir's
+  // default under dir(): e.g. a small filesystem that the test mounted. The test owns it
+  // and must keep it until the cluster is gone.
+  std::map<size_t, std::string> backup_dirs = {};
+  // Failure detection (docs/recovery.md): --ping-interval-ms and --ping-timeout-ms of
+  // every server, --verify-timeout-ms and --verify-attempts of the coordinator. Unset:
+  // the kTest* values below, generous enough that a loaded 2-core machine never gets a
+  // live server declared crashed.
+  std::optional<uint32_t> ping_interval_ms = {};
+  std::optional<uint32_t> ping_timeout_ms = {};
+  std::optional<uint32_t> verify_timeout_ms = {};
+  std::optional<uint32_t> verify_attempts = {};
+  // More flags for every server (e.g. fault injection such as --recovery-pull-delay-ms).
+  std::vector<std::string> server_args = {};
 };
+// The failure detection settings of a test cluster, unless its ClusterShape says.
+constexpr uint32_t kTestPingIntervalMs = 100;
+constexpr uint32_t kTestPingTimeoutMs = 1000;
+constexpr uint32_t kTestVerifyTimeoutMs = 1000;
+constexpr uint32_t kTestVerifyAttempts = 3;
 
 class LocalCluster {
  public:
@@ -126,9 +149,12 @@ class LocalCluster {
   Process& coordinator_process() { return coordinator_; }
 
   void start_coordinator() {
-    coordinator_.start({std::string(RAMKV_BIN_DIR) + "/ramkv-coordinator", "--listen",
-                        coordinator_locator_, "--data-dir", dir_ + "/coordinator"},
-                       dir_ + "/coordinator.log");
+    coordinator_.start(
+        {std::string(RAMKV_BIN_DIR) + "/ramkv-coordinator", "--listen", coordinator_locator_,
+         "--data-dir", dir_ + "/coordinator", "--verify-timeout-ms",
+         std::to_string(shape_.verify_timeout_ms.value_or(kTestVerifyTimeoutMs)),
+         "--verify-attempts", std::to_string(shape_.verify_attempts.value_or(kTestVerifyAttempts))},
+        dir_ + "/coordinator.log");
     auto client = make_tcp_client_transport({});
     for (int i = 0; i < 300; ++i) {
       auto r = call(*client, coordinator_locator_,
@@ -154,12 +180,23 @@ class LocalCluster {
                                      "--coordinator",
                                      coordinator_locator_,
                                      "--listen",
-                                     "127.0.0.1:0",
+                                     next_locator(index),
                                      "--memory",
-                                     "64M",
+                                     shape_.memory,
                                      "--replicas",
                                      std::to_string(shape_.replicas),
                                      master ? "--master" : "--no-master"};
+    for (const auto& [flag, value] :
+         {std::pair{"--ping-interval-ms", shape_.ping_interval_ms.value_or(kTestPingIntervalMs)},
+          std::pair{"--ping-timeout-ms", shape_.ping_timeout_ms.value_or(kTestPingTimeoutMs)}}) {
+      argv.push_back(flag);
+      argv.push_back(std::to_string(value));
+    }
+    if (!shape_.segment_bytes.empty()) {
+      argv.push_back("--segment-bytes");
+      argv.push_back(shape_.segment_bytes);
+    }
+    for (const auto& a : shape_.server_args) argv.push_back(a);
     if (backup) {
       for (const char* a : {"--backup", "--durability"}) argv.push_back(a);
       argv.push_back(shape_.durability);
@@ -168,8 +205,20 @@ class LocalCluster {
     }
     servers_.at(index)->start(argv, dir_ + "/server-" + std::to_string(index + 1) + ".log");
   }
+  // Where server `index` listens (since its last start).
+  const std::string& locator_of(size_t index) const { return locators_.at(index); }
   std::string backup_dir(size_t index) const {
+    if (auto it = shape_.backup_dirs.find(index); it != shape_.backup_dirs.end()) {
+      return it->second;
+    }
     return dir_ + "/backup-" + std::to_string(index + 1);
+  }
+  // The id backup `index` enlisted with last (kept in its data dir), 0 before it has.
+  uint64_t backup_server_id(size_t index) const {
+    std::ifstream in(backup_dir(index) + "/server-id");
+    uint64_t id = 0;
+    if (!(in >> id)) return 0;
+    return id;
   }
   bool is_backup(size_t index) const { return roles_.at(index).second; }
   size_t server_count() const { return servers_.size(); }
@@ -215,6 +264,14 @@ class LocalCluster {
   std::string coordinator_locator_;
   Process coordinator_;
   std::vector<std::unique_ptr<Process>> servers_;
+  std::vector<std::string> locators_;  // per server, from its last start
+
+  // A fresh port for server `index` at each start, remembered for locator_of().
+  std::string next_locator(size_t index) {
+    if (locators_.size() <= index) locators_.resize(index + 1);
+    locators_[index] = "127.0.0.1:" + std::to_string(free_port());
+    return locators_[index];
+  }
 };
 
 }  // namespace ramkv::test

@@ -84,6 +84,55 @@ Status raw_write(const std::string& locator, uint64_t table_id, std::string_view
       .status;
 }
 
+// The replicas a backup holds (kBackupListReplicas).
+std::vector<wire::ReplicaEntry> backup_replicas(const std::string& locator) {
+  auto transport = make_tcp_client_transport({});
+  auto r = call(*transport, locator, {.opcode = wire::Opcode::kBackupListReplicas}, {});
+  REQUIRE(r.status == Status::kOk);
+  wire::BodyReader in(r.body);
+  wire::BackupListHeader header;
+  REQUIRE(in.get(&header));
+  std::vector<wire::ReplicaEntry> out(header.count);
+  for (auto& e : out) REQUIRE(in.get(&e));
+  REQUIRE(in.at_end());
+  return out;
+}
+
+// What restarted backups reported to the coordinator (kGetBackupReplicas).
+std::vector<wire::ReportedReplica> reported_replicas(const std::string& coordinator) {
+  auto transport = make_tcp_client_transport({});
+  auto r = call(*transport, coordinator, {.opcode = wire::Opcode::kGetBackupReplicas}, {});
+  REQUIRE(r.status == Status::kOk);
+  wire::BodyReader in(r.body);
+  wire::BackupReplicasHeader header;
+  REQUIRE(in.get(&header));
+  std::vector<wire::ReportedReplica> out(header.count);
+  for (auto& e : out) REQUIRE(in.get(&e));
+  REQUIRE(in.at_end());
+  return out;
+}
+
+// The server at index `n` of the cluster as the coordinator lists it now (by the backup's
+// saved id: a restarted server re-enlists with a new generation of its index).
+ServerInfo listed_server(LocalCluster& cluster, Client& client, size_t n) {
+  // The restarted server saves its new id only after the coordinator listed it, and the
+  // old id is gone from the list by then: look until the saved id is listed (bounded).
+  uint64_t saved = 0;
+  for (int i = 0; i < 300; ++i) {
+    saved = cluster.backup_server_id(n);
+    if (saved != 0) {
+      auto servers = client.servers();
+      REQUIRE(servers.ok());
+      for (const auto& s : *servers) {
+        if (s.server_id == saved) return s;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  FAIL("server " << n + 1 << " (id " << saved << ") is not listed");
+  return {};
+}
+
 }  // namespace
 
 TEST_CASE("replication: every acknowledged write is on R backups of other servers",
@@ -241,6 +290,116 @@ TEST_CASE("replication: a zombie master's writes are refused by its backups",
     CHECK(call(*transport, s.locator, {.opcode = wire::Opcode::kBackupWrite}, b).status ==
           Status::kFenced);
   }
+}
+
+TEST_CASE("replication: a restarted backup reports its replicas and frees what masters re-made",
+          "[cluster][replication]") {
+  // Small segments, so that the backup holds several closed replicas and an open one.
+  LocalCluster cluster(ClusterShape{
+      .masters = 1, .backups = 4, .replicas = 3, .durability = "disk", .segment_bytes = "4M"});
+  auto client = cluster.client();
+  auto table = client->create_table("restart");
+  REQUIRE(table.ok());
+  std::map<std::string, uint64_t> acked;
+  auto write_some = [&](int from, int to) {
+    for (int i = from; i < to; ++i) {
+      std::string key = "key-" + std::to_string(i);
+      auto v = client->write(*table, key, std::string(30000, static_cast<char>('a' + i % 26)));
+      INFO("write " << i << ": " << status_name(v.status()));
+      REQUIRE(v.ok());
+      acked[key] = *v;
+    }
+  };
+  write_some(0, 200);
+  // A backup that holds replicas; what it holds before it stops.
+  size_t victim = SIZE_MAX;
+  std::set<std::pair<uint64_t, uint64_t>> held_before;
+  for (size_t b = 1; b < cluster.server_count() && victim == SIZE_MAX; ++b) {
+    auto replicas = backup_replicas(listed_server(cluster, *client, b).locator);
+    if (replicas.size() < 2) continue;
+    victim = b;
+    for (const auto& r : replicas) held_before.insert({r.master_id, r.segment_id});
+  }
+  REQUIRE(victim != SIZE_MAX);
+  const ServerInfo before = listed_server(cluster, *client, victim);
+  REQUIRE(cluster.server(victim).stop() == 0);
+  write_some(200, 300);  // the master re-makes the lost replicas on the other backups
+
+  cluster.start_server(victim);
+  ServerInfo after;
+  for (int i = 0; i < 300; ++i) {
+    after = listed_server(cluster, *client, victim);
+    if (after.server_id != before.server_id && after.status == ServerStatus::kUp) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // Re-enlisted in its old place, with a new generation.
+  REQUIRE(after.server_id != before.server_id);
+  CHECK((after.server_id & 0xffffffffu) == (before.server_id & 0xffffffffu));
+
+  // It told the coordinator what it found on disk: exactly what it held.
+  std::set<std::pair<uint64_t, uint64_t>> reported;
+  for (int i = 0; i < 100 && reported.empty(); ++i) {
+    for (const auto& r : reported_replicas(cluster.coordinator())) {
+      CHECK(r.backup_id == after.server_id);
+      CHECK(r.replica.found_on_disk == 1);
+      CHECK(r.replica.status == wire::kReplicaOk);
+      reported.insert({r.replica.master_id, r.replica.segment_id});
+    }
+    if (reported.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK(reported == held_before);
+
+  // The master holds every segment on three other replicas by now, so it tells the backup
+  // to free them: none found on disk is left (bounded wait: the collector asks each second).
+  size_t left = SIZE_MAX;
+  for (int i = 0; i < 150 && left != 0; ++i) {
+    left = 0;
+    for (const auto& r : backup_replicas(after.locator)) left += r.found_on_disk;
+    if (left != 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  CHECK(left == 0);
+  write_some(300, 350);
+  auto servers = client->servers();
+  REQUIRE(servers.ok());
+  wait_until_replicated(*client, *servers);
+  for (const auto& [key, version] : acked) {
+    auto r = client->read(*table, key);
+    REQUIRE(r.ok());
+    CHECK(r->version == version);
+  }
+  // Nothing acknowledged depended on the freed copies: three replicas of every object on
+  // the backups' disks.
+  std::map<std::string, int> copies;
+  for (size_t b = 1; b < cluster.server_count(); ++b) {
+    for (const auto& [key, version] : objects_on_backup(cluster.backup_dir(b), 0)) {
+      if (acked.contains(key) && version >= acked[key]) ++copies[key];
+    }
+  }
+  for (const auto& [key, version] : acked) {
+    INFO(key);
+    CHECK(copies[key] >= 3);
+  }
+
+  // A master that is gone (killed: declared crashed, or not yet) cannot say it has its
+  // data elsewhere, and its recovery needs them: a backup restarted now keeps them.
+  cluster.server(0).kill9();
+  const size_t holder = victim == 1 ? 2 : 1;
+  const ServerInfo holder_before = listed_server(cluster, *client, holder);
+  size_t held = backup_replicas(holder_before.locator).size();
+  REQUIRE(held > 0);
+  REQUIRE(cluster.server(holder).stop() == 0);
+  cluster.start_server(holder);
+  ServerInfo holder_after;
+  for (int i = 0; i < 300; ++i) {
+    holder_after = listed_server(cluster, *client, holder);
+    if (holder_after.server_id != holder_before.server_id) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  REQUIRE(holder_after.server_id != holder_before.server_id);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // two collector rounds
+  auto kept = backup_replicas(holder_after.locator);
+  CHECK(kept.size() == held);
+  for (const auto& r : kept) CHECK(r.found_on_disk == 1);
 }
 
 }  // namespace ramkv

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <mutex>
@@ -19,13 +20,16 @@ namespace {
 using ramkv::test::TempDir;
 
 // A coordinator on 127.0.0.1:0, serving on its own thread, over a FileStore in `dir`.
+// `verify_timeout_ns`: each of its 3 pings to a server hinted to have crashed.
 struct RunningCoordinator {
-  explicit RunningCoordinator(const std::string& dir) {
+  explicit RunningCoordinator(const std::string& dir, uint64_t verify_timeout_ns = 500'000'000) {
     auto store = FileStore::open(dir);
     REQUIRE(store.ok());
-    auto created = CoordinatorService::create(
-        {.listen_locator = "127.0.0.1:0", .master_rpc_timeout_ns = 1'000'000'000},
-        std::move(*store));
+    auto created = CoordinatorService::create({.listen_locator = "127.0.0.1:0",
+                                               .master_rpc_timeout_ns = 1'000'000'000,
+                                               .verify_timeout_ns = verify_timeout_ns,
+                                               .verify_attempts = 3},
+                                              std::move(*store));
     REQUIRE(created.ok());
     service = std::move(*created);
     thread = std::thread([this] { service->run(); });
@@ -38,7 +42,8 @@ struct RunningCoordinator {
   std::thread thread;
 };
 
-// A stand-in master: records the take/drop tablets orders it gets.
+// A stand-in master: records the take/drop tablets orders and server lists it gets, and
+// counts the pings (echo) it answers.
 struct FakeMaster {
   FakeMaster() : transport(make_tcp_server_transport({})) {
     REQUIRE(transport->listen("127.0.0.1:0") == Status::kOk);
@@ -53,11 +58,17 @@ struct FakeMaster {
     thread.join();
   }
   void record(const wire::MessageHeader& h, std::span<const std::byte> body) {
+    if (h.opcode == static_cast<uint16_t>(wire::Opcode::kEcho)) {
+      ++echoes;
+      return;
+    }
     if (h.opcode == static_cast<uint16_t>(wire::Opcode::kServerListUpdate)) {
-      wire::ServerListHeader list;
-      REQUIRE(wire::BodyReader(body).get(&list));
+      uint64_t version = 0;
+      std::vector<wire::ServerListItem> servers;
+      REQUIRE(wire::decode_server_list(body, &version, &servers) == Status::kOk);
       std::lock_guard lock(mutex);
-      server_list_updates.push_back(list.count);
+      server_list_updates.push_back(static_cast<uint32_t>(servers.size()));
+      server_lists.push_back(std::move(servers));
       return;
     }
     wire::BodyReader in(body);
@@ -83,6 +94,9 @@ struct FakeMaster {
   std::mutex mutex;
   std::vector<wire::TabletWire> taken;
   std::vector<uint32_t> server_list_updates;  // the size of each list received
+  // Each list received, whole.
+  std::vector<std::vector<wire::ServerListItem>> server_lists;
+  std::atomic<int> echoes{0};
   std::vector<wire::TabletWire> dropped;
   std::thread thread;
 };
@@ -477,6 +491,62 @@ TEST_CASE("coordinator: set replication epoch rejects malformed bodies and non-m
   CHECK(client.epochs()->size() == 1);
 }
 
+TEST_CASE("coordinator: a restarted backup's report of its replicas is kept and listed",
+          "[coordinator][service]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  uint64_t master = *client.enlist("127.0.0.1:3001", wire::kServiceMaster);
+  uint64_t backup = *client.enlist("127.0.0.1:3002", wire::kServiceBackup);
+  auto report = [&](uint64_t backup_id, std::vector<wire::ReplicaEntry> entries) {
+    std::vector<std::byte> body;
+    wire::BodyWriter w(&body);
+    w.put(wire::BackupReportHeader{.backup_id = backup_id,
+                                   .count = static_cast<uint32_t>(entries.size())});
+    for (const auto& e : entries) w.put(e);
+    return client.call(wire::Opcode::kReportBackupReplicas, body).status;
+  };
+  auto listed = [&] {
+    auto r = client.call(wire::Opcode::kGetBackupReplicas, {});
+    REQUIRE(r.status == Status::kOk);
+    wire::BodyReader in(r.body);
+    wire::BackupReplicasHeader h;
+    REQUIRE(in.get(&h));
+    std::vector<wire::ReportedReplica> out(h.count);
+    for (auto& e : out) REQUIRE(in.get(&e));
+    REQUIRE(in.at_end());
+    return out;
+  };
+  const wire::ReplicaEntry a{.master_id = master, .segment_id = 7, .epoch = 2, .closed = 1};
+  const wire::ReplicaEntry b{
+      .master_id = master, .segment_id = 8, .epoch = 1, .status = wire::kReplicaTorn};
+  CHECK(listed().empty());
+  REQUIRE(report(backup, {a, b}) == Status::kOk);
+  auto got = listed();
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].backup_id == backup);
+  CHECK(got[0].replica.segment_id == 7);
+  CHECK(got[0].replica.closed == 1);
+  CHECK(got[1].replica.segment_id == 8);
+  CHECK(got[1].replica.status == wire::kReplicaTorn);
+  // A newer report replaces the older one.
+  REQUIRE(report(backup, {b}) == Status::kOk);
+  CHECK(listed().size() == 1);
+  // Not a backup, never issued, a lying count: refused; a replaced backup: fenced, and its
+  // report is dropped.
+  CHECK(report(master, {a}) == Status::kBadRequest);
+  CHECK(report(make_server_id(9, 1), {a}) == Status::kBadRequest);
+  std::vector<std::byte> lying;
+  wire::BodyWriter(&lying).put(wire::BackupReportHeader{.backup_id = backup, .count = 2});
+  CHECK(client.call(wire::Opcode::kReportBackupReplicas, lying).status == Status::kBadRequest);
+  uint64_t restarted = *client.enlist("127.0.0.1:3002", wire::kServiceBackup, backup);
+  CHECK(report(backup, {a}) == Status::kFenced);
+  REQUIRE(report(restarted, {a}) == Status::kOk);
+  got = listed();
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].backup_id == restarted);
+}
+
 namespace ramkv::coordinator {
 
 TEST_CASE("coordinator: every enlist sends the whole server list to the servers that are up",
@@ -497,6 +567,193 @@ TEST_CASE("coordinator: every enlist sends the whole server list to the servers 
   }
   CHECK(newest(m1) == 2);
   CHECK(newest(m2) == 2);
+}
+
+// ---- Failure detection: hint server crashed (docs/recovery.md) -------------------------
+
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+// A locator where nothing listens (bound once, then released).
+std::string dead_locator() {
+  auto t = make_tcp_server_transport({});
+  REQUIRE(t->listen("127.0.0.1:0") == Status::kOk);
+  return t->locator();
+}
+
+struct ListedServers {
+  uint64_t version = 0;
+  std::vector<wire::ServerListItem> servers;
+  // The status of `id` (0 up, 1 crashed, 2 removed), or -1 if it is not listed.
+  int status_of(uint64_t id) const {
+    for (const auto& s : servers) {
+      if (s.server_id == id) return s.status;
+    }
+    return -1;
+  }
+};
+
+ListedServers list_servers(Client& client) {
+  auto r = client.call(wire::Opcode::kGetServerList, {});
+  REQUIRE(r.status == Status::kOk);
+  ListedServers out;
+  REQUIRE(wire::decode_server_list(r.body, &out.version, &out.servers) == Status::kOk);
+  return out;
+}
+
+Status hint(Client& client, uint64_t id) {
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(wire::ServerIdRequest{.server_id = id});
+  auto r = client.call(wire::Opcode::kHintServerCrashed, body);
+  CHECK(r.body.empty());
+  return r.status;
+}
+
+// Polls the server list until `id` has `status`, for up to `limit`; true if it did.
+bool wait_for_status(Client& client, uint64_t id, int status,
+                     std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  const auto deadline = SteadyClock::now() + limit;
+  for (int i = 0; i < 10'000 && SteadyClock::now() < deadline; ++i) {
+    if (list_servers(client).status_of(id) == status) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return list_servers(client).status_of(id) == status;
+}
+
+}  // namespace
+
+TEST_CASE("coordinator: a hint about a server that answers pings leaves it up",
+          "[coordinator][service][failure]") {
+  TempDir dir;
+  // Generous: a live server is never declared on a loaded machine.
+  RunningCoordinator c(dir.path, 1'000'000'000);
+  FakeMaster m;
+  Client client(c.service->locator());
+  auto id = client.enlist(m.transport->locator(), wire::kServiceMaster | wire::kServiceBackup);
+  REQUIRE(id.ok());
+  const uint64_t version = list_servers(client).version;
+  REQUIRE(hint(client, *id) == Status::kOk);
+  for (int i = 0; i < 1000 && m.echoes == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  REQUIRE(m.echoes >= 1);
+  // Had the ping been lost, the verification would go on; the server stays up either way.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto listed = list_servers(client);
+  CHECK(listed.status_of(*id) == 0);
+  CHECK(listed.version == version);
+}
+
+TEST_CASE("coordinator: a silent hinted server is declared crashed, persisted and announced",
+          "[coordinator][service][failure]") {
+  TempDir dir;
+  FakeMaster alive;
+  const std::string dead = dead_locator();
+  const uint64_t verify_ns = 200'000'000;
+  uint64_t alive_id = 0, dead_id = 0, version = 0;
+  {
+    RunningCoordinator c(dir.path, verify_ns);
+    Client client(c.service->locator());
+    alive_id = *client.enlist(alive.transport->locator(), wire::kServiceMaster);
+    dead_id = *client.enlist(dead, wire::kServiceMaster | wire::kServiceBackup);
+    REQUIRE(client.create_table("before", 2).ok());  // one tablet on each
+    const auto start = SteadyClock::now();
+    REQUIRE(hint(client, dead_id) == Status::kOk);
+    REQUIRE(wait_for_status(client, dead_id, 1));
+    // Three pings a verify timeout apart, all refused: at least two timeouts.
+    CHECK(SteadyClock::now() - start >= std::chrono::nanoseconds(2 * verify_ns));
+    auto listed = list_servers(client);
+    CHECK(listed.status_of(alive_id) == 0);
+    version = listed.version;
+    // The crashed master keeps its tablets (recovery moves them); new tables avoid it.
+    auto before = client.tablet_map(*client.table_id("before"));
+    REQUIRE(before.ok());
+    CHECK(before->tablets.size() == 2);
+    auto after = client.create_table("after", 4);
+    REQUIRE(after.ok());
+    auto map = client.tablet_map(*after);
+    REQUIRE(map.ok());
+    for (const auto& t : map->tablets) CHECK(t.server_id == alive_id);
+    // Every server that is up hears of it (bounded wait: the notifier's thread sends).
+    auto told = [&] {
+      std::lock_guard lock(alive.mutex);
+      for (const auto& list : alive.server_lists) {
+        for (const auto& s : list) {
+          if (s.server_id == dead_id && s.status == 1) return true;
+        }
+      }
+      return false;
+    };
+    for (int i = 0; i < 500 && !told(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    CHECK(told());
+  }
+  // Persisted: a restarted coordinator still lists it crashed.
+  RunningCoordinator c(dir.path, verify_ns);
+  Client client(c.service->locator());
+  auto listed = list_servers(client);
+  CHECK(listed.status_of(dead_id) == 1);
+  CHECK(listed.status_of(alive_id) == 0);
+  CHECK(listed.version == version);
+}
+
+TEST_CASE("coordinator: a hint naming an id never given out, or malformed, is a bad request",
+          "[coordinator][service][failure]") {
+  TempDir dir;
+  RunningCoordinator c(dir.path);
+  Client client(c.service->locator());
+  CHECK(hint(client, make_server_id(1, 1)) == Status::kBadRequest);  // nobody enlisted yet
+  auto id = client.enlist(dead_locator(), wire::kServiceMaster);
+  REQUIRE(id.ok());
+  CHECK(hint(client, 0) == Status::kBadRequest);
+  CHECK(hint(client, make_server_id(2, 1)) == Status::kBadRequest);
+  CHECK(hint(client, make_server_id(1, 2)) == Status::kBadRequest);  // a future generation
+  CHECK(hint(client, make_server_id(0, 1)) == Status::kBadRequest);
+  CHECK(client.call(wire::Opcode::kHintServerCrashed, {}).status == Status::kBadRequest);
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(wire::ServerIdRequest{.server_id = *id});
+  auto short_body = body;
+  short_body.pop_back();
+  CHECK(client.call(wire::Opcode::kHintServerCrashed, short_body).status == Status::kBadRequest);
+  body.push_back(std::byte{0});
+  CHECK(client.call(wire::Opcode::kHintServerCrashed, body).status == Status::kBadRequest);
+  // None of them started a verification: the (dead) server is still up.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(list_servers(client).status_of(*id) == 0);
+}
+
+TEST_CASE("coordinator: a hint about a server already crashed or replaced changes nothing",
+          "[coordinator][service][failure]") {
+  TempDir dir;
+  const uint64_t verify_ns = 100'000'000;
+  RunningCoordinator c(dir.path, verify_ns);
+  Client client(c.service->locator());
+  FakeMaster m;
+  auto crashed = client.enlist(dead_locator(), wire::kServiceBackup);
+  REQUIRE(crashed.ok());
+  REQUIRE(hint(client, *crashed) == Status::kOk);
+  REQUIRE(wait_for_status(client, *crashed, 1));
+  // A server replaced by a newer generation: the hint names the old id. The new one's
+  // locator is dead too, so a verification started by mistake would declare it.
+  auto old_id = client.enlist(m.transport->locator(), wire::kServiceMaster);
+  REQUIRE(old_id.ok());
+  auto new_id = client.enlist(dead_locator(), wire::kServiceMaster, *old_id);
+  REQUIRE(new_id.ok());
+  REQUIRE(*new_id == make_server_id(server_index(*old_id), 2));
+  const uint64_t version = list_servers(client).version;
+  for (int i = 0; i < 3; ++i) {
+    CHECK(hint(client, *crashed) == Status::kOk);
+    CHECK(hint(client, *old_id) == Status::kOk);
+  }
+  // Longer than a whole verification (3 pings 100 ms apart).
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  auto listed = list_servers(client);
+  CHECK(listed.version == version);
+  CHECK(listed.status_of(*crashed) == 1);
+  CHECK(listed.status_of(*new_id) == 0);
+  CHECK(m.echoes == 0);
 }
 
 }  // namespace ramkv::coordinator

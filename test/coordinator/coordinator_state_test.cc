@@ -85,7 +85,8 @@ TEST_CASE("coordinator state: a server enlisting again gets a new generation",
   CHECK(again.server_id == make_server_id(1, 2));
   CHECK(again.replaced_id == a.server_id);
   CHECK(st.find_server(a.server_id) == nullptr);
-  for (const auto& t : st.tablets(table)) CHECK(t.server_id == again.server_id);
+  // The old incarnation keeps its tablets: its recovery moves them.
+  for (const auto& t : st.tablets(table)) CHECK(t.server_id == a.server_id);
   auto third = st.enlist(wire::kServiceMaster, "h:9", again.server_id);  // by replaces_id
   CHECK(third.server_id == make_server_id(1, 3));
   CHECK(st.servers().size() == 1);
@@ -285,4 +286,63 @@ TEST_CASE("coordinator state: bad epoch sections and unknown versions are format
   auto g = std::as_bytes(std::span(garbage));
   CHECK(CoordinatorState::deserialize(g).status() == Status::kFormatError);
   CHECK(CoordinatorState::deserialize({}).status() == Status::kFormatError);
+}
+
+TEST_CASE("coordinator state: recovery moves a range of a tablet, splitting it",
+          "[coordinator][state]") {
+  CoordinatorState st;
+  auto a = st.enlist(wire::kServiceMaster, "h:1", 0);
+  auto b = st.enlist(wire::kServiceMaster, "h:2", 0);
+  uint64_t table = st.create_table("t", 1, {a.server_id});
+  const uint64_t version = st.tablet_map_version();
+  // The middle of a's only tablet goes to b: three tablets, still tiling the hash space.
+  REQUIRE(st.move_tablet_range(a.server_id, {table, 100, 199, b.server_id}) == Status::kOk);
+  auto tablets = st.tablets(table);
+  REQUIRE(tablets.size() == 3);
+  CHECK(tablets[0] == Tablet{table, 0, 99, a.server_id});
+  CHECK(tablets[1] == Tablet{table, 100, 199, b.server_id});
+  CHECK(tablets[2] == Tablet{table, 200, UINT64_MAX, a.server_id});
+  CHECK(st.tablet_map_version() > version);
+  // Its edges, then a range a does not own.
+  REQUIRE(st.move_tablet_range(a.server_id, {table, 0, 99, b.server_id}) == Status::kOk);
+  REQUIRE(st.move_tablet_range(a.server_id, {table, 200, UINT64_MAX, b.server_id}) == Status::kOk);
+  CHECK(st.tablets_of(a.server_id).empty());
+  CHECK(st.move_tablet_range(a.server_id, {table, 0, 5, b.server_id}) == Status::kInvalidArgument);
+  check_covers_hash_space(st.tablets(table));
+  // A state with split tablets survives serialization.
+  auto back = CoordinatorState::deserialize(st.serialize());
+  REQUIRE(back.ok());
+  CHECK(*back == st);
+  // Removal is for crashed servers only.
+  CHECK_FALSE(st.mark_removed(a.server_id));
+  REQUIRE(st.mark_crashed(a.server_id));
+  CHECK(st.mark_removed(a.server_id));
+  CHECK(st.find_server(a.server_id)->status == ServerStatus::kRemoved);
+}
+
+TEST_CASE("coordinator state: marking a server crashed changes only that entry, once",
+          "[coordinator][state]") {
+  CoordinatorState st = sample_state();
+  const uint64_t m1 = make_server_id(1, 1);
+  const uint64_t version = st.server_list_version();
+  const auto tablets = st.tablets_of(m1);
+  REQUIRE(st.mark_crashed(m1));
+  CHECK(st.find_server(m1)->status == ServerStatus::kCrashed);
+  CHECK(st.server_list_version() == version + 1);
+  CHECK(st.tablets_of(m1) == tablets);  // recovery moves them, not the declaration
+  CHECK(st.up_masters() == std::vector<uint64_t>{make_server_id(2, 1)});
+  // Again, an unknown id, a future generation: nothing changes.
+  CHECK_FALSE(st.mark_crashed(m1));
+  CHECK_FALSE(st.mark_crashed(make_server_id(9, 1)));
+  CHECK_FALSE(st.mark_crashed(make_server_id(2, 2)));
+  CHECK(st.server_list_version() == version + 1);
+  // Persisted with the rest.
+  auto back = CoordinatorState::deserialize(st.serialize());
+  REQUIRE(back.ok());
+  CHECK(*back == st);
+  CHECK(back->find_server(m1)->status == ServerStatus::kCrashed);
+  // A crashed server that enlists again gets a new generation, up.
+  auto again = st.enlist(wire::kServiceMaster | wire::kServiceBackup, "127.0.0.1:2001", m1);
+  CHECK(again.server_id == make_server_id(1, 2));
+  CHECK(st.find_server(again.server_id)->status == ServerStatus::kUp);
 }

@@ -37,6 +37,7 @@ struct SegmentScan {
   int objects = 0;
   int headers = 0;
   std::vector<TombstoneView> tombstones;  // views into `bytes`
+  uint64_t tombstone_bytes = 0;           // their entries, headers included
   std::optional<std::vector<uint64_t>> digest;
   std::optional<uint64_t> safe_version;
   std::optional<std::vector<TableStat>> table_stats;
@@ -62,6 +63,7 @@ SegmentScan scan(Log& log, uint64_t segment_id) {
         auto t = decode_tombstone(it.payload());
         REQUIRE(t.ok());
         out.tombstones.push_back(*t);
+        out.tombstone_bytes += it.header().total_bytes();
         break;
       }
       case EntryType::kLogDigest: {
@@ -112,6 +114,13 @@ std::map<uint64_t, int> tombstones_for(Log& log, std::string_view key) {
     }
   }
   return out;
+}
+
+// Bytes of every tombstone entry in the log.
+uint64_t tombstone_bytes(Log& log) {
+  uint64_t n = 0;
+  for (uint64_t id : log.segment_ids()) n += scan(log, id).tombstone_bytes;
+  return n;
 }
 
 int total(const std::map<uint64_t, int>& counts) {
@@ -511,10 +520,108 @@ TEST_CASE("log cleaner: live bytes follow overwrites, removes and moves", "[mast
   write_range(om, 10, 40, 500, 1, &model);
   uint64_t quarter_live = segment(om.log(), 1)->live_bytes();
   CHECK(quarter_live * 4 == all_live);
+  // The overwrites' tombstones (naming segment 1) are live in the head.
+  REQUIRE(tombstones_for(om.log(), "key10") == std::map<uint64_t, int>{{2, 1}});
+  CHECK(tombstone_bytes(om.log()) > 0);
+  CHECK(om.stats().log.live_bytes ==
+        om.table_stats().at(0).object_bytes + tombstone_bytes(om.log()));
   om.cleaner().compact(segment(om.log(), 1));
   CHECK(segment(om.log(), 1)->live_bytes() == quarter_live);
+  CHECK(om.stats().log.live_bytes ==
+        om.table_stats().at(0).object_bytes + tombstone_bytes(om.log()));
+  check_all(om, model);
+  // Once segment 1 leaves the log, cleaning their segment drops them.
+  REQUIRE(om.log().roll_head() == Status::kOk);
+  REQUIRE(om.cleaner().clean_combined(om.log().cleanable_segments()) > 0);
+  REQUIRE(!om.log().contains_segment(1));
+  for (Segment* s : om.log().cleanable_segments()) om.cleaner().compact(s);
+  CHECK(tombstone_bytes(om.log()) == 0);
   CHECK(om.stats().log.live_bytes == om.table_stats().at(0).object_bytes);
   check_all(om, model);
+}
+
+TEST_CASE("log cleaner: tombstones die with the segment they name, and cleaning takes them back",
+          "[master][log_cleaner]") {
+  ManualClock clock;
+  auto created = ObjectManager::create(manual_config(), clock);
+  REQUIRE(created.ok());
+  auto& om = **created;
+  Log& log = om.log();
+  std::map<std::string, std::string> model;
+  write_range(om, 0, 40, 500, 0, &model);  // segment 1
+  REQUIRE(log.roll_head() == Status::kOk);
+  write_range(om, 0, 30, 500, 1, &model);  // segment 2: 30 tombstones naming segment 1
+  REQUIRE(log.roll_head() == Status::kOk);
+  write_range(om, 100, 110, 500, 0, &model);  // segment 3
+  REQUIRE(log.roll_head() == Status::kOk);
+  const uint64_t dying = scan(log, 2).tombstone_bytes;
+  REQUIRE(dying > 0);
+  CHECK(om.tombstone_bytes_naming(1) == dying);
+  CHECK(om.tombstone_bytes_naming(2) == 0);
+
+  // Moved into a survivor, they still count there.
+  REQUIRE(om.cleaner().clean_combined({segment(log, 2), segment(log, 3)}) > 0);
+  auto where = tombstones_for(log, "key0");
+  REQUIRE(total(where) == 1);
+  const uint64_t holder = where.begin()->first;
+  CHECK(scan(log, holder).tombstone_bytes == dying);
+  CHECK(om.tombstone_bytes_naming(1) == dying);
+  const uint64_t holder_live = segment(log, holder)->live_bytes();
+  CHECK(om.stats().log.live_bytes == om.table_stats().at(0).object_bytes + dying);
+
+  // Segment 1 leaves the log (alone: what frees memory here is its tombstones dying).
+  CHECK(om.cleaner().clean_combined({segment(log, 1)}) > 0);
+  REQUIRE(!log.contains_segment(1));
+  CHECK(om.tombstone_bytes_naming(1) == 0);
+  CHECK(om.cleaner().stats().tombstone_bytes_killed == dying);
+  CHECK(segment(log, holder)->live_bytes() == holder_live - dying);
+  CHECK(om.stats().log.live_bytes == om.table_stats().at(0).object_bytes);
+
+  // The next compaction of their segment drops them (here less than a seglet).
+  om.cleaner().compact(segment(log, holder));
+  CHECK(scan(log, holder).tombstone_bytes == 0);
+  CHECK(segment(log, holder)->live_bytes() == holder_live - dying);
+  check_all(om, model);
+  check_head(om);
+}
+
+TEST_CASE("log cleaner: a combined pass drops a tombstone naming a victim it has moved out",
+          "[master][log_cleaner]") {
+  ManualClock clock;
+  auto created = ObjectManager::create(manual_config(), clock);
+  REQUIRE(created.ok());
+  auto& om = **created;
+  Log& log = om.log();
+  std::map<std::string, std::string> model;
+  // Segment 1: the doomed object. Segment 2, younger: its tombstone. Older segments score
+  // higher, so the pass moves segment 1 out before it reaches the tombstone.
+  REQUIRE(om.write(1, "doomed", "value").ok());
+  write_range(om, 0, 10, 200, 0, &model);
+  REQUIRE(log.roll_head() == Status::kOk);
+  clock.advance_seconds(100);
+  REQUIRE(om.remove(1, "doomed").ok());
+  write_range(om, 10, 20, 200, 0, &model);
+  // And a tombstone in the same segment as its object.
+  REQUIRE(om.write(1, "self", "value").ok());
+  REQUIRE(om.remove(1, "self").ok());
+  REQUIRE(log.roll_head() == Status::kOk);
+  clock.advance_seconds(100);
+  REQUIRE(tombstones_for(log, "doomed") == std::map<uint64_t, int>{{2, 1}});
+  REQUIRE(tombstones_for(log, "self") == std::map<uint64_t, int>{{2, 1}});
+
+  REQUIRE(om.cleaner().clean_combined({segment(log, 1), segment(log, 2)}) > 0);
+  CHECK(!log.contains_segment(1));
+  CHECK(!log.contains_segment(2));
+  // Neither moved: the objects they kill left the log with the same commit.
+  CHECK(total(tombstones_for(log, "doomed")) == 0);
+  CHECK(total(tombstones_for(log, "self")) == 0);
+  CHECK(tombstone_bytes(log) == 0);
+  CHECK(om.stats().log.live_bytes == om.table_stats().at(0).object_bytes);
+  std::string out;
+  CHECK(om.read(1, "doomed", &out).status() == Status::kObjectNotFound);
+  CHECK(om.read(1, "self", &out).status() == Status::kObjectNotFound);
+  check_all(om, model);
+  check_head(om);
 }
 
 }  // namespace ramkv::master

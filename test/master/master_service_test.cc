@@ -616,5 +616,59 @@ TEST_CASE("master service: random bytes for every opcode are bad requests and ne
   CHECK(decode_read(r.body).value == "intact");
 }
 
+TEST_CASE("master service: without replication no backup's replica is needed",
+          "[master][master_service]") {
+  auto m = service_owning_table();
+  write_ok(*m, "k", "v");
+  auto ask = [&](uint32_t count, size_t ids) {
+    Body b;
+    wire::BodyWriter w(&b);
+    w.put(wire::ReplicaNeededHeader{.backup_id = 42, .count = count});
+    for (size_t i = 0; i < ids; ++i) w.put(uint64_t{i + 1});
+    return call(*m, Opcode::kIsReplicaNeeded, b);
+  };
+  auto r = ask(3, 3);
+  REQUIRE(r.status == Status::kOk);
+  CHECK(r.body == Body(3, std::byte{0}));
+  CHECK(ask(0, 0).body.empty());
+  // A count that lies about the ids that follow, or too many ids.
+  CHECK(ask(3, 2).status == Status::kBadRequest);
+  CHECK(ask(2, 3).status == Status::kBadRequest);
+  CHECK(ask(wire::kMaxReplicaNeededCount + 1, 0).status == Status::kBadRequest);
+}
+
+TEST_CASE("master service: a fenced master answers every request but echo with fenced",
+          "[master][master_service]") {
+  auto m = service_owning_table();
+  const uint64_t v = write_ok(*m, "before", "kept");
+  CHECK_FALSE(m->fenced());
+  m->fence();
+  m->fence();  // idempotent
+  CHECK(m->fenced());
+  for (const auto& [op, body] : valid_bodies()) {
+    INFO(wire::opcode_name(op));
+    auto r = call(*m, op, body);
+    CHECK(r.status == Status::kFenced);
+    CHECK(r.body.empty());
+  }
+  Body list;
+  wire::BodyWriter(&list).put(wire::ServerListHeader{.version = 3, .count = 0});
+  CHECK(call(*m, Opcode::kServerListUpdate, list).status == Status::kFenced);
+  CHECK(call(*m, Opcode::kGetServerStats, {}).status == Status::kFenced);
+  // Echo still answers: the process is alive, only its data is no longer its own.
+  Body ping;
+  wire::BodyWriter(&ping).put_bytes(std::string_view("ping"));
+  auto echo = call(*m, Opcode::kEcho, ping);
+  CHECK(echo.status == Status::kOk);
+  CHECK(echo.body == ping);
+  // Nothing changed underneath: the object written before is still there, unserved.
+  std::string value;
+  auto read = m->objects().read(kTable, "before", &value);
+  REQUIRE(read.ok());
+  CHECK(*read == v);
+  CHECK(value == "kept");
+  CHECK(m->objects().stats().object_count == 1);
+}
+
 }  // namespace
 }  // namespace ramkv::master

@@ -1,0 +1,120 @@
+// RecoveryTask: the recovery-master side of crash recovery (docs/recovery.md, step 5).
+// The coordinator's `recover` names a partition of a crashed master's tablets and, for
+// every segment of its log, the backups holding a usable replica. The task pulls each
+// segment's share of the partition (`backup get recovery data`) from the first backup
+// that has it ready, several in flight, and replays it into this master's objects
+// (ObjectManager::replay: the newest version wins, tombstones respected). A backup that
+// fails or sends a damaged stream is replaced by the next one listed; `kRetry` (not read
+// yet) is asked again shortly. When every segment is replayed, it ends the replay
+// (ObjectManager::finish_replay), waits until what it appended is durable on this
+// master's backups (ReplicaManager), and reports `recovery master finished` to the
+// coordinator. If a segment cannot be had from any backup, it drops what it replayed for
+// the partition and reports the failure, so the coordinator can try elsewhere.
+//
+// It runs on the server's dispatch thread as a LoopTask, with its own ClientTransport.
+// Several partitions (of one or several recoveries) may run at once.
+// Owner: server/main.cc. Threads: dispatch thread only.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/clock.h"
+#include "common/transport.h"
+#include "common/wire_format.h"
+#include "master/object_manager.h"
+
+namespace ramkv::master {
+
+class ReplicaManager;
+
+struct RecoveryTaskStats {
+  uint64_t partitions_started = 0;
+  uint64_t partitions_finished = 0;
+  uint64_t partitions_failed = 0;
+  uint64_t bytes_pulled = 0;
+  uint64_t objects_replayed = 0;
+};
+
+class RecoveryTask final : public LoopTask {
+ public:
+  struct Options {
+    std::string coordinator;
+    uint32_t max_in_flight = 4;  // data requests in flight, over all partitions
+    uint64_t rpc_timeout_ns = 10'000'000'000;
+    uint64_t retry_ns = 20'000'000;  // after kRetry (a replica not read yet)
+    // Fault injection for tests: wait this long before pulling each segment, so that a
+    // test can act while a recovery is under way. 0 in production.
+    uint64_t pull_delay_ns = 0;
+  };
+
+  // `replicas` may be null (no replication): replayed data is then durable at once.
+  RecoveryTask(const Options& options, ObjectManager& objects, ReplicaManager* replicas,
+               const Clock& clock = SystemClock::instance());
+  ~RecoveryTask() override;
+  RecoveryTask(const RecoveryTask&) = delete;
+  RecoveryTask& operator=(const RecoveryTask&) = delete;
+
+  void set_server_id(uint64_t id) { server_id_ = id; }
+  // kRecover. kBadRequest for a malformed body or a partition already running here.
+  Status start(std::span<const std::byte> body);
+  const RecoveryTaskStats& stats() const { return stats_; }
+  size_t running() const { return jobs_.size(); }
+
+  // LoopTask
+  int wait_fd() const override { return client_->wait_fd(); }
+  uint64_t run() override;
+
+ private:
+  struct SegmentPull {
+    std::vector<std::pair<uint64_t, std::string>> locations;  // backup id, locator
+    size_t next = 0;                                          // the location to ask
+    bool done = false;
+    bool in_flight = false;
+    uint64_t retry_at_ns = 0;
+  };
+  struct Job {
+    wire::RecoverRequest request;
+    std::vector<wire::TabletWire> tablets;
+    std::map<uint64_t, SegmentPull> segments;
+    uint64_t started_ns = 0;
+    uint64_t next_pull_ns = 0;  // Options::pull_delay_ns: no pull before
+    uint64_t bytes = 0;
+    ReplayStats replay;
+    Status failed = Status::kOk;
+    uint64_t missing_segment = 0;  // kIncomplete: the segment no backup could give
+    bool replayed = false;         // finish_replay done; waiting for durability
+    uint64_t durable_segment = 0;  // the log position that must be durable
+    uint32_t durable_offset = 0;
+    bool report_in_flight = false;
+    uint64_t report_at_ns = 0;  // after a failed report: not before
+    uint32_t report_attempts = 0;
+    bool reported = false;
+  };
+  using Key = std::pair<uint64_t, uint32_t>;  // recovery id, partition id
+
+  void pull(const Key& key, Job& job, uint64_t segment_id, SegmentPull& seg);
+  void on_data(const Key& key, uint64_t segment_id, Status status, std::span<const std::byte> body);
+  void finish(Job& job);
+  void report(const Key& key, Job& job);
+  bool accepts(const Job& job, uint64_t table_id, uint64_t key_hash) const;
+  static std::vector<TabletRange> ranges(const Job& job);
+  // Forgets what the job replayed (its tablets' objects here): the partition is not ours.
+  void drop(Job& job);
+
+  Options options_;
+  ObjectManager& objects_;
+  ReplicaManager* replicas_;
+  const Clock& clock_;
+  std::unique_ptr<ClientTransport> client_;
+  uint64_t server_id_ = 0;
+  std::map<Key, Job> jobs_;
+  uint32_t in_flight_ = 0;
+  RecoveryTaskStats stats_;
+};
+
+}  // namespace ramkv::master
