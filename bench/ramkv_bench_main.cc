@@ -8,6 +8,8 @@
 #include "bench/ramkv_bench_backup.h"
 #include "bench/ramkv_bench_cluster.h"
 #include "bench/ramkv_bench_memory.h"
+#include "bench/ramkv_bench_recovery.h"
+#include "bench/ramkv_bench_replay.h"
 #include "common/log.h"
 
 int main(int argc, char** argv) {
@@ -19,6 +21,10 @@ int main(int argc, char** argv) {
   ramkv::bench::add_cluster_commands(app, cluster);
   ramkv::bench::BackupDiskOptions backup_disk;
   ramkv::bench::add_backup_disk_command(app, backup_disk);
+  ramkv::bench::ReplayBenchOptions replay;
+  ramkv::bench::add_replay_command(app, replay);
+  ramkv::bench::RecoveryBenchOptions recovery;
+  ramkv::bench::add_recovery_command(app, recovery);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -30,5 +36,7 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("latency")) return ramkv::bench::run_latency_bench(cluster);
   if (app.got_subcommand("throughput")) return ramkv::bench::run_throughput_bench(cluster);
   if (app.got_subcommand("backup-disk")) return ramkv::bench::run_backup_disk_bench(backup_disk);
+  if (app.got_subcommand("replay")) return ramkv::bench::run_replay_bench(replay);
+  if (app.got_subcommand("recovery")) return ramkv::bench::run_recovery_bench(recovery);
   return 2;
 }

@@ -111,12 +111,8 @@ Result<RecoveryPlan> plan_recovery(uint64_t master_id, const std::vector<Tablet>
   plan.digest_segment_id = digest_from->header.digest_segment_id;
   plan.safe_version = digest_from->header.safe_version;
   // The newest segment with a digest is the head: a newer one existed if it was closed.
-  if (auto newest = by_segment.rbegin(); newest->first > plan.digest_segment_id) {
-    // Replicas of a segment newer than the newest digest: the head, without a digest?
-    // Every head starts with one; such a replica is damaged. Say so.
-    *error = fmt::format("segment {} has replicas but no digest was read from any", newest->first);
-    return Status::kIncomplete;
-  }
+  // Replicas of newer segments without a digest are the cleaner's survivors that no
+  // durable digest names yet: not part of the log, ignored.
   {
     auto head = usable(plan.digest_segment_id, by_segment[plan.digest_segment_id], recorded);
     bool open_head = std::any_of(head.begin(), head.end(),

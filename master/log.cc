@@ -362,7 +362,15 @@ std::vector<Log::SegmentView> Log::replication_view(uint64_t* head_id) const {
   std::vector<SegmentView> out;
   out.reserve(segments_.size());
   for (const auto& [id, seg] : segments_) {
-    out.push_back({.id = id, .length = seg->length(), .closed = seg->closed()});
+    // A head starts with its segment header (then the digest); survivors do not.
+    bool has_digest = false;
+    if (seg->length() > 0) {
+      auto h = decode_entry_header(
+          seg->peek(0, std::min<uint32_t>(seg->length(), kMaxEntryHeaderBytes)));
+      has_digest = h.ok() && h->type == EntryType::kSegmentHeader;
+    }
+    out.push_back(
+        {.id = id, .length = seg->length(), .closed = seg->closed(), .has_digest = has_digest});
   }
   std::sort(out.begin(), out.end(),
             [](const SegmentView& a, const SegmentView& b) { return a.id < b.id; });

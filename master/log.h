@@ -135,6 +135,7 @@ class Log {
     uint64_t id = 0;
     uint32_t length = 0;
     bool closed = false;
+    bool has_digest = false;  // opened as a head: starts with a segment header and digest
   };
   // The segments in the log, in id order, and the head's id. Any thread.
   std::vector<SegmentView> replication_view(uint64_t* head_id) const;

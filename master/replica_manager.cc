@@ -149,6 +149,7 @@ void ReplicaManager::refresh_view() {
       seg.in_log = true;
       seg.length = v.length;
       seg.closed = v.closed;
+      seg.has_digest = v.has_digest;
       if (v.id == head) head_length_ = v.length;
     }
     head_id_ = head;
@@ -201,11 +202,7 @@ bool ReplicaManager::segment_whole(const Seg& seg) const {
 
 bool ReplicaManager::head_open_durable() const {
   auto it = segments_.find(head_id_);
-  if (it == segments_.end()) return false;
-  const Seg& head = it->second;
-  if (head.replicas.size() < target() || head.epoch_recorded < head.epoch) return false;
-  return std::all_of(head.replicas.begin(), head.replicas.end(),
-                     [&](const Replica& r) { return r.open_acked && r.epoch_acked >= head.epoch; });
+  return it != segments_.end() && open_durable(it->second);
 }
 
 bool ReplicaManager::log_durable(uint32_t* head_acked) const {
@@ -221,26 +218,46 @@ bool ReplicaManager::log_durable(uint32_t* head_acked) const {
   return true;
 }
 
+bool ReplicaManager::open_durable(const Seg& seg) const {
+  if (seg.replicas.size() < target()) return false;
+  if (seg.id == head_id_ && seg.epoch_recorded < seg.epoch) return false;
+  return std::all_of(seg.replicas.begin(), seg.replicas.end(),
+                     [&](const Replica& r) { return r.open_acked && r.epoch_acked >= seg.epoch; });
+}
+
 void ReplicaManager::send_writes() {
+  // Segments go to the backups in id order (rules 1 and 2): this bounds the replicas open
+  // on a backup when many segments wait at once (a recovery master's replay fills dozens
+  // in a moment), and keeps "a closed segment with a digest has a durable successor".
   bool others_whole = true;
   for (const auto& [id, seg] : segments_) {
     if (seg.in_log && id != head_id_ && !segment_whole(seg)) others_whole = false;
   }
-  const bool head_durable = head_open_durable();
+  // Whether a segment with a digest newer than each one is durably open: from the end.
+  std::map<uint64_t, bool> newer_digest_durable;
+  bool seen = false;
+  for (auto it = segments_.rbegin(); it != segments_.rend(); ++it) {
+    newer_digest_durable[it->first] = seen;
+    if (it->second.in_log && it->second.has_digest && open_durable(it->second)) seen = true;
+  }
+  bool lower_whole = true;  // every lower segment in the log but the head is whole
   for (auto& [id, seg] : segments_) {
     if (!seg.in_log) continue;
     const bool is_head = id == head_id_;
+    const bool may_open = is_head ? others_whole : lower_whole;
+    // A former head closes once a newer head is durably open; a survivor (no digest,
+    // named by no durable digest yet) once it is whole.
+    const bool may_close =
+        !is_head && seg.closed && (seg.has_digest ? newer_digest_durable[id] : segment_whole(seg));
     for (auto& r : seg.replicas) {
       if (r.close_sent || r.in_flight >= options_.max_in_flight) continue;
-      // Rule 1: a new head opens on the backups once everything before it is there.
-      if (is_head && !r.opened && !others_whole) continue;
-      // Rule 2: other segments close once the head is durably open.
-      const bool close = !is_head && seg.closed && head_durable;
-      if (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || close) {
-        send_write(seg, r, close);
+      if (!r.opened && !may_open) continue;
+      if (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || may_close) {
+        send_write(seg, r, may_close);
       }
     }
     if (is_head) record_epoch(seg);
+    if (!is_head && !segment_whole(seg)) lower_whole = false;
   }
 }
 

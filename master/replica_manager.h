@@ -9,11 +9,15 @@
 // length it holds). Replies come back through the same loop.
 //
 // Order, so that the backups always hold a log that recovery can prove complete:
-//   1. Segments other than the head (an old head, the cleaner's survivors) get all
-//      their bytes before a new head is opened on the backups; the new head's digest
-//      names them.
-//   2. An old head is closed on its backups only after the new head is open on all of
-//      its backups (and its epoch recorded, see 4).
+//   1. Segments open on their backups in id order: one opens once every lower segment
+//      other than the head is whole; the head (a new one) once every other segment is
+//      whole, so its digest names only segments that are all there.
+//   2. A former head is closed on its backups only once a newer head is durably open on
+//      all of its backups (and its epoch recorded, see 4): recovery takes a closed
+//      newest segment as proof that a newer head existed. A survivor of the cleaner (no
+//      digest; named by no durable digest until the head after it is) closes once whole.
+//      Together, 1 and 2 keep only a few replicas per master open on a backup even when
+//      many segments wait to be replicated at once.
 //   3. A write is acknowledged when its bytes are on all R replicas of the head and
 //      every other segment of the log is wholly on its R replicas.
 //   4. When a replica is lost (its backup crashed, filled up, or refused), a new one is
@@ -120,6 +124,7 @@ class ReplicaManager final : public LoopTask {
     bool epoch_in_flight = false;
     uint32_t length = 0;
     bool closed = false;  // in the master's memory
+    bool has_digest = false;  // opened as a head (a survivor has none)
     bool in_log = true;
     bool marked = false;  // told the log it is replicated
     std::vector<Replica> replicas;
@@ -152,6 +157,8 @@ class ReplicaManager final : public LoopTask {
   // recorded; *head_acked is then what the head's replicas all hold.
   bool log_durable(uint32_t* head_acked) const;
   bool head_open_durable() const;
+  // On R replicas, all of them open at the segment's epoch (the head's also recorded).
+  bool open_durable(const Seg& seg) const;
   // All R replicas hold every byte of the segment at its current epoch.
   bool segment_whole(const Seg& seg) const;
   void fail_held(Status s);

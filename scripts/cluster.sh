@@ -6,6 +6,7 @@
 #                             [--memory SIZE] [--poll block|busy] [--bin DIR]
 #   scripts/cluster.sh status [--dir DIR]
 #   scripts/cluster.sh stop   [--dir DIR]
+#   scripts/cluster.sh kill   ADDRESS [--dir DIR]
 #
 # start: a coordinator on P (default 12246), then servers on P+1, P+2, ...:
 #   --servers N   N servers that each run a master and a backup (the usual deployment)
@@ -27,11 +28,15 @@
 # status: one line per process, the coordinator first: role (coordinator, master, backup,
 # master+backup), PID, address, alive or dead, and a backup's data directory. Exits 1
 # if none is alive.
+# kill: SIGKILLs the server of this cluster listening at ADDRESS (a crash, for recovery
+# tests and `ramkv-bench recovery --kill-command`). Exits 1 if none is alive there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 cmd=${1:-}
 [ -n "$cmd" ] && shift || true
+target=""
+if [ "$cmd" = kill ] && [ $# -gt 0 ] && [[ "$1" != --* ]]; then target=$1; shift; fi
 dir=/tmp/ramkv-cluster
 servers=""
 masters=""
@@ -214,10 +219,26 @@ stop_all() {
   echo "cluster.sh: stopped ${#pids[@]} process(es) in $dir"
 }
 
+kill_server() {
+  [ -n "$target" ] || die "kill needs the ADDRESS of a server (see status)"
+  ls "$dir"/pids/*.pid >/dev/null 2>&1 || { echo "cluster.sh: no cluster in $dir" >&2; exit 1; }
+  for f in "$dir"/pids/*-server.pid; do
+    IFS=' ' read -r pid prog role addr <"$f"
+    if [ "$addr" = "$target" ] && alive "$pid" "$prog" "$addr"; then
+      kill -KILL "$pid"
+      echo "cluster.sh: killed $role $addr (pid $pid) with SIGKILL"
+      return 0
+    fi
+  done
+  echo "cluster.sh: no live server at $target in $dir" >&2
+  exit 1
+}
+
 case "$cmd" in
   start) start ;;
   status) status ;;
   stop) stop_all ;;
+  kill) kill_server ;;
   -h|--help|help|"") usage; [ -n "$cmd" ] ;;
-  *) echo "cluster.sh: unknown command '$cmd' (start, status, stop)" >&2; exit 2 ;;
+  *) echo "cluster.sh: unknown command '$cmd' (start, status, stop, kill)" >&2; exit 2 ;;
 esac

@@ -2,22 +2,26 @@
 # The README's main command: sets up, builds, starts a local ramkv cluster on 127.0.0.1
 # (by default a coordinator and 4 servers, each master and backup, 3 replicas), shows it
 # working with the ramkv tool, measures read and write latency against the bare round
-# trip, and stops the cluster.
+# trip, then fills one master with --recovery-bytes of data (default 256M), kills it with
+# SIGKILL, and prints the measured time-to-recovery and the check that nothing was lost
+# (ramkv-bench recovery; a plot of the replay in DIR/recovery.png), and stops the cluster.
 #   scripts/run.sh [--servers N] [--masters N] [--backups N] [--replicas R]
-#                  [--durability buffered|disk] [--dir DIR]
+#                  [--durability buffered|disk] [--dir DIR] [--recovery-bytes SIZE]
 # The cluster flags go to scripts/cluster.sh start unchanged (see its --help).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cluster_flags=()
 dir=/tmp/ramkv-demo
+recovery_bytes=256M
 while [ $# -gt 0 ]; do
   case "$1" in
     --servers|--masters|--backups|--replicas|--durability)
       [ $# -ge 2 ] || { echo "run.sh: $1 needs a value" >&2; exit 2; }
       cluster_flags+=("$1" "$2"); shift 2 ;;
     --dir) dir=$2; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --recovery-bytes) recovery_bytes=$2; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -29,7 +33,10 @@ port=12246
 bash scripts/cluster.sh stop --dir "$dir" >/dev/null 2>&1 || true
 trap 'bash scripts/cluster.sh stop --dir "$dir"' EXIT
 echo "== starting a local cluster in $dir"
-bash scripts/cluster.sh start ${cluster_flags[@]+"${cluster_flags[@]}"} --dir "$dir" --port "$port"
+# Each server has room for its share and for what it recovers of a crashed master.
+memory_mib=$(( $(numfmt --from=iec "$recovery_bytes") * 3 / 2 / 1048576 + 256 ))
+bash scripts/cluster.sh start ${cluster_flags[@]+"${cluster_flags[@]}"} --dir "$dir" --port "$port" \
+  --memory "${memory_mib}M"
 bash scripts/cluster.sh status --dir "$dir"
 
 ramkv() {
@@ -50,3 +57,8 @@ ramkv tablets demo
 ramkv servers
 echo "== latency: one synchronous client, next to the bare echo round trip"
 build/bin/ramkv-bench latency --coordinator "127.0.0.1:$port" --count 5000 --keys 5000
+echo "== crash recovery: fill one master with $recovery_bytes, kill it (SIGKILL), time it back"
+build/bin/ramkv-bench recovery --coordinator "127.0.0.1:$port" --bytes "$recovery_bytes" \
+  --kill-command "bash scripts/cluster.sh kill {locator} --dir '$dir'" \
+  --ceiling-bytes 128M --csv "$dir/recovery.csv" --plot "$dir/recovery.png"
+echo "== the timeline of that recovery: $dir/recovery.csv (plot: $dir/recovery.png)"

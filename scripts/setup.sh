@@ -10,6 +10,7 @@ packages=(
   liburing-dev libibverbs-dev libxxhash-dev
   libbenchmark-dev catch2 libcli11-dev libfmt-dev
   e2fsprogs  # mkfs.ext4: the backup's full-disk test formats a small loop-mounted image
+  gnuplot-nox  # ramkv-bench recovery --plot: the time-to-recovery timeline as a PNG
 )
 
 missing=()

@@ -585,6 +585,39 @@ TEST_CASE("log cleaner: tombstones die with the segment they name, and cleaning 
   check_head(om);
 }
 
+TEST_CASE("log cleaner: clean_once removes segments first when tombstones fill the memory",
+          "[master][log_cleaner]") {
+  ManualClock clock;
+  auto created = ObjectManager::create(manual_config(), clock);
+  REQUIRE(created.ok());
+  auto& om = **created;
+  Log& log = om.log();
+  // Long keys and empty values: each overwrite's tombstone is as large as its object.
+  auto key_of = [](int i) { return std::to_string(i) + std::string(1000, 'k'); };
+  for (int i = 0; i < 40; ++i) REQUIRE(om.write(1, key_of(i), "").ok());
+  REQUIRE(log.roll_head() == Status::kOk);
+  for (int round = 0; round < 7; ++round) {
+    for (int i = 0; i < 40; ++i) REQUIRE(om.write(1, key_of(i), "").ok());
+  }
+  REQUIRE(log.roll_head() == Status::kOk);
+  // About 284 KB of tombstones, over a quarter of the memory that 40 KB of objects leave.
+  const uint64_t tombstones = om.stats().tombstone_bytes;
+  REQUIRE(tombstones * 4 > log.stats().memory_bytes - om.table_stats().at(0).object_bytes);
+
+  CHECK(om.cleaner().clean_once() > 0);
+  auto stats = om.cleaner().stats();
+  CHECK(stats.combined_passes == 1);
+  CHECK(stats.compactions == 0);
+  CHECK(stats.tombstone_bytes_killed > 0);
+  CHECK(om.stats().tombstone_bytes == tombstones - stats.tombstone_bytes_killed);
+  CHECK(!log.contains_segment(1));
+  for (int i = 0; i < 40; ++i) {
+    std::string out;
+    CHECK(om.read(1, key_of(i), &out).ok());
+  }
+  check_head(om);
+}
+
 TEST_CASE("log cleaner: a combined pass drops a tombstone naming a victim it has moved out",
           "[master][log_cleaner]") {
   ManualClock clock;

@@ -748,6 +748,7 @@ TEST_CASE("object manager: overwrite tombstones count in live bytes but not as o
     CHECK(om->table_stats()[0].object_count == model.size());
     CHECK(om->table_stats()[0].object_bytes == object_bytes);
     CHECK(stats.log.live_bytes == object_bytes + tombstone_bytes);
+    CHECK(stats.tombstone_bytes == tombstone_bytes);
     return tombstone_bytes;
   };
   std::map<std::string, std::string> model;

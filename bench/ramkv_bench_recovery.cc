@@ -1,0 +1,554 @@
+#include "bench/ramkv_bench_recovery.h"
+
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "common/clock.h"
+#include "common/config.h"
+#include "common/transport.h"
+#include "common/wire_format.h"
+#include "ramkv/client.h"
+
+namespace ramkv::bench {
+namespace {
+
+const Clock& steady() { return SystemClock::instance(); }
+
+uint64_t unix_ns() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+std::string id_text(uint64_t id) { return fmt::format("{}.{}", id & 0xffffffffu, id >> 32); }
+
+template <typename... Args>
+int fail(fmt::format_string<Args...> format, Args&&... args) {
+  fmt::print(stderr, "ramkv-bench recovery: {}\n",
+             fmt::format(format, std::forward<Args>(args)...));
+  return 1;
+}
+
+std::string key_of(uint64_t i) { return fmt::format("obj{:012}", i); }
+
+// A value that says which object it belongs to, so a read-back proves it.
+std::string value_of(uint64_t i, uint32_t bytes) {
+  std::string v(bytes, '\0');
+  for (size_t at = 0; at < v.size(); at += sizeof(uint64_t)) {
+    uint64_t word = i * 0x9E3779B97F4A7C15ull + at;
+    std::memcpy(v.data() + at, &word, std::min(sizeof(word), v.size() - at));
+  }
+  return v;
+}
+
+// ---- Local cluster ----------------------------------------------------------------------
+
+struct LocalServer {
+  pid_t pid = -1;
+  std::string locator;
+};
+
+class LocalCluster {
+ public:
+  ~LocalCluster() { stop(); }
+  Status start(const RecoveryBenchOptions& o, uint64_t bytes) {
+    dir_ = o.dir;
+    if (dir_.empty()) {
+      char tmpl[] = "/var/tmp/ramkv-bench-recovery-XXXXXX";
+      if (::mkdtemp(tmpl) == nullptr) return Status::kIoError;
+      dir_ = tmpl;
+      owned_dir_ = true;
+    }
+    std::error_code ec;
+    std::filesystem::create_directories(dir_, ec);
+    std::string bin = o.bin;
+    if (bin.empty()) bin = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path();
+    // Each server holds its own share plus what it recovers: room for the whole master.
+    std::string memory = o.memory;
+    if (memory.empty()) {
+      memory = fmt::format("{}M", std::max<uint64_t>(256, (bytes * 3 / 2 >> 20) + 128));
+    }
+    coordinator_ = fmt::format("127.0.0.1:{}", free_port());
+    std::vector<std::string> argv = {bin + "/ramkv-coordinator", "--listen", coordinator_,
+                                     "--data-dir", dir_ + "/coordinator"};
+    if (!o.partition_bytes.empty()) {
+      argv.push_back("--recovery-partition-bytes");
+      argv.push_back(o.partition_bytes);
+    }
+    coordinator_pid_ = spawn(argv, dir_ + "/coordinator.log");
+    for (uint32_t i = 0; i < o.servers; ++i) {
+      LocalServer s;
+      s.locator = fmt::format("127.0.0.1:{}", free_port());
+      s.pid = spawn(
+          {bin + "/ramkv-server", "--coordinator", coordinator_, "--listen", s.locator, "--memory",
+           memory, "--replicas", std::to_string(o.replicas), "--backup", "--durability",
+           o.durability, "--data-dir", fmt::format("{}/backup-{}", dir_, i + 1)},
+          fmt::format("{}/server-{}.log", dir_, i + 1));
+      servers_.push_back(s);
+    }
+    return Status::kOk;
+  }
+  const std::string& coordinator() const { return coordinator_; }
+  const std::string& dir() const { return dir_; }
+  pid_t pid_of(const std::string& locator) const {
+    for (const auto& s : servers_) {
+      if (s.locator == locator) return s.pid;
+    }
+    return -1;
+  }
+  void stop() {
+    for (auto& s : servers_) reap(s.pid);
+    reap(coordinator_pid_);
+    servers_.clear();
+    if (owned_dir_ && std::getenv("RAMKV_KEEP_BENCH_DIRS") == nullptr) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_, ec);
+      owned_dir_ = false;
+    }
+  }
+
+ private:
+  static uint16_t free_port() {
+    auto server = make_tcp_server_transport({});
+    if (server->listen("127.0.0.1:0") != Status::kOk) return 0;
+    auto loc = parse_locator(server->locator());
+    return loc.ok() ? loc->port : 0;
+  }
+  static pid_t spawn(const std::vector<std::string>& argv, const std::string& log) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      FILE* f = std::fopen(log.c_str(), "a");
+      if (f != nullptr) {
+        ::dup2(fileno(f), STDOUT_FILENO);
+        ::dup2(fileno(f), STDERR_FILENO);
+      }
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      ::execv(args[0], args.data());
+      _exit(127);
+    }
+    return pid;
+  }
+  // SIGTERM, then SIGKILL after 5 s.
+  static void reap(pid_t& pid) {
+    if (pid <= 0) return;
+    ::kill(pid, SIGTERM);
+    int status = 0;
+    for (int i = 0; i < 500; ++i) {
+      if (::waitpid(pid, &status, WNOHANG) == pid) {
+        pid = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    pid = -1;
+  }
+
+  std::string dir_;
+  bool owned_dir_ = false;
+  std::string coordinator_;
+  pid_t coordinator_pid_ = -1;
+  std::vector<LocalServer> servers_;
+};
+
+// ---- Coordinator and server queries -------------------------------------------------
+
+struct Recovery {
+  wire::RecoveryInfo info;
+  std::vector<wire::PartitionInfo> partitions;
+  std::string error;
+};
+
+std::optional<Recovery> recovery_of(ClientTransport& t, const std::string& coordinator,
+                                    uint64_t master_id) {
+  auto r = call(t, coordinator,
+                {.opcode = wire::Opcode::kGetRecoveries, .timeout_ns = 2'000'000'000}, {});
+  if (r.status != Status::kOk) return std::nullopt;
+  wire::BodyReader in(r.body);
+  wire::RecoveriesHeader header;
+  if (!in.get(&header)) return std::nullopt;
+  std::vector<Recovery> all(header.count);
+  for (auto& a : all) {
+    if (!in.get(&a.info)) return std::nullopt;
+  }
+  for (auto& a : all) {
+    a.partitions.resize(a.info.partitions);
+    for (auto& p : a.partitions) {
+      if (!in.get(&p)) return std::nullopt;
+    }
+  }
+  for (auto& a : all) {
+    std::string_view e;
+    if (!in.get_string(a.info.error_bytes, &e)) return std::nullopt;
+    a.error = std::string(e);
+  }
+  std::optional<Recovery> newest;
+  for (auto& a : all) {
+    if (a.info.crashed_master_id == master_id) newest = std::move(a);
+  }
+  return newest;
+}
+
+// "name value" lines -> value of `name`, or 0.
+uint64_t stat_of(const std::string& text, const std::string& name) {
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t end = text.find('\n', at);
+    if (end == std::string::npos) end = text.size();
+    std::string_view line(text.data() + at, end - at);
+    if (line.starts_with(name) && line.size() > name.size() && line[name.size()] == ' ') {
+      return std::strtoull(std::string(line.substr(name.size() + 1)).c_str(), nullptr, 10);
+    }
+    at = end + 1;
+  }
+  return 0;
+}
+
+// The single-process replay ceiling: `ramkv-bench replay` run as a child of this binary.
+std::optional<double> replay_ceiling(const RecoveryBenchOptions& o) {
+  std::error_code ec;
+  auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return std::nullopt;
+  std::string cmd =
+      fmt::format("'{}' replay --bytes {} --object-bytes {} --runs 2 --json 2>/dev/null",
+                  self.string(), o.ceiling_bytes, o.object_bytes);
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return std::nullopt;
+  std::string out;
+  char buf[4096];
+  size_t n = 0;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  if (::pclose(p) != 0) return std::nullopt;
+  const std::string key = "\"replay_mb_per_sec\":";
+  size_t at = out.find(key);
+  if (at == std::string::npos) return std::nullopt;
+  return std::strtod(out.c_str() + at + key.size(), nullptr);
+}
+
+struct Sample {
+  double seconds = 0;
+  std::map<uint64_t, uint64_t> bytes;  // recovery master -> recovery bytes pulled so far
+};
+
+}  // namespace
+
+void add_recovery_command(CLI::App& app, RecoveryBenchOptions& o) {
+  auto* cmd = app.add_subcommand(
+      "recovery", "Fill one master, kill it (SIGKILL), time detection and recovery, check data");
+  cmd->add_option("--coordinator", o.coordinator, "Coordinator host:port of a running cluster");
+  cmd->add_option("--kill-command", o.kill_command,
+                  "With --coordinator: shell command that kills the master; {locator} "
+                  "and {host} are replaced by its address, e.g. "
+                  "\"ssh {host} pkill -9 -f 'ramkv-server.*{locator}'\"");
+  cmd->add_flag("--local", o.local, "Start a local cluster (127.0.0.1) for the run, then stop it");
+  cmd->add_option("--servers", o.servers, "--local: servers, each master and backup")
+      ->check(CLI::Range(2u, 64u))
+      ->capture_default_str();
+  cmd->add_option("--replicas", o.replicas, "--local: replicas per segment")
+      ->check(CLI::Range(1u, 16u))
+      ->capture_default_str();
+  cmd->add_option("--memory", o.memory, "--local: log memory per server (default: 1.5 x --bytes)");
+  cmd->add_option("--dir", o.dir, "--local: data and logs (default: a fresh /var/tmp dir)");
+  cmd->add_option("--bin", o.bin, "--local: directory of ramkv-coordinator and ramkv-server");
+  cmd->add_option("--durability", o.durability, "--local: buffered or disk")
+      ->check(CLI::IsMember({"buffered", "disk"}))
+      ->capture_default_str();
+  cmd->add_option("--partition-bytes", o.partition_bytes,
+                  "--local: the coordinator's --recovery-partition-bytes");
+  cmd->add_option("--bytes", o.bytes, "Object bytes to fill the master with")
+      ->capture_default_str();
+  cmd->add_option("--object-bytes", o.object_bytes, "Value bytes per object")
+      ->check(CLI::Range(8u, 1u << 20))
+      ->capture_default_str();
+  cmd->add_option("--timeout", o.timeout_s, "Seconds to wait for the recovery")
+      ->check(CLI::Range(1u, 86400u))
+      ->capture_default_str();
+  cmd->add_option("--ceiling-bytes", o.ceiling_bytes,
+                  "Bytes for the single-process replay ceiling run (0: skip)")
+      ->capture_default_str();
+  cmd->add_option("--csv", o.csv, "Write the replay timeline (seconds, bytes per recovery master)");
+  cmd->add_option("--plot", o.plot, "Draw the timeline as a PNG (needs gnuplot)");
+  cmd->add_flag("--json", o.json, "Print one JSON object instead of the table");
+}
+
+int run_recovery_bench(const RecoveryBenchOptions& o) {
+  auto bytes = parse_bytes(o.bytes);
+  if (!bytes.ok() || *bytes == 0) return fail("bad --bytes '{}'", o.bytes);
+  if (o.local == !o.coordinator.empty()) return fail("give either --local or --coordinator");
+  if (!o.local && o.kill_command.empty()) return fail("--coordinator needs --kill-command");
+  LocalCluster local;
+  std::string coordinator = o.coordinator;
+  if (o.local) {
+    if (Status s = local.start(o, *bytes); s != Status::kOk) {
+      return fail("cannot start a local cluster: {}", status_name(s));
+    }
+    coordinator = local.coordinator();
+  }
+  ClientOptions co;
+  co.coordinator = coordinator;
+  co.timeout_ms = 60'000;
+  std::unique_ptr<Client> client;
+  for (int i = 0; i < 200 && client == nullptr; ++i) {
+    auto c = Client::connect(co);
+    if (c.ok()) {
+      auto servers = (*c)->servers();
+      size_t up = 0;
+      if (servers.ok()) {
+        for (const auto& s : *servers) up += s.master && s.status == ServerStatus::kUp;
+      }
+      if (!o.local || up >= o.servers) client = std::move(*c);
+    }
+    if (client == nullptr) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (client == nullptr) return fail("no cluster at {}", coordinator);
+
+  // One tablet, so one master holds all of it.
+  const std::string table_name = fmt::format("recovery-bench-{}", unix_ns());
+  auto table = client->create_table(table_name, 1);
+  if (!table.ok()) return fail("create table: {}", status_name(table.status()));
+  auto tablets = client->tablets(*table);
+  if (!tablets.ok() || tablets->size() != 1) return fail("cannot find the table's master");
+  const uint64_t victim = (*tablets)[0].server_id;
+  const std::string victim_locator = (*tablets)[0].locator;
+
+  // Fill.
+  const uint64_t objects = std::max<uint64_t>(1, *bytes / o.object_bytes);
+  const uint64_t batch = std::max<uint64_t>(1, (256u << 10) / o.object_bytes);
+  const uint64_t fill_start = steady().now_ns();
+  if (!o.json) {
+    fmt::print("filling master {} at {} with {} objects of {} bytes\n", id_text(victim),
+               victim_locator, objects, o.object_bytes);
+  }
+  for (uint64_t i = 0; i < objects; i += batch) {
+    std::vector<MultiWriteItem> items;
+    for (uint64_t k = i; k < std::min(objects, i + batch); ++k) {
+      items.push_back({.table_id = *table, .key = key_of(k), .value = value_of(k, o.object_bytes)});
+    }
+    for (const auto& r : client->multi_write(items)) {
+      if (!r.ok()) return fail("fill: {}", status_name(r.status()));
+    }
+  }
+  const double fill_seconds = static_cast<double>(steady().now_ns() - fill_start) / 1e9;
+  const uint64_t filled_bytes = objects * (o.object_bytes + key_of(0).size());
+
+  // Kill.
+  const uint64_t killed_unix = unix_ns();
+  const uint64_t killed_steady = steady().now_ns();
+  if (o.local) {
+    pid_t pid = local.pid_of(victim_locator);
+    if (pid <= 0 || ::kill(pid, SIGKILL) != 0) return fail("cannot kill {}", victim_locator);
+  } else {
+    std::string cmd = o.kill_command;
+    const std::string host = victim_locator.substr(0, victim_locator.rfind(':'));
+    for (const auto& [name, value] :
+         {std::pair<std::string, std::string>{"{locator}", victim_locator}, {"{host}", host}}) {
+      for (size_t at = cmd.find(name); at != std::string::npos; at = cmd.find(name, at)) {
+        cmd.replace(at, name.size(), value);
+        at += value.size();
+      }
+    }
+    if (std::system(cmd.c_str()) != 0) return fail("--kill-command failed: {}", cmd);
+  }
+  if (!o.json)
+    fmt::print("killed master {} after {:.1f} s of filling\n", id_text(victim), fill_seconds);
+
+  // Watch the recovery, sampling each master's replay progress.
+  auto transport = make_tcp_client_transport({});
+  std::vector<Sample> timeline;
+  std::optional<Recovery> done;
+  std::string last_error;
+  uint64_t next_sample = 0;
+  const uint64_t deadline = killed_steady + uint64_t{o.timeout_s} * 1'000'000'000;
+  while (steady().now_ns() < deadline) {
+    auto r = recovery_of(*transport, coordinator, victim);
+    if (r && r->info.state == wire::kRecoveryDone) {
+      done = std::move(r);
+      break;
+    }
+    if (r && r->info.state == wire::kRecoveryFailed && r->error != last_error) {
+      last_error = r->error;
+      fmt::print(stderr, "ramkv-bench recovery: the coordinator says: {} (it will try again)\n",
+                 r->error);
+    }
+    if (steady().now_ns() >= next_sample) {
+      next_sample = steady().now_ns() + 100'000'000;
+      Sample s;
+      s.seconds = static_cast<double>(steady().now_ns() - killed_steady) / 1e9;
+      auto servers = client->servers();
+      if (servers.ok()) {
+        for (const auto& srv : *servers) {
+          if (!srv.master || srv.status != ServerStatus::kUp || srv.server_id == victim) continue;
+          // Short timeouts: the loop must not stall on a slow server.
+          auto stats =
+              call(*transport, srv.locator,
+                   {.opcode = wire::Opcode::kGetServerStats, .timeout_ns = 200'000'000}, {});
+          if (stats.status == Status::kOk) {
+            s.bytes[srv.server_id] = stat_of(
+                std::string(reinterpret_cast<const char*>(stats.body.data()), stats.body.size()),
+                "recovery_bytes_pulled");
+          }
+        }
+      }
+      timeline.push_back(std::move(s));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (!done)
+    return fail("no recovery of master {} finished within {} s", id_text(victim), o.timeout_s);
+  // Served again: a read of the table answers.
+  auto first = client->read(*table, key_of(0));
+  const uint64_t served_unix = unix_ns();
+  if (!first.ok()) return fail("read after recovery: {}", status_name(first.status()));
+
+  const double detection = static_cast<double>(done->info.declared_unix_ns - killed_unix) / 1e9;
+  // Every tablet is the recovery masters' once the coordinator moved the last partition.
+  const double recovery = static_cast<double>(done->info.finished_unix_ns - killed_unix) / 1e9;
+  const double served = static_cast<double>(served_unix - killed_unix) / 1e9;
+  const double replay_window =
+      static_cast<double>(done->info.finished_unix_ns - done->info.declared_unix_ns) / 1e9;
+
+  // Per recovery master and per backup figures.
+  struct MasterRow {
+    uint64_t bytes = 0;
+    uint64_t ns = 0;
+  };
+  std::map<uint64_t, MasterRow> masters;
+  for (const auto& p : done->partitions) {
+    masters[p.recovery_master_id].bytes += p.bytes;
+    masters[p.recovery_master_id].ns = std::max(masters[p.recovery_master_id].ns, p.replay_ns);
+  }
+  struct BackupRow {
+    uint64_t id = 0;
+    uint64_t bytes = 0;
+    uint64_t ns = 0;
+  };
+  std::vector<BackupRow> backups;
+  if (auto servers = client->servers(); servers.ok()) {
+    for (const auto& srv : *servers) {
+      if (!srv.backup || srv.status != ServerStatus::kUp) continue;
+      auto stats = client->server_stats(srv.locator);
+      if (!stats.ok()) continue;
+      backups.push_back({srv.server_id, stat_of(*stats, "backup_recovery_read_bytes"),
+                         stat_of(*stats, "backup_recovery_read_ns")});
+    }
+  }
+
+  // Read everything back.
+  uint64_t checked = 0;
+  uint64_t lost = 0;
+  for (uint64_t i = 0; i < objects; i += batch) {
+    std::vector<MultiReadItem> items;
+    for (uint64_t k = i; k < std::min(objects, i + batch); ++k) {
+      items.push_back({.table_id = *table, .key = key_of(k)});
+    }
+    auto results = client->multi_read(items);
+    for (size_t k = 0; k < results.size(); ++k) {
+      ++checked;
+      if (!results[k].ok() || results[k]->value != value_of(i + k, o.object_bytes)) ++lost;
+    }
+  }
+  std::optional<double> ceiling;
+  if (o.ceiling_bytes != "0") ceiling = replay_ceiling(o);
+
+  if (!o.csv.empty() || !o.plot.empty()) {
+    std::string csv = o.csv.empty() ? o.plot + ".csv" : o.csv;
+    if (FILE* f = std::fopen(csv.c_str(), "w"); f != nullptr) {
+      std::fprintf(f, "seconds");
+      for (const auto& [id, row] : masters)
+        std::fprintf(f, ",master_%s_bytes", id_text(id).c_str());
+      std::fprintf(f, "\n");
+      for (const auto& s : timeline) {
+        std::fprintf(f, "%.3f", s.seconds);
+        for (const auto& [id, row] : masters) {
+          auto it = s.bytes.find(id);
+          std::fprintf(f, ",%llu",
+                       static_cast<unsigned long long>(it == s.bytes.end() ? 0 : it->second));
+        }
+        std::fprintf(f, "\n");
+      }
+      std::fclose(f);
+    }
+    if (!o.plot.empty()) {
+      std::string script = fmt::format(
+          "set terminal png size 900,500; set output '{}'; set datafile separator ',';"
+          "set key autotitle columnhead left top; set xlabel 'seconds since the kill';"
+          "set ylabel 'MB replayed'; set title 'ramkv recovery of {} ({} recovery masters)';"
+          "plot for [i=2:{}] '{}' using 1:(column(i)/1e6) with lines lw 2",
+          o.plot, format_bytes(filled_bytes), masters.size(), masters.size() + 1, csv);
+      std::string cmd = "gnuplot -e \"" + script + "\" 2>&1";
+      if (std::system(cmd.c_str()) != 0) {
+        fmt::print(stderr,
+                   "ramkv-bench recovery: gnuplot failed or is not installed; the "
+                   "timeline is in {}\n",
+                   csv);
+      }
+    }
+  }
+
+  const double mb = static_cast<double>(done->info.bytes) / 1e6;
+  if (o.json) {
+    std::string m;
+    for (const auto& [id, row] : masters) {
+      m += fmt::format(
+          "{}{{\"id\":\"{}\",\"bytes\":{},\"seconds\":{:.3f},\"mb_per_sec\":{:.1f}}}",
+          m.empty() ? "" : ",", id_text(id), row.bytes, static_cast<double>(row.ns) / 1e9,
+          row.ns == 0 ? 0.0
+                      : static_cast<double>(row.bytes) / 1e6 / (static_cast<double>(row.ns) / 1e9));
+    }
+    std::string b;
+    for (const auto& row : backups) {
+      b += fmt::format(
+          "{}{{\"id\":\"{}\",\"read_bytes\":{},\"read_seconds\":{:.3f},\"mb_per_sec\":{:.1f}}}",
+          b.empty() ? "" : ",", id_text(row.id), row.bytes, static_cast<double>(row.ns) / 1e9,
+          row.ns == 0 ? 0.0
+                      : static_cast<double>(row.bytes) / 1e6 / (static_cast<double>(row.ns) / 1e9));
+    }
+    fmt::print(
+        "{{\"filled_bytes\":{},\"objects\":{},\"object_bytes\":{},\"fill_seconds\":{:.3f},"
+        "\"detection_seconds\":{:.3f},\"recovery_seconds\":{:.3f},\"served_seconds\":{:.3f},"
+        "\"recovered_bytes\":{},\"recovery_mb_per_sec\":{:.1f},\"partitions\":{},"
+        "\"recovery_masters\":[{}],\"backups\":[{}],\"replay_ceiling_mb_per_sec\":{},"
+        "\"objects_checked\":{},\"objects_lost\":{}}}\n",
+        filled_bytes, objects, o.object_bytes, fill_seconds, detection, recovery, served,
+        done->info.bytes, replay_window > 0 ? mb / replay_window : 0.0, done->partitions.size(), m,
+        b, ceiling ? fmt::format("{:.1f}", *ceiling) : "null", checked, lost);
+  } else {
+    fmt::print("detection   {:8.3f} s (kill -> declared crashed)\n", detection);
+    fmt::print("recovery    {:8.3f} s (kill -> every tablet served)\n", recovery);
+    fmt::print("recovered   {} in {} partitions, {:.1f} MB/s from declaration to done\n",
+               format_bytes(done->info.bytes), done->partitions.size(),
+               replay_window > 0 ? mb / replay_window : 0.0);
+    for (const auto& [id, row] : masters) {
+      const double rate =
+          row.ns == 0 ? 0
+                      : static_cast<double>(row.bytes) / 1e6 / (static_cast<double>(row.ns) / 1e9);
+      fmt::print("  recovery master {:>6}: {} in {:.3f} s, {:.1f} MB/s{}\n", id_text(id),
+                 format_bytes(row.bytes), static_cast<double>(row.ns) / 1e9, rate,
+                 ceiling ? fmt::format(" ({:.2f}x the replay ceiling)", rate / *ceiling) : "");
+    }
+    for (const auto& row : backups) {
+      fmt::print("  backup {:>6}: read {} in {:.3f} s\n", id_text(row.id), format_bytes(row.bytes),
+                 static_cast<double>(row.ns) / 1e9);
+    }
+    if (ceiling) fmt::print("replay ceiling (one process, from memory): {:.1f} MB/s\n", *ceiling);
+    fmt::print("objects checked {}, lost {}\n", checked, lost);
+  }
+  return lost == 0 ? 0 : 1;
+}
+
+}  // namespace ramkv::bench

@@ -1,0 +1,47 @@
+// `ramkv-bench recovery`: time-to-recovery of a crashed master (docs/recovery.md). Fills
+// one master with --bytes of objects, kills it with SIGKILL, and measures the failure
+// detection time and the recovery time (kill -> every tablet served again), then reads
+// every object back and checks its value. With --local it starts its own cluster (a
+// coordinator and --servers combined master+backup servers on 127.0.0.1) and stops it
+// afterwards; otherwise it uses the cluster at --coordinator and kills the master with
+// --kill-command (the owner's locator replaces {locator} in it).
+//
+// Reported: recovery_seconds, detection_seconds, recovered_bytes, recovery_mb_per_sec,
+// per recovery master replay MB/s, per backup read MB/s, objects_checked, objects_lost
+// (must be 0), and the single-process replay ceiling (`ramkv-bench replay`, run by this
+// command on the same machine) with the recovery rate per recovery master as a ratio of
+// it. --csv writes a timeline of bytes replayed per recovery master, --plot a PNG of it
+// (gnuplot).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <string>
+
+namespace ramkv::bench {
+
+struct RecoveryBenchOptions {
+  std::string coordinator;
+  std::string kill_command;
+  bool local = false;
+  uint32_t servers = 4;
+  uint32_t replicas = 3;
+  std::string memory;  // per server, --local (default: enough for --bytes)
+  std::string dir;     // --local: data and logs (default: a fresh one under /var/tmp)
+  std::string bin;     // --local: ramkv-coordinator and ramkv-server (default: ours)
+  std::string durability = "buffered";
+  std::string partition_bytes;  // --local: the coordinator's --recovery-partition-bytes
+  std::string bytes = "1G";
+  uint32_t object_bytes = 1000;
+  uint32_t timeout_s = 600;
+  std::string ceiling_bytes = "256M";  // the replay ceiling's run; 0: skip it
+  std::string csv;
+  std::string plot;
+  bool json = false;
+};
+
+void add_recovery_command(CLI::App& app, RecoveryBenchOptions& options);
+int run_recovery_bench(const RecoveryBenchOptions& options);
+
+}  // namespace ramkv::bench
