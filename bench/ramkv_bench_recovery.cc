@@ -485,7 +485,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
     }
     if (!o.plot.empty()) {
       std::string script = fmt::format(
-          "set terminal png size 900,500; set output '{}'; set datafile separator ',';"
+          "set terminal png size 900,500 noenhanced; set output '{}';"
+          "set datafile separator ',';"
           "set key autotitle columnhead left top; set xlabel 'seconds since the kill';"
           "set ylabel 'MB replayed'; set title 'ramkv recovery of {} ({} recovery masters)';"
           "plot for [i=2:{}] '{}' using 1:(column(i)/1e6) with lines lw 2",
