@@ -123,7 +123,7 @@ class ReplicaManager final : public LoopTask {
     uint64_t epoch_recorded = 1;  // the coordinator knows this epoch (1: nothing to know)
     bool epoch_in_flight = false;
     uint32_t length = 0;
-    bool closed = false;  // in the master's memory
+    bool closed = false;      // in the master's memory
     bool has_digest = false;  // opened as a head (a survivor has none)
     bool in_log = true;
     bool marked = false;  // told the log it is replicated
