@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 
+#include "bench/bench_keys.h"
 #include "common/checksum.h"
 #include "common/clock.h"
 #include "common/config.h"
@@ -88,21 +89,6 @@ class Zipf {
   double theta_;
   double zeta_n_ = 0, alpha_ = 0, eta_ = 0;
 };
-
-void make_key(uint64_t index, uint32_t key_bytes, std::string* key) {
-  key->assign(key_bytes, '0');
-  std::string digits = fmt::format("k{}", index);
-  size_t n = std::min<size_t>(digits.size(), key_bytes);
-  key->replace(key_bytes - n, n, digits, digits.size() - n, n);
-}
-
-// The first 8 bytes of every value name its key, so reads can be checked.
-void make_value(uint64_t index, uint64_t sequence, std::string* value) {
-  for (size_t i = 0; i + 8 <= value->size(); i += 8) {
-    uint64_t word = i == 0 ? index : sequence * 0x9E3779B97F4A7C15ULL + i;
-    std::memcpy(value->data() + i, &word, 8);
-  }
-}
 
 int run_one(const MemoryBenchOptions& o, int utilization, RunResult* out) {
   master::MasterConfig cfg;

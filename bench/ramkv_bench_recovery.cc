@@ -32,8 +32,6 @@ uint64_t unix_ns() {
                                    .count());
 }
 
-std::string id_text(uint64_t id) { return fmt::format("{}.{}", id & 0xffffffffu, id >> 32); }
-
 template <typename... Args>
 int fail(fmt::format_string<Args...> format, Args&&... args) {
   fmt::print(stderr, "ramkv-bench recovery: {}\n",
@@ -331,8 +329,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
   const uint64_t batch = std::max<uint64_t>(1, (256u << 10) / o.object_bytes);
   const uint64_t fill_start = steady().now_ns();
   if (!o.json) {
-    fmt::print("filling master {} at {} with {} objects of {} bytes\n", id_text(victim),
-               victim_locator, objects, o.object_bytes);
+    fmt::print("filling master {} at {} with {} objects of {} bytes\n",
+               wire::server_id_text(victim), victim_locator, objects, o.object_bytes);
   }
   for (uint64_t i = 0; i < objects; i += batch) {
     std::vector<MultiWriteItem> items;
@@ -365,7 +363,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
     if (std::system(cmd.c_str()) != 0) return fail("--kill-command failed: {}", cmd);
   }
   if (!o.json)
-    fmt::print("killed master {} after {:.1f} s of filling\n", id_text(victim), fill_seconds);
+    fmt::print("killed master {} after {:.1f} s of filling\n", wire::server_id_text(victim),
+               fill_seconds);
 
   // Watch the recovery, sampling each master's replay progress.
   auto transport = make_tcp_client_transport({});
@@ -409,7 +408,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   if (!done)
-    return fail("no recovery of master {} finished within {} s", id_text(victim), o.timeout_s);
+    return fail("no recovery of master {} finished within {} s", wire::server_id_text(victim),
+                o.timeout_s);
   // Served again: a read of the table answers.
   auto first = client->read(*table, key_of(0));
   const uint64_t served_unix = unix_ns();
@@ -470,7 +470,7 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
     if (FILE* f = std::fopen(csv.c_str(), "w"); f != nullptr) {
       std::fprintf(f, "seconds");
       for (const auto& [id, row] : masters)
-        std::fprintf(f, ",master_%s_bytes", id_text(id).c_str());
+        std::fprintf(f, ",master_%s_bytes", wire::server_id_text(id).c_str());
       std::fprintf(f, "\n");
       for (const auto& s : timeline) {
         std::fprintf(f, "%.3f", s.seconds);
@@ -507,7 +507,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
     for (const auto& [id, row] : masters) {
       m += fmt::format(
           "{}{{\"id\":\"{}\",\"bytes\":{},\"seconds\":{:.3f},\"mb_per_sec\":{:.1f}}}",
-          m.empty() ? "" : ",", id_text(id), row.bytes, static_cast<double>(row.ns) / 1e9,
+          m.empty() ? "" : ",", wire::server_id_text(id), row.bytes,
+          static_cast<double>(row.ns) / 1e9,
           row.ns == 0 ? 0.0
                       : static_cast<double>(row.bytes) / 1e6 / (static_cast<double>(row.ns) / 1e9));
     }
@@ -515,7 +516,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
     for (const auto& row : backups) {
       b += fmt::format(
           "{}{{\"id\":\"{}\",\"read_bytes\":{},\"read_seconds\":{:.3f},\"mb_per_sec\":{:.1f}}}",
-          b.empty() ? "" : ",", id_text(row.id), row.bytes, static_cast<double>(row.ns) / 1e9,
+          b.empty() ? "" : ",", wire::server_id_text(row.id), row.bytes,
+          static_cast<double>(row.ns) / 1e9,
           row.ns == 0 ? 0.0
                       : static_cast<double>(row.bytes) / 1e6 / (static_cast<double>(row.ns) / 1e9));
     }
@@ -538,13 +540,14 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
       const double rate =
           row.ns == 0 ? 0
                       : static_cast<double>(row.bytes) / 1e6 / (static_cast<double>(row.ns) / 1e9);
-      fmt::print("  recovery master {:>6}: {} in {:.3f} s, {:.1f} MB/s{}\n", id_text(id),
-                 format_bytes(row.bytes), static_cast<double>(row.ns) / 1e9, rate,
+      fmt::print("  recovery master {:>6}: {} in {:.3f} s, {:.1f} MB/s{}\n",
+                 wire::server_id_text(id), format_bytes(row.bytes),
+                 static_cast<double>(row.ns) / 1e9, rate,
                  ceiling ? fmt::format(" ({:.2f}x the replay ceiling)", rate / *ceiling) : "");
     }
     for (const auto& row : backups) {
-      fmt::print("  backup {:>6}: read {} in {:.3f} s\n", id_text(row.id), format_bytes(row.bytes),
-                 static_cast<double>(row.ns) / 1e9);
+      fmt::print("  backup {:>6}: read {} in {:.3f} s\n", wire::server_id_text(row.id),
+                 format_bytes(row.bytes), static_cast<double>(row.ns) / 1e9);
     }
     if (ceiling) fmt::print("replay ceiling (one process, from memory): {:.1f} MB/s\n", *ceiling);
     fmt::print("objects checked {}, lost {}\n", checked, lost);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_keys.h"
 #include "common/clock.h"
 #include "common/config.h"
 #include "common/log_entry.h"
@@ -20,22 +21,6 @@ namespace {
 using master::ObjectManager;
 
 double now_s() { return static_cast<double>(SystemClock::instance().now_ns()) / 1e9; }
-
-void make_key(uint64_t index, uint32_t key_bytes, std::string* key) {
-  key->assign(key_bytes, '0');
-  std::string digits = fmt::format("k{}", index);
-  size_t n = std::min<size_t>(digits.size(), key_bytes);
-  key->replace(key_bytes - n, n, digits, digits.size() - n, n);
-}
-
-// The first 8 bytes of a value name its key; the rest follow from the write's sequence
-// number, so a value read back can be checked against the one written.
-void make_value(uint64_t index, uint64_t sequence, std::string* value) {
-  for (size_t i = 0; i + 8 <= value->size(); i += 8) {
-    uint64_t word = i == 0 ? index : sequence * 0x9E3779B97F4A7C15ULL + i;
-    std::memcpy(value->data() + i, &word, 8);
-  }
-}
 
 // The source: a master whose log holds about `bytes` of entries.
 struct Source {
