@@ -563,8 +563,7 @@ Status BackupService::start_reading(std::span<const std::byte> body, Reply& repl
       sources.push_back(std::move(src));
     }
     LOG_INFO("recovery {} of master {}: reading our {} replicas of it", req.recovery_id,
-             fmt::format("{}.{}", req.master_id & 0xffffffffu, req.master_id >> 32),
-             sources.size());
+             wire::server_id_text(req.master_id), sources.size());
     if (recovery != nullptr) {
       // An older recovery of the same master: its reads stop first.
       past_recovery_bytes_ += recovery->bytes_read();
@@ -627,7 +626,7 @@ void BackupService::free_master(uint64_t master_id) {
   }
   if (freed > 0) {
     LOG_INFO("freed {} replicas of master {}: its recovery is over", freed,
-             fmt::format("{}.{}", master_id & 0xffffffffu, master_id >> 32));
+             wire::server_id_text(master_id));
     std::error_code ec;
     std::filesystem::remove(options_.data_dir + "/" + std::to_string(master_id), ec);
   }

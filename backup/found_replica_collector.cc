@@ -10,8 +10,6 @@ namespace ramkv::backup {
 
 namespace {
 
-std::string id_text(uint64_t id) { return fmt::format("{}.{}", id & 0xffffffffu, id >> 32); }
-
 size_t count(const std::map<uint64_t, std::vector<wire::ReplicaEntry>>& found) {
   size_t n = 0;
   for (const auto& [master, replicas] : found) n += replicas.size();
@@ -142,7 +140,8 @@ std::vector<bool> FoundReplicaCollector::ask_master(uint64_t master_id, const st
                    .timeout_ns = options_.rpc_timeout_ns},
                   body);
     if (r.status != Status::kOk || r.body.size() != n) {
-      LOG_DEBUG("master {} did not say which replicas it needs: {}", id_text(master_id),
+      LOG_DEBUG("master {} did not say which replicas it needs: {}",
+                wire::server_id_text(master_id),
                 r.status == Status::kOk ? "malformed reply" : status_name(r.status));
       return {};
     }
@@ -162,7 +161,7 @@ bool FoundReplicaCollector::free_replica(uint64_t master_id, uint64_t segment_id
                 body);
   if (r.status != Status::kOk) {
     LOG_WARNING("cannot free the replica of segment {} of master {} found on disk: {}", segment_id,
-                id_text(master_id), status_name(r.status));
+                wire::server_id_text(master_id), status_name(r.status));
   }
   return r.status == Status::kOk;
 }

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/config.h"
+#include "common/wire_format.h"
 #include "ramkv/client.h"
 
 namespace {
@@ -147,11 +148,6 @@ const char* server_status_name(ramkv::ServerStatus s) {
   return "unknown";
 }
 
-// "index.generation", as the servers log it.
-std::string server_id_text(uint64_t id) {
-  return std::to_string(id & 0xffffffffu) + "." + std::to_string(id >> 32);
-}
-
 std::string services_text(const ramkv::ServerInfo& s) {
   if (s.master && s.backup) return "master,backup";
   return s.master ? "master" : (s.backup ? "backup" : "-");
@@ -162,7 +158,7 @@ int cmd_servers(Client& c) {
   if (!r.ok()) return fail("servers", r.status());
   std::printf("%-12s %-14s %-8s %s\n", "ID", "SERVICES", "STATUS", "LOCATOR");
   for (const auto& s : *r) {
-    std::printf("%-12s %-14s %-8s %s\n", server_id_text(s.server_id).c_str(),
+    std::printf("%-12s %-14s %-8s %s\n", ramkv::wire::server_id_text(s.server_id).c_str(),
                 services_text(s).c_str(), server_status_name(s.status), s.locator.c_str());
   }
   return 0;
@@ -179,7 +175,8 @@ int cmd_tablets(Client& c, const Args& a) {
               "LOCATOR");
   for (const auto& t : *r) {
     std::printf("%-8" PRIu64 " 0x%016" PRIx64 " 0x%016" PRIx64 " %-12s %s\n", t.table_id,
-                t.start_hash, t.end_hash, server_id_text(t.server_id).c_str(), t.locator.c_str());
+                t.start_hash, t.end_hash, ramkv::wire::server_id_text(t.server_id).c_str(),
+                t.locator.c_str());
   }
   return 0;
 }
@@ -195,8 +192,8 @@ int cmd_stats(Client& c) {
       rc = fail("stats: " + s.locator, stats.status());
       continue;
     }
-    std::printf("# server %s %s\n%s", server_id_text(s.server_id).c_str(), s.locator.c_str(),
-                stats->c_str());
+    std::printf("# server %s %s\n%s", ramkv::wire::server_id_text(s.server_id).c_str(),
+                s.locator.c_str(), stats->c_str());
     if (!stats->empty() && stats->back() != '\n') std::fputc('\n', stdout);
   }
   return rc;

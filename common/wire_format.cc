@@ -82,6 +82,10 @@ std::string_view opcode_name(Opcode op) {
 
 bool opcode_known(uint16_t op) { return opcode_name(static_cast<Opcode>(op)) != "unknown opcode"; }
 
+std::string server_id_text(uint64_t id) {
+  return std::to_string(static_cast<uint32_t>(id)) + "." + std::to_string(id >> 32);
+}
+
 Status decode_server_list(std::span<const std::byte> body, uint64_t* version,
                           std::vector<ServerListItem>* out) {
   BodyReader in(body);

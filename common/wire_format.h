@@ -571,6 +571,8 @@ struct ServerListItem {
   uint8_t status = 0;  // 0 up, 1 crashed, 2 removed
   std::string locator;
 };
+// A server id as logs and tools show it: "index.generation".
+std::string server_id_text(uint64_t id);
 // kBadRequest for a short, lying or over-long body.
 Status decode_server_list(std::span<const std::byte> body, uint64_t* version,
                           std::vector<ServerListItem>* out);

@@ -37,9 +37,7 @@ void put_server_entry(wire::BodyWriter& w, uint64_t id, const ServerInfo* s) {
 
 }  // namespace
 
-std::string server_id_string(uint64_t id) {
-  return fmt::format("{}.{}", server_index(id), server_generation(id));
-}
+std::string server_id_string(uint64_t id) { return wire::server_id_text(id); }
 
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::create(
     const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store) {

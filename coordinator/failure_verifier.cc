@@ -14,10 +14,6 @@ namespace {
 // failed connect reported, only when run() polls.
 constexpr uint64_t kInFlightWakeNs = 10'000'000;
 
-std::string id_string(uint64_t id) {
-  return fmt::format("{}.{}", server_index(id), server_generation(id));
-}
-
 }  // namespace
 
 FailureVerifier::FailureVerifier(const Options& options, Declare declare, const Clock& clock)
@@ -33,8 +29,8 @@ FailureVerifier::~FailureVerifier() = default;
 bool FailureVerifier::suspect(uint64_t server_id, const std::string& locator) {
   if (suspects_.contains(server_id)) return false;
   if (suspects_.size() >= kMaxSuspects) {
-    LOG_WARNING("not verifying server {}: already verifying {} servers", id_string(server_id),
-                suspects_.size());
+    LOG_WARNING("not verifying server {}: already verifying {} servers",
+                wire::server_id_text(server_id), suspects_.size());
     return false;
   }
   Suspect& s = suspects_[server_id];
@@ -42,7 +38,8 @@ bool FailureVerifier::suspect(uint64_t server_id, const std::string& locator) {
   s.serial = ++next_serial_;
   s.next_send_ns = clock_.now_ns();
   LOG_INFO("server {} at {} is suspected of having crashed: verifying ({} pings of {} ms)",
-           id_string(server_id), locator, options_.attempts, options_.timeout_ns / 1'000'000);
+           wire::server_id_text(server_id), locator, options_.attempts,
+           options_.timeout_ns / 1'000'000);
   return true;
 }
 
@@ -99,15 +96,17 @@ void FailureVerifier::on_reply(uint64_t server_id, uint64_t serial, Status trans
   Suspect& s = it->second;
   s.in_flight = false;
   if (transport_status == Status::kOk) {
-    LOG_INFO("server {} answered the coordinator's ping: not crashed", id_string(server_id));
+    LOG_INFO("server {} answered the coordinator's ping: not crashed",
+             wire::server_id_text(server_id));
     s.done = true;
     return;
   }
   ++s.failures;
   // The next attempt connects afresh, not behind a connection that may be stuck.
   client_->disconnect(s.locator);
-  LOG_INFO("server {} did not answer the coordinator's ping {} of {}: {}", id_string(server_id),
-           s.failures, options_.attempts, status_name(transport_status));
+  LOG_INFO("server {} did not answer the coordinator's ping {} of {}: {}",
+           wire::server_id_text(server_id), s.failures, options_.attempts,
+           status_name(transport_status));
   if (s.failures >= options_.attempts) s.done = true;
 }
 

@@ -12,10 +12,6 @@ namespace ramkv::coordinator {
 
 namespace {
 
-std::string id_text(uint64_t id) {
-  return fmt::format("{}.{}", server_index(id), server_generation(id));
-}
-
 constexpr uint64_t kInFlightWakeNs = 20'000'000;
 
 }  // namespace
@@ -105,7 +101,7 @@ void RecoveryManager::start(uint64_t master_id) {
   Recovery& added = recoveries_.back();
   if (added.error.empty()) {
     LOG_INFO("recovery {} of master {} starts: asking every backup for its replicas", added.id,
-             id_text(master_id));
+             wire::server_id_text(master_id));
   }
   send_start_reading(added);
   // Keep the last 64 finished recoveries for reports.
@@ -146,11 +142,11 @@ void RecoveryManager::send_start_reading(Recovery& r) {
               rec->answers.push_back(std::move(*a));
             } else {
               LOG_WARNING("recovery {}: backup {} sent a malformed answer", recovery_id,
-                          id_text(backup_id));
+                          wire::server_id_text(backup_id));
             }
           } else {
             LOG_WARNING("recovery {}: backup {} did not answer: {}", recovery_id,
-                        id_text(backup_id), status_name(s));
+                        wire::server_id_text(backup_id), status_name(s));
           }
           if (rec->pending == 0) on_answers(*rec);
         });
@@ -186,7 +182,7 @@ void RecoveryManager::on_answers(Recovery& r) {
   LOG_INFO(
       "recovery {} of master {}: log complete ({} segments, {} usable replicas on {} backups, "
       "head {}); about {} in {} partitions",
-      r.id, id_text(r.master_id), r.plan.locations.size(), replicas, r.answers.size(),
+      r.id, wire::server_id_text(r.master_id), r.plan.locations.size(), replicas, r.answers.size(),
       r.plan.digest_segment_id, format_bytes(r.plan.estimated_bytes), r.partitions.size());
   send_partitioning(r);
 }
@@ -227,7 +223,7 @@ void RecoveryManager::send_partitioning(Recovery& r) {
           if (s != Status::kOk) {
             // Its replicas are not split: recovery masters must not ask it.
             LOG_WARNING("recovery {}: backup {} cannot partition: {}; using other replicas",
-                        recovery_id, id_text(backup_id), status_name(s));
+                        recovery_id, wire::server_id_text(backup_id), status_name(s));
             for (auto& [segment, where] : rec->plan.locations) {
               std::erase_if(where, [&](const auto& l) { return l.first == backup_id; });
             }
@@ -302,7 +298,8 @@ void RecoveryManager::send_recover(Recovery& r, Partition& p) {
   const uint32_t partition_id = p.plan.id;
   const uint64_t serial = p.serial = ++next_serial_;
   LOG_INFO("recovery {}: partition {} ({} tablets, about {}) to master {}", r.id, p.plan.id,
-           p.plan.tablets.size(), format_bytes(p.plan.estimated_bytes), id_text(p.master_id));
+           p.plan.tablets.size(), format_bytes(p.plan.estimated_bytes),
+           wire::server_id_text(p.master_id));
   client_->send(m->locator,
                 {.opcode = wire::Opcode::kRecover, .timeout_ns = options_.rpc_timeout_ns}, body,
                 [this, recovery_id, partition_id, serial](
@@ -320,7 +317,7 @@ void RecoveryManager::send_recover(Recovery& r, Partition& p) {
 
 void RecoveryManager::partition_failed(Recovery& r, Partition& p, Status why) {
   LOG_WARNING("recovery {}: partition {} failed on master {} ({}); giving it to another", r.id,
-              p.plan.id, id_text(p.master_id), status_name(why));
+              p.plan.id, wire::server_id_text(p.master_id), status_name(why));
   p.failed_masters.insert(p.master_id);
   p.master_id = 0;
   assign(r, p);
@@ -336,7 +333,7 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body) {
     // A recovery this coordinator does not run (a previous incarnation's, or one that
     // failed since): the master must drop what it replayed, those tablets are not its.
     LOG_WARNING("master {} finished partition {} of recovery {}, which is not running here",
-                id_text(req.recovery_master_id), req.partition_id, req.recovery_id);
+                wire::server_id_text(req.recovery_master_id), req.partition_id, req.recovery_id);
     return Status::kUnknownTablet;
   }
   Partition& p = r->partitions[req.partition_id];
@@ -348,7 +345,7 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body) {
     // better. Start again later from the backups' answers (a replica may come back).
     fail(*r, fmt::format("no backup could give segment {} (its replicas are unreadable or "
                          "gone); asked by master {}",
-                         req.missing_segment_id, id_text(req.recovery_master_id)));
+                         req.missing_segment_id, wire::server_id_text(req.recovery_master_id)));
     return Status::kOk;
   }
   if (status != Status::kOk) {
@@ -365,7 +362,7 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body) {
   p.bytes = req.bytes;
   p.replay_ns = req.replay_ns;
   LOG_INFO("recovery {}: partition {} is served by master {} ({} objects, {} in {:.3f} s)", r->id,
-           p.plan.id, id_text(p.master_id), req.objects, format_bytes(req.bytes),
+           p.plan.id, wire::server_id_text(p.master_id), req.objects, format_bytes(req.bytes),
            static_cast<double>(req.replay_ns) / 1e9);
   maybe_finish(*r);
   return Status::kOk;
@@ -381,7 +378,7 @@ void RecoveryManager::maybe_finish(Recovery& r) {
   uint64_t bytes = 0;
   for (const auto& p : r.partitions) bytes += p.bytes;
   LOG_INFO("recovery {} of master {} done: {} recovered in {:.3f} s since it was declared crashed",
-           r.id, id_text(r.master_id), format_bytes(bytes),
+           r.id, wire::server_id_text(r.master_id), format_bytes(bytes),
            static_cast<double>(r.finished_unix_ns - r.declared_unix_ns) / 1e9);
   host_.finish_master(r.master_id);
 }
@@ -391,7 +388,7 @@ void RecoveryManager::fail(Recovery& r, std::string error) {
     LOG_ERROR(
         "recovery {} of master {} cannot go on: {}; its tablets stay unavailable, trying "
         "again in {} s",
-        r.id, id_text(r.master_id), error, options_.retry_delay_ns / 1'000'000'000);
+        r.id, wire::server_id_text(r.master_id), error, options_.retry_delay_ns / 1'000'000'000);
   }
   r.phase = Phase::kFailed;
   r.error = std::move(error);

@@ -14,8 +14,6 @@ constexpr uint64_t kInFlightWakeNs = 10'000'000;
 constexpr uint32_t kMaxReportAttempts = 20;
 constexpr uint64_t kReportRetryNs = 500'000'000;
 
-std::string id_text(uint64_t id) { return fmt::format("{}.{}", id & 0xffffffffu, id >> 32); }
-
 }  // namespace
 
 RecoveryTask::RecoveryTask(const Options& options, ObjectManager& objects, ReplicaManager* replicas,
@@ -75,8 +73,8 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
   }
   job.started_ns = clock_.now_ns();
   LOG_INFO("recovering partition {} of master {} (recovery {}): {} tablets from {} segments",
-           req.partition_id, id_text(req.crashed_master_id), req.recovery_id, req.tablet_count,
-           job.segments.size());
+           req.partition_id, wire::server_id_text(req.crashed_master_id), req.recovery_id,
+           req.tablet_count, job.segments.size());
   jobs_.emplace(key, std::move(job));
   ++stats_.partitions_started;
   return Status::kOk;
@@ -155,7 +153,7 @@ uint64_t RecoveryTask::run() {
 void RecoveryTask::pull(const Key& key, Job& job, uint64_t segment_id, SegmentPull& seg) {
   if (seg.next >= seg.locations.size()) {
     LOG_ERROR("recovery {} partition {}: no backup could give segment {} of master {}", key.first,
-              key.second, segment_id, id_text(job.request.crashed_master_id));
+              key.second, segment_id, wire::server_id_text(job.request.crashed_master_id));
     job.failed = Status::kIncomplete;
     job.missing_segment = segment_id;
     return;
@@ -231,7 +229,8 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
     }
   }
   LOG_WARNING("recovery {} partition {}: segment {} from backup {} failed ({}); trying the next",
-              key.first, key.second, segment_id, id_text(backup_id), status_name(status));
+              key.first, key.second, segment_id, wire::server_id_text(backup_id),
+              status_name(status));
   ++seg.next;
   seg.retry_at_ns = 0;
 }

@@ -10,13 +10,7 @@
 
 namespace ramkv::server {
 
-namespace {
-
-std::string id_string(uint64_t id) {
-  return fmt::format("{}.{}", static_cast<uint32_t>(id), static_cast<uint32_t>(id >> 32));
-}
-
-}  // namespace
+namespace {}  // namespace
 
 bool declared_gone(uint64_t self_id, const std::vector<wire::ServerListItem>& servers) {
   const auto index = static_cast<uint32_t>(self_id);
@@ -99,12 +93,12 @@ void FailureDetector::run() {
       if (answered) {
         last_answer_ns = clock.now_ns();
         if (suspects.erase(peer->id) > 0) {
-          LOG_INFO("server {} answers pings again", id_string(peer->id));
+          LOG_INFO("server {} answers pings again", wire::server_id_text(peer->id));
         }
       } else if (!stopping_.load()) {
         if (suspects.insert(peer->id).second) {
           LOG_WARNING("server {} at {} did not answer a ping within {} ms: telling the coordinator",
-                      id_string(peer->id), peer->locator, timeout_ns / 1'000'000);
+                      wire::server_id_text(peer->id), peer->locator, timeout_ns / 1'000'000);
         }
         hint(*client, *peer);
       }
@@ -138,7 +132,8 @@ void FailureDetector::hint(ClientTransport& client, const Peer& peer) {
   auto r = call_unless_stopped(client, options_.coordinator, wire::Opcode::kHintServerCrashed, body,
                                options_.ping_timeout_ns);
   if (r.status != Status::kOk) {
-    LOG_DEBUG("hint about server {} not delivered: {}", id_string(peer.id), status_name(r.status));
+    LOG_DEBUG("hint about server {} not delivered: {}", wire::server_id_text(peer.id),
+              status_name(r.status));
   }
 }
 
