@@ -461,6 +461,7 @@ Status parse_head(std::span<const std::byte> head, uint32_t certified_bytes, Hea
     switch (it.type()) {
       case EntryType::kObject:
       case EntryType::kTombstone:
+      case EntryType::kRpcResult:
         return Status::kOk;
       case EntryType::kLogDigest: {
         auto d = decode_log_digest(it.payload());
@@ -715,6 +716,8 @@ Status RecoverySegments::PartitionMap::split(std::span<const std::byte> segment,
   for (; it.valid(); it.next()) {
     uint64_t table_id = 0;
     std::string_view key;
+    uint64_t hash = 0;
+    bool have_hash = false;
     if (it.type() == EntryType::kObject) {
       auto o = decode_object(it.payload());
       if (!o.ok()) return Status::kCorrupt;
@@ -725,10 +728,17 @@ Status RecoverySegments::PartitionMap::split(std::span<const std::byte> segment,
       if (!t.ok()) return Status::kCorrupt;
       table_id = t->table_id;
       key = t->key;
+    } else if (it.type() == EntryType::kRpcResult) {
+      // A completion record goes with the key it is about (docs/rpc.md, "Exactly once").
+      auto r = decode_rpc_result(it.payload());
+      if (!r.ok()) return Status::kCorrupt;
+      table_id = r->table_id;
+      hash = r->key_hash;
+      have_hash = true;
     } else {
       continue;
     }
-    auto index = find(table_id, key_hash(table_id, key));
+    auto index = find(table_id, have_hash ? hash : key_hash(table_id, key));
     if (!index) continue;
     PartitionEntries& p = (*out)[*index];
     const uint32_t bytes = it.header().total_bytes();

@@ -55,6 +55,7 @@ OpPtr Client::Impl::make_op(wire::Opcode opcode, Target target) {
   op->target = target;
   op->deadline_ns = deadline_after_ms(options_.timeout_ms);
   op->rpc_seq = next_rpc_seq();
+  open_seqs_.insert(op->rpc_seq);
   op->backoff = client::Backoff(jitter_seed_ += 0x9e3779b97f4a7c15ULL);
   return op;
 }
@@ -110,6 +111,7 @@ void Client::Impl::send(const OpPtr& op, const std::string& locator) {
       .opcode = op->opcode,
       .client_id = client_id_,
       .rpc_seq = op->rpc_seq,
+      .ack_seq = ack_seq(),
       .timeout_ns = std::max<uint64_t>(1, std::min(left_ns, options_.rpc_timeout_ms * kNsPerMs)),
   };
   transport_->send(locator, request, op->body,
@@ -144,6 +146,7 @@ void Client::Impl::retry_later(const OpPtr& op, Status why) {
 void Client::Impl::finish(const OpPtr& op, Status status, std::span<const std::byte> body) {
   client::Op::Done done = std::move(op->done);
   op->done = nullptr;
+  open_seqs_.erase(op->rpc_seq);
   if (op->user) end_user_op();
   if (done) done(status, body, op->target == Target::kRouted ? &op->tablet : nullptr);
 }

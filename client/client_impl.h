@@ -12,12 +12,17 @@
 //      the table's waiter list and are re-dispatched when it ends.
 //   3. An Op keeps its rpc_seq across resends (at-most-once on the server side).
 //   4. Every waiting op has a timer or an RPC in flight, so poll() always moves it on.
+//   5. open_seqs_ holds the rpc_seq of every op made and not finished; every request
+//      acknowledges (ack_seq) the sequences below the smallest of them: the client has
+//      their replies, or gave up on them, and will never resend them (docs/rpc.md,
+//      "Exactly once").
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -100,6 +105,8 @@ class Client::Impl {
   // now_ns() + ms, saturating at UINT64_MAX.
   uint64_t deadline_after_ms(uint64_t ms) const;
   uint64_t next_rpc_seq() { return ++rpc_seq_; }
+  // Every sequence up to this one is finished (invariant 5).
+  uint64_t ack_seq() const { return open_seqs_.empty() ? rpc_seq_ : *open_seqs_.begin() - 1; }
   uint64_t client_id() const { return client_id_; }
   const ClientOptions& options() const { return options_; }
   client::TabletMap& map() { return map_; }
@@ -127,6 +134,7 @@ class Client::Impl {
   ClientOptions options_;
   uint64_t client_id_ = 0;
   uint64_t rpc_seq_ = 0;
+  std::set<uint64_t> open_seqs_;  // invariant 5
   uint64_t jitter_seed_ = 0;
   size_t user_ops_ = 0;
   uint64_t completed_ = 0;

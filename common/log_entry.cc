@@ -22,6 +22,8 @@ std::string_view entry_type_name(EntryType type) {
       return "log digest";
     case EntryType::kTableStats:
       return "table stats";
+    case EntryType::kRpcResult:
+      return "rpc result";
   }
   return "unknown";
 }
@@ -115,6 +117,36 @@ Result<TombstoneView> decode_tombstone(std::span<const std::byte> payload) {
   if (!r.ok()) return Status::kFormatError;
   t.key = as_chars(r.rest());
   return t;
+}
+
+uint32_t encode_rpc_result(const RpcResultView& r, std::byte* out) {
+  ByteWriter w({out, kMaxRpcResultBytes});
+  w.put_varint(r.table_id);
+  w.put<uint64_t>(r.key_hash);
+  w.put<uint64_t>(r.client_id);
+  w.put_varint(r.rpc_seq);
+  w.put_varint(r.ack_seq);
+  w.put_varint(r.status);
+  w.put_varint(r.version);
+  if (r.value != 0) w.put<uint64_t>(r.value);  // most records are not increments
+  RAMKV_CHECK(w.ok());
+  return static_cast<uint32_t>(w.size());
+}
+
+Result<RpcResultView> decode_rpc_result(std::span<const std::byte> payload) {
+  ByteReader r(payload);
+  RpcResultView v;
+  v.table_id = r.get_varint();
+  v.key_hash = r.get<uint64_t>();
+  v.client_id = r.get<uint64_t>();
+  v.rpc_seq = r.get_varint();
+  v.ack_seq = r.get_varint();
+  uint64_t status = r.get_varint();
+  v.version = r.get_varint();
+  if (r.ok() && r.remaining() != 0) v.value = r.get<uint64_t>();
+  if (!r.ok() || r.remaining() != 0 || status > UINT16_MAX) return Status::kFormatError;
+  v.status = static_cast<uint32_t>(status);
+  return v;
 }
 
 Result<SegmentHeaderView> decode_segment_header(std::span<const std::byte> payload) {

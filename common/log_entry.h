@@ -24,6 +24,10 @@
 //   kLogDigest:     varint segment_count, then segment_count x u64 segment_id
 //   kTableStats:    varint table_count, then per table: varint table_id,
 //                   varint object_count, varint object_bytes (entry bytes in the log)
+//   kRpcResult:     varint table_id, u64 key_hash, u64 client_id, varint rpc_seq,
+//                   varint ack_seq, varint status, varint version, then u64 value
+//                   only if it is not 0 (the completion record of a write, remove or
+//                   increment: docs/rpc.md, "Exactly once")
 #pragma once
 
 #include <cstdint>
@@ -44,8 +48,9 @@ enum class EntryType : uint8_t {
   kSafeVersion = 4,
   kLogDigest = 5,
   kTableStats = 6,
+  kRpcResult = 7,
 };
-constexpr uint8_t kMaxEntryType = 6;
+constexpr uint8_t kMaxEntryType = 7;
 
 std::string_view entry_type_name(EntryType type);
 
@@ -108,6 +113,20 @@ struct SegmentHeaderView {
   uint64_t segment_id = 0;
   uint32_t segment_bytes = 0;
 };
+// The completion record of a client's write, remove or increment: who asked (client id,
+// sequence), what the client had acknowledged then, and the result to answer a retry with.
+// It lives in the partition of the object it is about (table id, key hash).
+struct RpcResultView {
+  uint64_t table_id = 0;
+  uint64_t key_hash = 0;
+  uint64_t client_id = 0;
+  uint64_t rpc_seq = 0;
+  uint64_t ack_seq = 0;
+  uint32_t status = 0;  // a ramkv::Status
+  uint64_t version = 0;
+  uint64_t value = 0;  // an increment's new value (two's complement); 0 for the others
+  friend bool operator==(const RpcResultView&, const RpcResultView&) = default;
+};
 struct TableStat {
   uint64_t table_id = 0;
   uint64_t object_count = 0;
@@ -124,7 +143,12 @@ constexpr uint32_t kMaxTombstonePrefixBytes = 10 + 10 + 10 + 4;
 uint32_t encode_tombstone_prefix(uint64_t table_id, uint64_t version, uint64_t segment_id,
                                  uint32_t timestamp, std::byte* out);
 
+// A kRpcResult payload; `out` needs kMaxRpcResultBytes. Returns its size.
+constexpr uint32_t kMaxRpcResultBytes = 10 + 8 + 8 + 10 + 10 + 10 + 10 + 8;
+uint32_t encode_rpc_result(const RpcResultView& r, std::byte* out);
+
 Result<ObjectView> decode_object(std::span<const std::byte> payload);
+Result<RpcResultView> decode_rpc_result(std::span<const std::byte> payload);
 Result<TombstoneView> decode_tombstone(std::span<const std::byte> payload);
 Result<SegmentHeaderView> decode_segment_header(std::span<const std::byte> payload);
 Result<uint64_t> decode_safe_version(std::span<const std::byte> payload);

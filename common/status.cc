@@ -48,6 +48,8 @@ std::string_view status_name(Status s) {
       return "master fenced";
     case Status::kIncomplete:
       return "incomplete log";
+    case Status::kStaleRpc:
+      return "stale rpc";
   }
   return "unknown status";
 }

@@ -422,6 +422,7 @@ class TcpClientTransport final : public ClientTransport {
     h.body_bytes = static_cast<uint32_t>(body.size());
     h.client_id = request.client_id;
     h.rpc_seq = request.rpc_seq;
+    h.ack_seq = request.ack_seq;
     std::span<const std::byte> pieces[] = {{reinterpret_cast<const std::byte*>(&h), kHeaderBytes},
                                            body};
     s->pending[id] = {std::move(callback), deadline};

@@ -128,6 +128,7 @@ class ClientTransport {
     wire::Opcode opcode = wire::Opcode::kEcho;
     uint64_t client_id = 0;
     uint64_t rpc_seq = 0;
+    uint64_t ack_seq = 0;  // wire_format.h, MessageHeader
     uint64_t timeout_ns = 5'000'000'000;
   };
   virtual ~ClientTransport() = default;

@@ -2,14 +2,20 @@
 //
 // A message is a fixed header followed by a body of `body_bytes`:
 //
-//   0       4       6       8               16      20      22      24              32 40
-//   +-------+-------+-------+---------------+-------+-------+-------+---------------+---------------+
-//   | magic |version|opcode | request id    | body  |status | flags | client id     | rpc sequence
-//   |
-//   +-------+-------+-------+---------------+-------+-------+-------+---------------+---------------+
+//   0       4       6       8               16      20      22      24
+//   +-------+-------+-------+---------------+-------+-------+-------+
+//   | magic |version|opcode | request id    | body  |status | flags |
+//   +-------+-------+-------+---------------+-------+-------+-------+
+//   24              32              40              48
+//   +---------------+---------------+---------------+
+//   | client id     | rpc sequence  | ack sequence  |
+//   +---------------+---------------+---------------+
 //   magic "RKV1" (0x31564b52), version kProtocolVersion, status 0 in requests, flags bit 0 =
-//   response. client id and rpc sequence identify a request across retries (exactly-once
-//   semantics come with recovery; the fields exist from the start).
+//   response. client id and rpc sequence identify a request across retries; ack sequence
+//   says that the client has the replies of all its requests up to that sequence. A
+//   master keeps the results of writes, removes and increments by (client id, rpc
+//   sequence) until they are acknowledged, so a retry is answered, not applied again
+//   (exactly-once, docs/rpc.md "Exactly once"). 0 client id: no such guarantee.
 //
 // A body is a fixed-size struct below (little-endian, packed, sizes static_asserted),
 // then the variable-length parts it announces (keys, values, names), in the order the
@@ -31,8 +37,8 @@
 
 namespace ramkv::wire {
 
-constexpr uint32_t kMagic = 0x31564b52;  // "RKV1" little-endian
-constexpr uint16_t kProtocolVersion = 1;
+constexpr uint32_t kMagic = 0x31564b52;   // "RKV1" little-endian
+constexpr uint16_t kProtocolVersion = 2;  // 2: ack sequence in the header
 // The largest body a peer may send: a 1 MiB value, a 64 KiB key, and room for multi-ops.
 constexpr uint32_t kMaxBodyBytes = 16u << 20;
 
@@ -96,8 +102,9 @@ struct MessageHeader {
   uint16_t flags = 0;
   uint64_t client_id = 0;
   uint64_t rpc_seq = 0;
+  uint64_t ack_seq = 0;
 };
-static_assert(sizeof(MessageHeader) == 40);
+static_assert(sizeof(MessageHeader) == 48);
 constexpr uint16_t kFlagResponse = 1;
 
 // Reject rules as they travel (master/object_manager.h RejectRules).
@@ -437,14 +444,19 @@ static_assert(sizeof(ReplicaEntry) == 32);
 // digest_count x u64 segment id + table_stat_count x TableStatWire. The digest, safe
 // version and table statistics come from the replica with the highest segment id that
 // has a digest (digest_count = 0: none has). The backup then reads every listed replica
-// into memory in the background. Resent (same recovery id): the same answer, no new
-// reads. The backup fences the master first (its writes and frees are refused from then
-// on), whether or not the server list saying it crashed has arrived yet.
+// into memory in the background; with kDeferReads in flags it reads nothing until
+// `backup start partitioning` names its primary replicas (docs/recovery.md, step 4).
+// Resent (same recovery id): the same answer, no new reads. The backup fences the master
+// first (its writes and frees are refused from then on), whether or not the server list
+// saying it crashed has arrived yet.
+constexpr uint32_t kDeferReads = 1;
 struct StartReadingDataRequest {
   uint64_t master_id = 0;
   uint64_t recovery_id = 0;
+  uint32_t flags = 0;  // kDeferReads
+  uint32_t pad = 0;
 };
-static_assert(sizeof(StartReadingDataRequest) == 16);
+static_assert(sizeof(StartReadingDataRequest) == 24);
 struct StartReadingDataResponse {
   uint64_t digest_segment_id = 0;
   uint64_t digest_epoch = 0;
@@ -462,16 +474,23 @@ struct TableStatWire {
   uint64_t object_bytes = 0;
 };
 static_assert(sizeof(TableStatWire) == 24);
-// kBackupStartPartitioning: StartPartitioningRequest + count x PartitionTablet. Empty
-// response. Object and tombstone entries of each replica of that master are split by
-// which (table, key hash) range they fall in; entries in no range are dropped.
+// kBackupStartPartitioning: StartPartitioningRequest + count x PartitionTablet +
+// primary_count x u64 segment id. Empty response. Object and tombstone entries of each
+// replica of that master are split by which (table, key hash) range they fall in; entries
+// in no range are dropped. With kPrimariesNamed in flags, the segment ids that follow are
+// this backup's primary replicas (docs/recovery.md, step 4): only those are read and
+// split at once; the others (secondaries) are read when a recovery master first asks for
+// one. Without the flag every replica is primary.
+constexpr uint32_t kPrimariesNamed = 1;
 struct StartPartitioningRequest {
   uint64_t master_id = 0;
   uint64_t recovery_id = 0;
   uint32_t count = 0;
+  uint32_t primary_count = 0;
+  uint32_t flags = 0;  // kPrimariesNamed
   uint32_t pad = 0;
 };
-static_assert(sizeof(StartPartitioningRequest) == 24);
+static_assert(sizeof(StartPartitioningRequest) == 32);
 struct PartitionTablet {
   uint64_t table_id = 0;
   uint64_t start_hash = 0;  // inclusive

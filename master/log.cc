@@ -9,16 +9,18 @@ namespace ramkv::master {
 
 Result<std::unique_ptr<Log>> Log::create(const MasterConfig& config, const Clock& clock,
                                          HeadMetadataSource* metadata) {
-  // An overwrite appends its object and a tombstone for the old one to one segment
-  // (append_all). The head's metadata takes at most a quarter of a segment
-  // (MasterConfig::finalize), so the largest such pair must fit the other three.
+  // An overwrite appends its object, a tombstone for the old one and its completion
+  // record to one segment (append_all). The head's metadata takes at most a quarter of a
+  // segment (MasterConfig::finalize), so the largest such batch must fit the other three.
   const uint64_t max_object =
       entry_bytes(kMaxObjectPrefixBytes + config.max_key_bytes + config.max_value_bytes);
   const uint64_t max_tombstone = entry_bytes(kMaxTombstonePrefixBytes + config.max_key_bytes);
-  if (max_object + max_tombstone > uint64_t{config.segment_bytes} / 4 * 3) {
+  const uint64_t max_record = entry_bytes(kMaxRpcResultBytes);
+  if (max_object + max_tombstone + max_record > uint64_t{config.segment_bytes} / 4 * 3) {
     LOG_ERROR(
-        "invalid master configuration: the largest object ({} B key + {} B value) and a "
-        "tombstone for it do not fit three quarters of a segment of {} B",
+        "invalid master configuration: the largest object ({} B key + {} B value), a "
+        "tombstone for it and a completion record do not fit three quarters of a segment "
+        "of {} B",
         config.max_key_bytes, config.max_value_bytes, config.segment_bytes);
     return Status::kInvalidArgument;
   }
@@ -119,8 +121,11 @@ Status Log::append_all(std::span<const EntryToAppend> entries, std::span<Appende
   bool new_data = false;
   for (const EntryToAppend& e : entries) {
     batch_bytes += entry_bytes(payload_bytes_of(e.pieces));
-    new_data = new_data || e.type != EntryType::kTombstone;
+    new_data = new_data || e.type == EntryType::kObject;
   }
+  // A remove's tombstone may bring its completion record into the remove margin; a record
+  // alone (a rejected request, a replayed record) is new data.
+  new_data = new_data || (entries.size() == 1 && entries[0].type == EntryType::kRpcResult);
   {
     std::lock_guard lock(append_mutex_);
     if (new_data && seglets_to_append_locked(batch_bytes) > free_for_data()) {

@@ -92,10 +92,11 @@ class Log {
   };
   // Appends `entries` to one segment, in this order, or none of them (invariant 5): an
   // overwrite's new object and the tombstone for the object it supersedes
-  // (docs/log-format.md, "Overwrites"). The batch takes memory as one entry would: if any
-  // entry is not a tombstone it is new data and may not take the remove margin. out[i]
-  // receives entry i. Fails as append() does. create() checks that the largest object and
-  // a tombstone for its key fit an empty head together. Any thread.
+  // (docs/log-format.md, "Overwrites"), and the operation's completion record (exactly
+  // once). The batch takes memory as one entry would: if any entry is an object, or it is
+  // a completion record alone, it is new data and may not take the remove margin. out[i]
+  // receives entry i. Fails as append() does. create() checks that the largest object, a
+  // tombstone for its key and a completion record fit an empty head together. Any thread.
   Status append_all(std::span<const EntryToAppend> entries, std::span<Appended> out);
 
   // The segment holding `ref` and the entry's offset in it. The reference must be live

@@ -37,6 +37,9 @@ struct MasterConfig {
   uint64_t write_wait_for_cleaner_ns = 200'000'000;
   // Touch all log memory at start (RSS is the whole budget from the start).
   bool prefault_memory = true;
+  // A client not heard from for this long has its completion records dropped
+  // (rpc_results.h, invariant 3).
+  uint64_t rpc_result_ttl_ns = 3600'000'000'000;
   // Lock stripes over the hash table.
   uint32_t lock_stripes = 1024;
 

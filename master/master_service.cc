@@ -55,6 +55,7 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
     return;
   }
   Status s = Status::kBadRequest;
+  const RpcId rpc{.client_id = header.client_id, .seq = header.rpc_seq, .ack = header.ack_seq};
   switch (static_cast<Opcode>(header.opcode)) {
     case Opcode::kEcho:
       // The request body stays valid until the reply is sent (transport.h), so no copy.
@@ -65,13 +66,13 @@ void MasterService::handle(const wire::MessageHeader& header, std::span<const st
       s = read(body, reply);
       break;
     case Opcode::kWrite:
-      s = write(body, reply);
+      s = write(body, rpc, reply);
       break;
     case Opcode::kRemove:
-      s = remove(body, reply);
+      s = remove(body, rpc, reply);
       break;
     case Opcode::kIncrement:
-      s = increment(body, reply);
+      s = increment(body, rpc, reply);
       break;
     case Opcode::kMultiRead:
       s = multi_read(body, reply);
@@ -175,14 +176,14 @@ Result<uint64_t> MasterService::read_item(const KeyedItem& item, std::string* va
   return objects_->read(item.table_id, item.key, value, &item.rules);
 }
 
-Result<uint64_t> MasterService::write_item(const KeyedItem& item) {
+Result<uint64_t> MasterService::write_item(const KeyedItem& item, const RpcId* rpc) {
   if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
-  return objects_->write(item.table_id, item.key, item.value, &item.rules);
+  return objects_->write(item.table_id, item.key, item.value, &item.rules, rpc);
 }
 
-Result<uint64_t> MasterService::remove_item(const KeyedItem& item) {
+Result<uint64_t> MasterService::remove_item(const KeyedItem& item, const RpcId* rpc) {
   if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
-  return objects_->remove(item.table_id, item.key, &item.rules);
+  return objects_->remove(item.table_id, item.key, &item.rules, rpc);
 }
 
 Status MasterService::read(std::span<const std::byte> body, Reply& reply) {
@@ -198,32 +199,32 @@ Status MasterService::read(std::span<const std::byte> body, Reply& reply) {
   return Status::kOk;
 }
 
-Status MasterService::write(std::span<const std::byte> body, Reply& reply) {
+Status MasterService::write(std::span<const std::byte> body, const RpcId& rpc, Reply& reply) {
   wire::BodyReader in(body);
   KeyedItem item;
   if (!decode_write_item(in, &item) || !in.at_end()) return Status::kBadRequest;
-  auto version = write_item(item);
+  auto version = write_item(item, &rpc);
   if (!version.ok()) return version.status();
   reply.writer().put(wire::VersionResponse{.version = *version});
   return Status::kOk;
 }
 
-Status MasterService::remove(std::span<const std::byte> body, Reply& reply) {
+Status MasterService::remove(std::span<const std::byte> body, const RpcId& rpc, Reply& reply) {
   wire::BodyReader in(body);
   KeyedItem item;
   if (!decode_read_item(in, &item) || !in.at_end()) return Status::kBadRequest;
-  auto version = remove_item(item);
+  auto version = remove_item(item, &rpc);
   if (!version.ok()) return version.status();
   reply.writer().put(wire::VersionResponse{.version = *version});
   return Status::kOk;
 }
 
-Status MasterService::increment(std::span<const std::byte> body, Reply& reply) {
+Status MasterService::increment(std::span<const std::byte> body, const RpcId& rpc, Reply& reply) {
   wire::BodyReader in(body);
   KeyedItem item;
   if (!decode_increment_item(in, &item) || !in.at_end()) return Status::kBadRequest;
   if (!owns(item.table_id, item.key)) return Status::kUnknownTablet;
-  auto r = objects_->increment(item.table_id, item.key, item.delta, &item.rules);
+  auto r = objects_->increment(item.table_id, item.key, item.delta, &item.rules, &rpc);
   if (!r.ok()) return r.status();
   reply.writer().put(wire::IncrementResponse{.value = r->value, .version = r->version});
   return Status::kOk;
@@ -309,6 +310,12 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
   append_stat(&text, "cleaner_segments_cleaned", s.cleaner.segments_cleaned);
   append_stat(&text, "cleaner_bytes_copied", s.cleaner.bytes_copied);
   append_stat(&text, "cleaner_bytes_freed", s.cleaner.bytes_freed);
+  append_stat(&text, "rpc_result_clients", s.rpc_results.clients);
+  append_stat(&text, "rpc_result_records", s.rpc_results.records);
+  append_stat(&text, "rpc_result_duplicates", s.rpc_results.duplicates);
+  append_stat(&text, "rpc_result_stale", s.rpc_results.stale);
+  append_stat(&text, "rpc_result_released", s.rpc_results.released);
+  append_stat(&text, "rpc_result_expired_clients", s.rpc_results.expired_clients);
   append_stat(&text, "tablet_ranges", tablets_.range_count());
   append_stat(&text, "rpc_count", rpc_count_);
   append_stat(&text, "server_list_version", server_list_version_);

@@ -87,9 +87,11 @@ class MasterService {
 
   // Each returns the reply status; on kOk it has filled the reply body.
   Status read(std::span<const std::byte> body, Reply& reply);
-  Status write(std::span<const std::byte> body, Reply& reply);
-  Status remove(std::span<const std::byte> body, Reply& reply);
-  Status increment(std::span<const std::byte> body, Reply& reply);
+  // write, remove and increment are exactly-once for a client that sends an id (the
+  // request's RpcId: ObjectManager, rpc_results.h); multi-ops are not.
+  Status write(std::span<const std::byte> body, const RpcId& rpc, Reply& reply);
+  Status remove(std::span<const std::byte> body, const RpcId& rpc, Reply& reply);
+  Status increment(std::span<const std::byte> body, const RpcId& rpc, Reply& reply);
   Status multi_read(std::span<const std::byte> body, Reply& reply);
   Status multi_write(std::span<const std::byte> body, Reply& reply);
   Status multi_remove(std::span<const std::byte> body, Reply& reply);
@@ -109,8 +111,8 @@ class MasterService {
 
   // One read, write or remove on an owned key; the shared part of single and multi ops.
   Result<uint64_t> read_item(const KeyedItem& item, std::string* value);
-  Result<uint64_t> write_item(const KeyedItem& item);
-  Result<uint64_t> remove_item(const KeyedItem& item);
+  Result<uint64_t> write_item(const KeyedItem& item, const RpcId* rpc = nullptr);
+  Result<uint64_t> remove_item(const KeyedItem& item, const RpcId* rpc = nullptr);
   bool owns(uint64_t table_id, std::string_view key) const;
   // Decodes a multi-op body into items_ with `decode_item` per item; false if malformed.
   template <typename DecodeItem>

@@ -24,6 +24,10 @@ Result<std::unique_ptr<ObjectManager>> ObjectManager::create(MasterConfig config
   auto log = Log::create(om->config_, clock, om.get());
   if (!log.ok()) return log.status();
   om->log_ = std::move(log).value();
+  Log* raw_log = om->log_.get();
+  om->rpc_results_ = std::make_unique<RpcResults>([raw_log](LogRef ref, uint32_t bytes) {
+    raw_log->resolve(ref).first->sub_live_bytes(bytes);
+  });
   om->cleaner_ = std::make_unique<LogCleaner>(*om->log_, *om, clock);
   if (om->config_.cleaner_thread) om->cleaner_->start();
   return om;
@@ -103,39 +107,117 @@ Result<uint64_t> ObjectManager::read(uint64_t table_id, std::string_view key, st
 }
 
 Result<uint64_t> ObjectManager::write_locked(uint64_t hash, uint64_t table_id, std::string_view key,
-                                             std::string_view value, Found& found) {
+                                             std::string_view value, Found& found, const RpcId* rpc,
+                                             uint64_t result_value) {
   uint64_t version = next_version_.fetch_add(1);
   uint32_t timestamp = clock_.unix_seconds();
   std::byte prefix[kMaxObjectPrefixBytes];
   uint32_t prefix_bytes =
       encode_object_prefix(table_id, version, timestamp, static_cast<uint32_t>(key.size()), prefix);
   std::span<const std::byte> pieces[] = {{prefix, prefix_bytes}, as_bytes(key), as_bytes(value)};
-  auto appended = append_object_locked(table_id, key, timestamp, pieces, found);
+  RecordToAppend record;
+  const bool tracked =
+      start_record(rpc, table_id, hash,
+                   {.status = Status::kOk, .version = version, .value = result_value}, &record);
+  auto appended =
+      append_object_locked(table_id, key, timestamp, pieces, found, tracked ? &record : nullptr);
   if (!appended.ok()) return appended.status();
   account(table_id, install_locked(hash, *appended, key.size() + value.size(), found));
+  if (tracked) keep_record(record);
   return version;
 }
 
 Result<Log::Appended> ObjectManager::append_object_locked(
     uint64_t table_id, std::string_view key, uint32_t timestamp,
-    std::span<const std::span<const std::byte>> object_pieces, const Found& found) {
-  if (!found.slot) return log_->append(EntryType::kObject, object_pieces, /*live=*/true);
+    std::span<const std::span<const std::byte>> object_pieces, const Found& found,
+    RecordToAppend* record) {
+  Log::EntryToAppend entries[3] = {
+      {.type = EntryType::kObject, .pieces = object_pieces, .live = true}};
+  size_t count = 1;
   // The superseded object stays in its segment's replicas. Without a tombstone, a
   // recovery that no longer finds the new object (removed later, and its segment and the
   // remove's tombstone cleaned) would bring the old one back (docs/log-format.md,
   // "Overwrites"). The object goes first: a replica holding a prefix of the segment that
   // ends between the two still has the newer object, which wins.
   std::byte prefix[kMaxTombstonePrefixBytes];
-  uint32_t prefix_bytes = encode_tombstone_prefix(table_id, found.object.version,
-                                                  found.segment->id(), timestamp, prefix);
-  std::span<const std::byte> tombstone_pieces[] = {{prefix, prefix_bytes}, as_bytes(key)};
-  const Log::EntryToAppend entries[] = {
-      {.type = EntryType::kObject, .pieces = object_pieces, .live = true},
-      {.type = EntryType::kTombstone, .pieces = tombstone_pieces, .live = true}};
-  Log::Appended appended[2];
-  if (Status s = log_->append_all(entries, appended); s != Status::kOk) return s;
-  count_tombstone(found.segment->id(), appended[1].segment_id, appended[1].entry_bytes);
+  std::span<const std::byte> tombstone_pieces[1 + 1];
+  if (found.slot) {
+    uint32_t prefix_bytes = encode_tombstone_prefix(table_id, found.object.version,
+                                                    found.segment->id(), timestamp, prefix);
+    tombstone_pieces[0] = {prefix, prefix_bytes};
+    tombstone_pieces[1] = as_bytes(key);
+    entries[count++] = {.type = EntryType::kTombstone, .pieces = tombstone_pieces, .live = true};
+  }
+  // The completion record goes last: a replica that has it has what it reports.
+  if (record != nullptr) entries[count++] = record->entry();
+  Log::Appended appended[3];
+  if (count == 1) {
+    auto one = log_->append(EntryType::kObject, object_pieces, /*live=*/true);
+    if (!one.ok()) return one.status();
+    return *one;
+  }
+  if (Status s = log_->append_all({entries, count}, {appended, count}); s != Status::kOk) {
+    return s;
+  }
+  if (found.slot) {
+    count_tombstone(found.segment->id(), appended[1].segment_id, appended[1].entry_bytes);
+  }
+  if (record != nullptr) record->appended = appended[count - 1];
   return appended[0];
+}
+
+// ---- Exactly-once bookkeeping (rpc_results.h) -------------------------------------------
+
+bool ObjectManager::start_record(const RpcId* rpc, uint64_t table_id, uint64_t hash,
+                                 const RpcOutcome& outcome, RecordToAppend* out) {
+  if (rpc == nullptr || !rpc->tracked()) return false;
+  out->rpc = rpc;
+  out->outcome = outcome;
+  uint32_t bytes = encode_rpc_result({.table_id = table_id,
+                                      .key_hash = hash,
+                                      .client_id = rpc->client_id,
+                                      .rpc_seq = rpc->seq,
+                                      .ack_seq = rpc->ack,
+                                      .status = static_cast<uint32_t>(outcome.status),
+                                      .version = outcome.version,
+                                      .value = outcome.value},
+                                     out->payload);
+  out->piece[0] = {out->payload, bytes};
+  return true;
+}
+
+void ObjectManager::keep_record(const RecordToAppend& r) {
+  rpc_results_->record(*r.rpc, r.outcome, r.appended.ref, r.appended.entry_bytes, clock_.now_ns());
+}
+
+RpcResults::Check ObjectManager::check_rpc(const RpcId* rpc, RpcOutcome* done) {
+  if (rpc == nullptr || !rpc->tracked()) return RpcResults::Check::kNew;
+  return rpc_results_->check(*rpc, clock_.now_ns(), done);
+}
+
+Status ObjectManager::record_alone(const RpcId* rpc, uint64_t table_id, uint64_t hash,
+                                   const RpcOutcome& outcome) {
+  RecordToAppend r;
+  if (!start_record(rpc, table_id, hash, outcome, &r)) return Status::kOk;
+  auto appended = log_->append(EntryType::kRpcResult, r.piece, /*live=*/true);
+  if (!appended.ok()) return appended.status();
+  r.appended = *appended;
+  keep_record(r);
+  return Status::kOk;
+}
+
+void ObjectManager::maybe_expire_rpc_results() {
+  const uint64_t now = clock_.now_ns();
+  uint64_t due = rpc_expire_at_ns_.load(std::memory_order_relaxed);
+  if (now < due) return;
+  // A sweep every 1/60 of the expiry time, by whichever request finds it due first.
+  const uint64_t next = now + std::max<uint64_t>(1, config_.rpc_result_ttl_ns / 60);
+  if (!rpc_expire_at_ns_.compare_exchange_strong(due, next)) return;
+  if (due == 0) return;  // the first request only sets the schedule
+  if (uint64_t n = rpc_results_->expire(now, config_.rpc_result_ttl_ns); n > 0) {
+    LOG_INFO("dropped the completion records of {} clients silent for {} s", n,
+             config_.rpc_result_ttl_ns / 1'000'000'000);
+  }
 }
 
 void ObjectManager::count_tombstone(uint64_t named, uint64_t holder, int64_t bytes) {
@@ -206,70 +288,117 @@ ObjectManager::StatsDelta ObjectManager::install_locked(uint64_t hash,
 }
 
 Result<uint64_t> ObjectManager::write(uint64_t table_id, std::string_view key,
-                                      std::string_view value, const RejectRules* rules) {
+                                      std::string_view value, const RejectRules* rules,
+                                      const RpcId* rpc) {
   if (Status s = check_sizes(key, value); s != Status::kOk) return s;
+  maybe_expire_rpc_results();
   uint64_t hash = key_hash(table_id, key);
   return with_memory_retry(EntryType::kObject, [&]() -> Result<uint64_t> {
     thread_local std::string scratch;
     std::lock_guard lock(stripe_for(hash));
+    RpcOutcome done;
+    if (auto c = check_rpc(rpc, &done); c != RpcResults::Check::kNew) {
+      if (c == RpcResults::Check::kStale) return Status::kStaleRpc;
+      if (done.status != Status::kOk) return done.status;
+      return done.version;
+    }
     Found f = lookup(hash, table_id, key, &scratch);
     if (Status s = check_reject_rules(rules, f.slot ? f.object.version : 0); s != Status::kOk) {
+      if (Status r = record_alone(rpc, table_id, hash, {.status = s}); r != Status::kOk) return r;
       return s;
     }
-    return write_locked(hash, table_id, key, value, f);
+    return write_locked(hash, table_id, key, value, f, rpc);
   });
 }
 
 Result<uint64_t> ObjectManager::remove(uint64_t table_id, std::string_view key,
-                                       const RejectRules* rules) {
+                                       const RejectRules* rules, const RpcId* rpc) {
   if (key.size() > config_.max_key_bytes) return Status::kKeyTooLarge;
+  maybe_expire_rpc_results();
   uint64_t hash = key_hash(table_id, key);
   return with_memory_retry(EntryType::kTombstone, [&]() -> Result<uint64_t> {
     thread_local std::string scratch;
     std::lock_guard lock(stripe_for(hash));
+    RpcOutcome done;
+    if (auto c = check_rpc(rpc, &done); c != RpcResults::Check::kNew) {
+      if (c == RpcResults::Check::kStale) return Status::kStaleRpc;
+      if (done.status != Status::kOk) return done.status;
+      return done.version;
+    }
     Found f = lookup(hash, table_id, key, &scratch);
     uint64_t version = f.slot ? f.object.version : 0;
-    if (Status s = check_reject_rules(rules, version); s != Status::kOk) return s;
-    if (!f.slot) return uint64_t{0};
+    if (Status s = check_reject_rules(rules, version); s != Status::kOk) {
+      if (Status r = record_alone(rpc, table_id, hash, {.status = s}); r != Status::kOk) return r;
+      return s;
+    }
+    if (!f.slot) {
+      if (Status r = record_alone(rpc, table_id, hash, {}); r != Status::kOk) return r;
+      return uint64_t{0};
+    }
     // The tombstone keeps the object dead at recovery for as long as the segment that
     // holds the object is in the log.
     std::byte prefix[kMaxTombstonePrefixBytes];
     uint32_t prefix_bytes =
         encode_tombstone_prefix(table_id, version, f.segment->id(), clock_.unix_seconds(), prefix);
     std::span<const std::byte> pieces[] = {{prefix, prefix_bytes}, as_bytes(key)};
-    auto appended = log_->append(EntryType::kTombstone, pieces, /*live=*/true);
-    if (!appended.ok()) return appended.status();
-    count_tombstone(f.segment->id(), appended->segment_id, appended->entry_bytes);
+    RecordToAppend record;
+    const bool tracked = start_record(rpc, table_id, hash, {.version = version}, &record);
+    Log::EntryToAppend entries[2] = {
+        {.type = EntryType::kTombstone, .pieces = pieces, .live = true}};
+    if (tracked) entries[1] = record.entry();
+    const size_t count = tracked ? 2 : 1;
+    Log::Appended appended[2];
+    if (Status s = log_->append_all({entries, count}, {appended, count}); s != Status::kOk) {
+      return s;
+    }
+    count_tombstone(f.segment->id(), appended[0].segment_id, appended[0].entry_bytes);
     f.segment->sub_live_bytes(f.entry_bytes);
     hash_table_.erase(f.slot);
     account(table_id, -1, -int64_t{f.entry_bytes},
             -static_cast<int64_t>(key.size() + f.object.value.size()));
+    if (tracked) {
+      record.appended = appended[1];
+      keep_record(record);
+    }
     return version;
   });
 }
 
 Result<ObjectManager::Incremented> ObjectManager::increment(uint64_t table_id, std::string_view key,
-                                                            int64_t delta,
-                                                            const RejectRules* rules) {
+                                                            int64_t delta, const RejectRules* rules,
+                                                            const RpcId* rpc) {
   if (key.size() > config_.max_key_bytes) return Status::kKeyTooLarge;
+  maybe_expire_rpc_results();
   uint64_t hash = key_hash(table_id, key);
   return with_memory_retry(EntryType::kObject, [&]() -> Result<Incremented> {
     thread_local std::string scratch;
     std::lock_guard lock(stripe_for(hash));
+    RpcOutcome done;
+    if (auto c = check_rpc(rpc, &done); c != RpcResults::Check::kNew) {
+      if (c == RpcResults::Check::kStale) return Status::kStaleRpc;
+      if (done.status != Status::kOk) return done.status;
+      return Incremented{static_cast<int64_t>(done.value), done.version};
+    }
     Found f = lookup(hash, table_id, key, &scratch);
     if (Status s = check_reject_rules(rules, f.slot ? f.object.version : 0); s != Status::kOk) {
+      if (Status r = record_alone(rpc, table_id, hash, {.status = s}); r != Status::kOk) return r;
       return s;
     }
     int64_t current = 0;
     if (f.slot) {
-      if (f.object.value.size() != sizeof(int64_t)) return Status::kInvalidObject;
+      if (f.object.value.size() != sizeof(int64_t)) {
+        Status s = Status::kInvalidObject;
+        if (Status r = record_alone(rpc, table_id, hash, {.status = s}); r != Status::kOk) return r;
+        return s;
+      }
       std::memcpy(&current, f.object.value.data(), sizeof(current));
     }
     // Two's-complement wrap-around, as RAMCloud and Redis (INCRBY errors instead).
     auto next = static_cast<int64_t>(static_cast<uint64_t>(current) + static_cast<uint64_t>(delta));
     char buf[sizeof(next)];
     std::memcpy(buf, &next, sizeof(next));
-    auto version = write_locked(hash, table_id, key, {buf, sizeof(buf)}, f);
+    auto version =
+        write_locked(hash, table_id, key, {buf, sizeof(buf)}, f, rpc, static_cast<uint64_t>(next));
     if (!version.ok()) return version.status();
     return Incremented{next, *version};
   });
@@ -341,6 +470,7 @@ ObjectManagerStats ObjectManager::stats() const {
   s.hash_table_bytes = hash_table_.memory_bytes();
   s.hash_overflow_buckets = hash_table_.overflow_bucket_count();
   s.tombstone_bytes = tombstone_bytes();
+  s.rpc_results = rpc_results_->stats();
   s.log = log_->stats();
   s.cleaner = cleaner_->stats();
   return s;
@@ -388,6 +518,18 @@ Status ObjectManager::relocate(const Segment& victim, uint32_t offset, const Seg
         count_tombstone(t->segment_id, holder, bytes);
       }
       return Status::kOk;
+    }
+    case EntryType::kRpcResult: {
+      auto r = decode_rpc_result(entry.payload);
+      RAMKV_CHECK(r.ok());
+      // Needed while its client has not acknowledged it (rpc_results.h); the key's stripe
+      // orders the move with the append that recorded it.
+      std::lock_guard lock(stripe_for(r->key_hash));
+      return rpc_results_->relocate(
+          r->client_id, r->rpc_seq, victim.arena_offset(offset), [&]() -> Result<LogRef> {
+            auto raw = victim.raw_entry_at(offset, entry.header.total_bytes(), &scratch);
+            return to.append(raw, entry.header.header_bytes);
+          });
     }
     default:
       // Headers, digests, safe versions and table stats are rewritten in every head.
@@ -446,6 +588,7 @@ Status ObjectManager::replay(std::span<const std::byte> entries,
     stats->skipped += done.skipped;
     stats->obsolete += done.obsolete;
     stats->bytes += done.bytes;
+    stats->rpc_results += done.rpc_results;
   }
   return status;
 }
@@ -486,6 +629,15 @@ Status ObjectManager::replay_entry(EntryType type, std::span<const std::byte> pa
     progress->max_version = std::max(progress->max_version, tombstone->version);
     applied = replay_tombstone(hash, *tombstone, progress);
     if (applied.ok()) ++done.tombstones;
+  } else if (type == EntryType::kRpcResult) {
+    auto record = decode_rpc_result(payload);
+    if (!record.ok()) return Status::kCorrupt;
+    if (!accept(record->table_id, record->key_hash)) {
+      ++done.skipped;
+      return Status::kOk;
+    }
+    applied = replay_rpc_result(*record, payload);
+    if (applied.ok() && *applied) ++done.rpc_results;
   }
   // Other entries (segment header, digest, safe version, table stats) describe the
   // crashed master's log, not its data; the coordinator has what recovery needs of them.
@@ -567,6 +719,25 @@ Result<bool> ObjectManager::replay_tombstone(uint64_t hash, const TombstoneView&
                                               .version = tombstone.version,
                                               .key = std::string(tombstone.key)});
     marker_count_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  });
+}
+
+Result<bool> ObjectManager::replay_rpc_result(const RpcResultView& record,
+                                              std::span<const std::byte> payload) {
+  return with_memory_retry(EntryType::kObject, [&]() -> Result<bool> {
+    std::lock_guard lock(stripe_for(record.key_hash));
+    if (!rpc_results_->wanted(record, clock_.now_ns())) return false;
+    // Kept as it is (its ack included): a recovery of this master replays it again.
+    std::span<const std::byte> pieces[] = {payload};
+    auto appended = log_->append(EntryType::kRpcResult, pieces, /*live=*/true);
+    if (!appended.ok()) return appended.status();
+    rpc_results_->record(
+        {.client_id = record.client_id, .seq = record.rpc_seq, .ack = record.ack_seq},
+        {.status = static_cast<Status>(record.status),
+         .version = record.version,
+         .value = record.value},
+        appended->ref, appended->entry_bytes, clock_.now_ns());
     return true;
   });
 }

@@ -40,6 +40,10 @@
 //      naming it in each segment that holds them. When a segment leaves the log, those
 //      tombstones die and the holders' live bytes go down by as much, so the cleaner
 //      sees the memory it can take back (docs/master-storage.md, "Cleaning").
+//   7. A write, remove or increment with a tracked RpcId (exactly-once, rpc_results.h)
+//      appends its completion record in the same Log::append_all as its object or
+//      tombstone, last, and records it in rpc_results_ under the key's stripe lock; a
+//      retry of it finds the record under the same lock and gets the first outcome.
 #pragma once
 
 #include <atomic>
@@ -60,6 +64,7 @@
 #include "master/log.h"
 #include "master/log_cleaner.h"
 #include "master/master_config.h"
+#include "master/rpc_results.h"
 
 namespace ramkv::master {
 
@@ -81,6 +86,7 @@ struct ObjectManagerStats {
   uint64_t hash_table_bytes = 0;
   uint64_t hash_overflow_buckets = 0;
   uint64_t tombstone_bytes = 0;  // tombstones in the log still needed (in log.live_bytes)
+  RpcResultsStats rpc_results;
   LogStats log;
   CleanerStats cleaner;
 };
@@ -96,6 +102,7 @@ struct ReplayStats {
   uint64_t skipped = 0;
   uint64_t obsolete = 0;
   uint64_t bytes = 0;
+  uint64_t rpc_results = 0;  // completion records of the partition kept (rpc_results.h)
 };
 
 // A tablet under recovery: key hashes [start_hash, end_hash] (both inclusive) of a table.
@@ -119,12 +126,17 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
                         const RejectRules* rules = nullptr);
   // Returns the new version. kKeyTooLarge / kValueTooLarge for oversized input; kRetry
   // when the cleaner is behind; kNoSpace when memory is full of live data.
+  //
+  // write, remove and increment take the request's RpcId (rpc_results.h): when it is
+  // tracked, the outcome (success or a reject rule's status) is recorded with the change
+  // (invariant 7), and a retry of the same (client, sequence) returns that outcome
+  // without applying anything; a request at or below its client's ack is kStaleRpc.
   Result<uint64_t> write(uint64_t table_id, std::string_view key, std::string_view value,
-                         const RejectRules* rules = nullptr);
+                         const RejectRules* rules = nullptr, const RpcId* rpc = nullptr);
   // Returns the removed object's version, or 0 if there was none (not an error unless
   // the rules say doesnt_exist).
   Result<uint64_t> remove(uint64_t table_id, std::string_view key,
-                          const RejectRules* rules = nullptr);
+                          const RejectRules* rules = nullptr, const RpcId* rpc = nullptr);
   // Adds `delta` to an 8-byte little-endian signed integer value, creating it (as delta)
   // if absent. kInvalidObject if the value is not 8 bytes.
   struct Incremented {
@@ -132,7 +144,7 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
     uint64_t version = 0;
   };
   Result<Incremented> increment(uint64_t table_id, std::string_view key, int64_t delta,
-                                const RejectRules* rules = nullptr);
+                                const RejectRules* rules = nullptr, const RpcId* rpc = nullptr);
 
   // Objects of a table in key-hash order, a batch at a time. `cursor` starts at 0; the
   // returned cursor resumes the enumeration, and equals end_cursor() when it is done. A
@@ -152,6 +164,9 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
                              uint64_t cursor, size_t max_objects, std::vector<Object>* out);
   // Removes every object of the table whose key hash is in [hash_begin, hash_end] (a
   // dropped table or a tablet given away). Returns how many.
+  //
+  // Completion records of the range stay until acknowledged or expired: a client retrying
+  // a write into a tablet that moved gets kUnknownTablet from the service first.
   Result<uint64_t> remove_range(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end);
   uint64_t end_cursor() const { return hash_table_.bucket_count(); }
 
@@ -189,6 +204,9 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   // and moves the version counter above `safe_version` (the crashed master's: every version
   // it issued is below it). Call it also when a replay is abandoned. Any thread.
   void finish_replay(std::span<const TabletRange> tablets, uint64_t safe_version);
+  // Replay also keeps the partition's completion records (kRpcResult) that are not yet
+  // acknowledged, appended to this log as they are, so retries reaching this master
+  // after the crash get their first outcome (counted in ReplayStats::rpc_results).
   // Tombstone markers kept by replays not finished yet (tests, tools).
   uint64_t replay_marker_count() const { return marker_count_.load(std::memory_order_relaxed); }
 
@@ -238,10 +256,36 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   }
   std::mutex& stripe_for(uint64_t hash) { return stripe_of(hash).mutex; }
   Status check_sizes(std::string_view key, std::string_view value) const;
+  // A completion record to append with an operation (invariant 7): built by
+  // start_record(), appended by the operation, kept by keep_record().
+  struct RecordToAppend {
+    const RpcId* rpc = nullptr;  // null: the operation is not tracked
+    RpcOutcome outcome;
+    std::byte payload[kMaxRpcResultBytes];
+    std::span<const std::byte> piece[1];
+    Log::Appended appended;
+    Log::EntryToAppend entry() const {
+      return {.type = EntryType::kRpcResult, .pieces = piece, .live = true};
+    }
+  };
+  // Fills *out for `rpc` (tracked) with the outcome. Returns out->rpc != nullptr.
+  bool start_record(const RpcId* rpc, uint64_t table_id, uint64_t hash, const RpcOutcome& outcome,
+                    RecordToAppend* out);
+  void keep_record(const RecordToAppend& r);
+  // RpcResults::check() for a tracked request (untracked ones are always new): kNew (run
+  // it), kDone (*done is its first outcome), kStale. Caller holds the stripe lock.
+  RpcResults::Check check_rpc(const RpcId* rpc, RpcOutcome* done);
+  // A rejected or no-op tracked request: records `outcome` alone. Caller holds the
+  // stripe lock.
+  Status record_alone(const RpcId* rpc, uint64_t table_id, uint64_t hash,
+                      const RpcOutcome& outcome);
+  void maybe_expire_rpc_results();
   // Writes a new object entry for the key and points the slot at it; the shared part of
-  // write and increment. Caller holds the stripe lock.
+  // write and increment. `record` (may be null) is appended with it, its outcome's
+  // version set here. Caller holds the stripe lock.
   Result<uint64_t> write_locked(uint64_t hash, uint64_t table_id, std::string_view key,
-                                std::string_view value, Found& found);
+                                std::string_view value, Found& found, const RpcId* rpc = nullptr,
+                                uint64_t result_value = 0);
   // Appends an object entry (its payload in pieces) for the key. When it supersedes the
   // object `found` has, a tombstone for that one, naming its segment and stamped
   // `timestamp`, goes in the same append, after the object (invariant 5): the pair needs
@@ -249,7 +293,8 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   // holds the stripe lock.
   Result<Log::Appended> append_object_locked(
       uint64_t table_id, std::string_view key, uint32_t timestamp,
-      std::span<const std::span<const std::byte>> object_pieces, const Found& found);
+      std::span<const std::span<const std::byte>> object_pieces, const Found& found,
+      RecordToAppend* record = nullptr);
   // A change to one table's statistics (account()).
   struct StatsDelta {
     int64_t objects = 0;
@@ -281,6 +326,7 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
                              std::span<const std::byte> payload, ReplayProgress* progress);
   Result<bool> replay_tombstone(uint64_t hash, const TombstoneView& tombstone,
                                 ReplayProgress* progress);
+  Result<bool> replay_rpc_result(const RpcResultView& record, std::span<const std::byte> payload);
   // The marker of (table, key) in its stripe, or markers.end(). Caller holds the stripe
   // lock.
   MarkerMap::iterator find_marker(Stripe& stripe, uint64_t hash, uint64_t table_id,
@@ -318,6 +364,8 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   std::unordered_map<uint64_t, std::unordered_map<uint64_t, int64_t>> tombstone_bytes_;
   int64_t tombstone_bytes_total_ = 0;  // the sum of tombstone_bytes_
   std::unique_ptr<Log> log_;
+  std::unique_ptr<RpcResults> rpc_results_;  // releases into log_: destroyed before it
+  std::atomic<uint64_t> rpc_expire_at_ns_{0};
   std::unique_ptr<LogCleaner> cleaner_;
 };
 

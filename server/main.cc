@@ -56,6 +56,7 @@ struct ServerOptions {
   uint32_t ping_interval_ms = 100;
   uint32_t ping_timeout_ms = 500;
   uint32_t recovery_pull_delay_ms = 0;
+  uint32_t rpc_result_ttl_s = 3600;
 };
 
 // Replicas travel in one RPC each, so a segment must fit a message with room to spare.
@@ -101,6 +102,11 @@ void add_flags(CLI::App& app, ServerOptions& o) {
                  "testing only: a recovery master waits this long between pulls of segment "
                  "data (slows recovery down so that tests can fail servers during one)")
       ->check(CLI::Range(0u, 60'000u));
+  app.add_option("--rpc-result-ttl-s", o.rpc_result_ttl_s,
+                 "master: forget the completion records (exactly-once results) of a client "
+                 "not heard from for this long")
+      ->check(CLI::Range(1u, 30u * 24 * 3600))
+      ->capture_default_str();
   app.add_option("--segment-bytes", o.segment_bytes, "log segment size, e.g. 8M (default 8M)");
   app.add_option("--hash-table-bytes", o.hash_table_bytes,
                  "hash-table memory (default: memory / 16)");
@@ -131,6 +137,7 @@ ramkv::Result<ramkv::master::MasterConfig> master_config(const ServerOptions& o)
     return Status::kInvalidArgument;
   }
   config.memory_bytes = *memory;
+  config.rpc_result_ttl_ns = uint64_t{o.rpc_result_ttl_s} * 1'000'000'000;
   if (!o.segment_bytes.empty()) {
     auto segment = ramkv::parse_bytes(o.segment_bytes);
     if (!segment.ok() || *segment > UINT32_MAX) {

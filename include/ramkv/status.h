@@ -60,6 +60,9 @@ enum class Status : uint16_t {
   // Crash recovery cannot prove a log complete: some segment has no usable replica.
   // Caller (the coordinator): say which, keep the data unserved, try again later.
   kIncomplete = 21,
+  // A write, remove or increment whose client already acknowledged its reply (a delayed
+  // duplicate): nothing was done. Caller: none (the client has the first reply).
+  kStaleRpc = 22,
 };
 
 // A short stable name such as "object not found"; "unknown status" for numbers this

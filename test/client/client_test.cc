@@ -92,6 +92,32 @@ TEST_CASE("client: a stale map is refreshed and the request resent", "[client][f
   // Every resend of the one write carried the same sequence number.
   REQUIRE(cluster.rpc_seqs.size() >= 3);
   CHECK(std::set<uint64_t>(cluster.rpc_seqs.begin(), cluster.rpc_seqs.end()).size() == 1);
+  for (uint64_t ack : cluster.ack_seqs) CHECK(ack < cluster.rpc_seqs.front());
+}
+
+TEST_CASE("client: requests acknowledge the sequences finished before them, never an open one",
+          "[client][fake]") {
+  FakeCluster cluster;
+  auto c = connect_to(cluster);
+  constexpr int kBatch = 20;
+  for (int i = 0; i < kBatch; ++i) {
+    c->write_async(FakeCluster::kTable, "a" + std::to_string(i), "v",
+                   [](ramkv::Result<uint64_t> r) { CHECK(r.ok()); });
+  }
+  c->wait_all();
+  REQUIRE(c->write(FakeCluster::kTable, "last", "v").ok());
+  std::lock_guard<std::mutex> lock(cluster.mu);
+  REQUIRE(cluster.rpc_seqs.size() == kBatch + 1);
+  const uint64_t first_batch_seq = cluster.rpc_seqs.front();
+  for (size_t i = 0; i < kBatch; ++i) {
+    // All of the batch was open when it was sent: none of it is acknowledged.
+    CHECK(cluster.ack_seqs[i] < first_batch_seq);
+  }
+  // Sent after the batch finished: it acknowledges all of it, but not itself.
+  const uint64_t last_seq = cluster.rpc_seqs.back();
+  CHECK(cluster.ack_seqs.back() >=
+        *std::max_element(cluster.rpc_seqs.begin(), cluster.rpc_seqs.end() - 1));
+  CHECK(cluster.ack_seqs.back() < last_seq);
 }
 
 TEST_CASE("client: kRetry is retried with back-off, bounded by the deadline", "[client][fake]") {

@@ -65,6 +65,7 @@ class FakeCluster {
   int map_fetches = 0;
   int unknown_tablet_replies = 0;
   std::vector<uint64_t> rpc_seqs;  // of every kWrite received, in order
+  std::vector<uint64_t> ack_seqs;  // their ack sequences
   std::vector<int> multi_rpcs_per_master = {0, 0};
 
  private:
@@ -193,6 +194,7 @@ class FakeCluster {
       s = read_item(id, in, w, false);
     } else if (op == wire::Opcode::kWrite) {
       rpc_seqs.push_back(h.rpc_seq);
+      ack_seqs.push_back(h.ack_seq);
       s = write_item(id, in, w, false);
     } else if (op == wire::Opcode::kMultiRead || op == wire::Opcode::kMultiWrite) {
       ++multi_rpcs_per_master[id - 1];

@@ -9,7 +9,7 @@
 namespace ramkv {
 namespace {
 
-constexpr uint16_t kLastKnownStatus = static_cast<uint16_t>(Status::kIncomplete);
+constexpr uint16_t kLastKnownStatus = static_cast<uint16_t>(Status::kStaleRpc);
 
 TEST_CASE("status: every known code has its own name", "[common][status]") {
   std::set<std::string> names;
@@ -33,6 +33,7 @@ TEST_CASE("status: the wire numbers are fixed", "[common][status]") {
   CHECK(static_cast<uint16_t>(Status::kInternal) == 19);
   CHECK(static_cast<uint16_t>(Status::kFenced) == 20);
   CHECK(static_cast<uint16_t>(Status::kIncomplete) == 21);
+  CHECK(static_cast<uint16_t>(Status::kStaleRpc) == 22);
   CHECK(status_name(Status::kOk) == "ok");
   CHECK(status_name(Status::kObjectNotFound) == "object not found");
 }
