@@ -570,8 +570,8 @@ Status BackupService::start_reading(std::span<const std::byte> body, Reply& repl
       past_recovery_ns_ += recovery->read_ns();
       recovery.reset();
     }
-    recovery =
-        std::make_unique<RecoverySegments>(req.master_id, req.recovery_id, std::move(sources));
+    recovery = std::make_unique<RecoverySegments>(
+        req.master_id, req.recovery_id, std::move(sources), (req.flags & wire::kDeferReads) != 0);
   }
   reply.writer().put_bytes(std::span<const std::byte>(recovery->start_response()));
   return Status::kOk;
@@ -587,15 +587,20 @@ BackupService::RecoveryLookup BackupService::find_recovery(uint64_t master_id,
 Status BackupService::start_partitioning(std::span<const std::byte> body) {
   wire::BodyReader in(body);
   wire::StartPartitioningRequest req;
-  if (!in.get(&req) || req.count > in.remaining() / sizeof(wire::PartitionTablet)) {
+  if (!in.get(&req) || uint64_t{req.count} * sizeof(wire::PartitionTablet) +
+                               uint64_t{req.primary_count} * sizeof(uint64_t) !=
+                           in.remaining()) {
     return Status::kBadRequest;
   }
   std::vector<wire::PartitionTablet> map(req.count);
   for (auto& t : map) in.get(&t);
+  std::vector<uint64_t> primaries(req.primary_count);
+  for (auto& id : primaries) in.get(&id);
   if (!in.at_end()) return Status::kBadRequest;
   RecoverySegments* recovery = find_recovery(req.master_id, req.recovery_id);
   if (recovery == nullptr) return Status::kBadRequest;
-  return recovery->start_partitioning(map);
+  if ((req.flags & wire::kPrimariesNamed) == 0) return recovery->start_partitioning(map);
+  return recovery->start_partitioning(map, std::span<const uint64_t>(primaries));
 }
 
 Status BackupService::get_recovery_data(std::span<const std::byte> body, Reply& reply) {

@@ -20,7 +20,7 @@ size_t count(const std::map<uint64_t, std::vector<wire::ReplicaEntry>>& found) {
 
 FoundReplicaCollector::FoundReplicaCollector(const Options& options,
                                              std::vector<wire::ReplicaEntry> found)
-    : options_(options), client_(make_tcp_client_transport({})) {
+    : options_(options), client_(make_client_transport({})) {
   for (const auto& r : found) found_[r.master_id].push_back(r);
 }
 

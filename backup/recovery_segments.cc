@@ -44,6 +44,8 @@ struct FreeDeleter {
 };
 
 // Bytes aligned for O_DIRECT and not zero-filled: every byte that is used is read first.
+// Plain 4 KiB pages: transparent huge pages were tried and were slower here (the first
+// fault of a huge page could cost milliseconds; docs/recovery.md, "Where the time goes").
 std::unique_ptr<std::byte, FreeDeleter> allocate_aligned(size_t bytes) {
   void* mem = std::aligned_alloc(kDirectAlignment, std::max(align_up(bytes), kDirectAlignment));
   RAMKV_CHECK_MSG(mem != nullptr, "cannot allocate memory for a replica being recovered");
@@ -124,6 +126,7 @@ struct RecoverySegments::Replica {
 
   // Guarded by mutex_.
   State state = State::kUnread;
+  bool admitted = false;                     // queued for the thread (invariant 5)
   Status failure = Status::kOk;              // with kFailed: what get_data answers
   std::vector<PartitionEntries> partitions;  // with kSplit: by PartitionMap index
 
@@ -409,8 +412,8 @@ class RecoverySegments::Reader {
 };
 
 RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
-                                   std::vector<RecoverySource> sources)
-    : master_id_(master_id), recovery_id_(recovery_id) {
+                                   std::vector<RecoverySource> sources, bool defer_reads)
+    : master_id_(master_id), recovery_id_(recovery_id), defer_reads_(defer_reads) {
   std::sort(sources.begin(), sources.end(),
             [](const auto& a, const auto& b) { return a.entry.segment_id < b.entry.segment_id; });
   RAMKV_CHECK(sources.size() < (size_t{1} << (64 - kOffsetBits)));
@@ -438,6 +441,9 @@ RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
     replicas_.push_back(std::move(r));
   }
   read_digest();
+  if (!defer_reads_) {
+    for (size_t i = 0; i < replicas_.size(); ++i) admit_locked(i, /*urgent=*/false);
+  }
   thread_ = std::thread([this] { run(); });
 }
 
@@ -584,35 +590,71 @@ std::vector<std::byte> RecoverySegments::start_response() const {
   return body;
 }
 
-Status RecoverySegments::start_partitioning(std::span<const wire::PartitionTablet> map) {
+Status RecoverySegments::start_partitioning(std::span<const wire::PartitionTablet> map,
+                                            std::optional<std::span<const uint64_t>> primaries) {
   auto made = PartitionMap::make(map);
   if (!made.ok()) return made.status();
   {
     std::lock_guard lock(mutex_);
-    if (map_ != nullptr) return map_->same_as(*made) ? Status::kOk : Status::kBadRequest;
-    map_ = std::make_shared<const PartitionMap>(std::move(*made));
+    if (map_ != nullptr && !map_->same_as(*made)) return Status::kBadRequest;
+    if (map_ == nullptr) map_ = std::make_shared<const PartitionMap>(std::move(*made));
+    if (defer_reads_ && !primaries) {
+      for (size_t i = 0; i < replicas_.size(); ++i) admit_locked(i, /*urgent=*/false);
+    } else if (defer_reads_) {
+      std::vector<size_t> named;
+      for (uint64_t segment_id : *primaries) {
+        if (auto index = find(segment_id)) named.push_back(*index);
+      }
+      std::sort(named.begin(), named.end());  // segment order: as recovery masters ask
+      for (size_t index : named) admit_locked(index, /*urgent=*/false);
+      LOG_INFO(
+          "recovery {} of master {}: reading our {} primary replicas of {} held (the "
+          "others only if asked for)",
+          recovery_id_, wire::server_id_text(master_id_), named.size(), replicas_.size());
+    }
   }
   wake_.notify_all();
   return Status::kOk;
 }
 
-const RecoverySegments::Replica* RecoverySegments::find(uint64_t segment_id) const {
+void RecoverySegments::admit_locked(size_t index, bool urgent) const {
+  Replica& r = *replicas_[index];
+  if (r.admitted || r.state != Replica::State::kUnread) return;
+  r.admitted = true;
+  if (urgent) {
+    admitted_.emplace_front(index, true);
+  } else {
+    admitted_.emplace_back(index, false);
+  }
+}
+
+std::optional<size_t> RecoverySegments::find(uint64_t segment_id) const {
   auto it = std::lower_bound(
       replicas_.begin(), replicas_.end(), segment_id,
       [](const std::unique_ptr<Replica>& r, uint64_t id) { return r->entry.segment_id < id; });
-  if (it == replicas_.end() || (*it)->entry.segment_id != segment_id) return nullptr;
-  return it->get();
+  if (it == replicas_.end() || (*it)->entry.segment_id != segment_id) return std::nullopt;
+  return static_cast<size_t>(it - replicas_.begin());
 }
 
 Status RecoverySegments::get_data(uint64_t segment_id, uint32_t partition_id,
                                   std::vector<std::byte>* body) const {
-  std::lock_guard lock(mutex_);
-  const Replica* r = find(segment_id);
-  if (r == nullptr) return Status::kBadRequest;
+  std::unique_lock lock(mutex_);
+  const auto at = find(segment_id);
+  if (!at) return Status::kBadRequest;
+  const Replica* r = replicas_[*at].get();
   if (r->state == Replica::State::kFailed) return r->failure;
   if (map_ == nullptr) return Status::kRetry;
   auto index = map_->index_of(partition_id);
   if (!index) return Status::kBadRequest;
+  if (r->state == Replica::State::kUnread && !r->admitted) {
+    // A secondary: its primary's backup failed the recovery master, which waits for it.
+    LOG_INFO("recovery {}: segment {} of master {} asked for: reading our secondary replica",
+             recovery_id_, segment_id, wire::server_id_text(master_id_));
+    admit_locked(*at, /*urgent=*/true);
+    lock.unlock();
+    wake_.notify_all();
+    return Status::kRetry;
+  }
   if (r->state != Replica::State::kSplit) return Status::kRetry;
   const PartitionEntries& p = r->partitions[*index];
   body->clear();
@@ -640,6 +682,7 @@ size_t RecoverySegments::replicas_pending() const {
   std::lock_guard lock(mutex_);
   size_t pending = 0;
   for (const auto& r : replicas_) {
+    if (!r->admitted) continue;
     if (r->state == Replica::State::kUnread ||
         (r->state == Replica::State::kChecked && map_ != nullptr)) {
       ++pending;
@@ -648,25 +691,34 @@ size_t RecoverySegments::replicas_pending() const {
   return pending;
 }
 
+size_t RecoverySegments::replicas_admitted() const {
+  std::lock_guard lock(mutex_);
+  return static_cast<size_t>(
+      std::count_if(replicas_.begin(), replicas_.end(), [](const auto& r) { return r->admitted; }));
+}
+
 void RecoverySegments::run() {
   Reader reader(*this);
   std::deque<size_t> to_read;   // files not yet opened
   std::deque<size_t> to_check;  // bytes at hand, to check (and split, once the map is here)
   std::vector<size_t> unsplit;  // checked before the map arrived
   std::shared_ptr<const PartitionMap> map;
-  {
-    std::lock_guard lock(mutex_);
-    for (size_t i = 0; i < replicas_.size(); ++i) {
-      if (replicas_[i]->state != Replica::State::kUnread) continue;
-      (replicas_[i]->path.empty() ? to_check : to_read).push_back(i);
-    }
-  }
+  // A burst of work (from the first replica taken to the queues running dry), for the log:
+  // where a recovery's time goes (docs/recovery.md).
+  uint64_t burst_start_ns = 0;
+  size_t burst_replicas = 0;
   for (;;) {
+    if (burst_replicas > 0 && to_read.empty() && to_check.empty() && !reader.busy()) {
+      LOG_INFO("recovery {} of master {}: {} replicas read, checked{} in {:.3f} s", recovery_id_,
+               wire::server_id_text(master_id_), burst_replicas, map ? " and split" : "",
+               static_cast<double>(now_ns() - burst_start_ns) / 1e9);
+      burst_replicas = 0;
+    }
     {
       std::unique_lock lock(mutex_);
       wake_.wait(lock, [&] {
         return stop_ || !to_read.empty() || !to_check.empty() || reader.busy() ||
-               (map == nullptr && map_ != nullptr);
+               !admitted_.empty() || (map == nullptr && map_ != nullptr);
       });
       if (stop_) break;
       if (map == nullptr && map_ != nullptr) {
@@ -674,6 +726,17 @@ void RecoverySegments::run() {
         to_check.insert(to_check.end(), unsplit.begin(), unsplit.end());
         unsplit.clear();
       }
+      // Newly admitted replicas: asked-for secondaries go first (a recovery master waits).
+      for (const auto& [index, urgent] : admitted_) {
+        if (burst_replicas++ == 0) burst_start_ns = now_ns();
+        auto& queue = replicas_[index]->path.empty() ? to_check : to_read;
+        if (urgent) {
+          queue.push_front(index);
+        } else {
+          queue.push_back(index);
+        }
+      }
+      admitted_.clear();
     }
     // Disk reads first, so that the disk works while this thread checks what it has.
     reader.fill(&to_read, &to_check);

@@ -8,11 +8,16 @@
 //   - The constructor reads the first entries of the newest replica that has a log digest
 //     (synchronously: a few KiB), so that start_response() can answer at once with the
 //     replicas, the digest, the safe version and the table statistics.
-//   - A thread of its own then reads every replica into memory: files with io_uring
-//     (O_DIRECT where the filesystem allows it, several reads in flight), replicas held in
-//     RAM by taking over their bytes. Each is checked against its certificate
-//     (SegmentIterator): one whose bytes do not check out is listed corrupt (or torn, when
-//     the file is shorter than its certificate) and never served.
+//   - A thread of its own then reads replicas into memory: files with io_uring (O_DIRECT
+//     where the filesystem allows it, several reads in flight), replicas held in RAM by
+//     taking over their bytes. Each is checked against its certificate (SegmentIterator): one
+//     whose bytes do not check out is listed corrupt (or torn, when the file is shorter
+//     than its certificate) and never served.
+//   - Which replicas it reads, and when (docs/recovery.md, "Primary and secondary
+//     replicas"): without `defer_reads`, every replica, at once. With it, nothing until
+//     the partition map arrives; then the primaries the map names (all replicas when it
+//     names none), in segment order; a secondary is read when a recovery master first asks
+//     for it (get_data answers kRetry meanwhile), ahead of the primaries still queued.
 //   - Once the partition map is known, the thread splits each replica's object and
 //     tombstone entries by partition: an index of byte ranges into the replica's bytes, in
 //     log order, per partition. When the map is there before a replica is read, checking
@@ -34,12 +39,16 @@
 //      get_data() read them without the thread's help.
 //   3. The partition map, once accepted, never changes (another map is kBadRequest).
 //   4. At most kRingDepth reads are in flight, each at most kReadChunkBytes.
+//   5. A replica is read at most once; one not admitted (a secondary nobody asked for)
+//      is never read.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -73,8 +82,10 @@ class RecoverySegments {
   static constexpr uint32_t kReadChunkBytes = 1u << 20;
 
   // Reads the digest replica's first entries, then starts the thread that reads, checks
-  // and splits every source. Every source must be of `master_id`, one per segment.
-  RecoverySegments(uint64_t master_id, uint64_t recovery_id, std::vector<RecoverySource> sources);
+  // and splits the sources (all at once, or with `defer_reads` as the partition map says:
+  // see above). Every source must be of `master_id`, one per segment.
+  RecoverySegments(uint64_t master_id, uint64_t recovery_id, std::vector<RecoverySource> sources,
+                   bool defer_reads = false);
   ~RecoverySegments();  // stops the thread and joins it
   RecoverySegments(const RecoverySegments&) = delete;
   RecoverySegments& operator=(const RecoverySegments&) = delete;
@@ -96,14 +107,19 @@ class RecoverySegments {
   // `backup start partitioning`. kBadRequest for a malformed map (a range with end <
   // start, ranges of one table that overlap) or for a map other than the one already
   // accepted; kOk for the same map again. An empty map is accepted (nothing is served).
-  Status start_partitioning(std::span<const wire::PartitionTablet> map);
+  // `primaries`: the segment ids of this backup's primary replicas (ids it holds no
+  // replica of are ignored); nullopt: every replica is primary. Only with `defer_reads`
+  // does it matter: the primaries are then queued for reading (again: nothing more).
+  Status start_partitioning(std::span<const wire::PartitionTablet> map,
+                            std::optional<std::span<const uint64_t>> primaries = std::nullopt);
 
   // `backup get recovery data`: replaces *body with RecoveryDataResponse and the segment's
   // object and tombstone entries of the partition, whole and in log order. Statuses:
   //   kBadRequest  no replica of that segment here, or a partition id not in the map;
   //   kCorrupt     the replica is torn or corrupt (listed so by the scan or found so here);
   //   kIoError     its file could not be read;
-  //   kRetry       the map has not arrived, or the replica is not read and split yet.
+  //   kRetry       the map has not arrived, or the replica is not read and split yet (a
+  //                secondary not read yet is queued for reading, first in line).
   // *body is changed only on kOk.
   Status get_data(uint64_t segment_id, uint32_t partition_id, std::vector<std::byte>* body) const;
 
@@ -112,9 +128,11 @@ class RecoverySegments {
   // (a file's read ends when the thread collects its last completion).
   uint64_t bytes_read() const;
   uint64_t read_ns() const;
-  // Replicas still to read, check or (once the map is known) split; 0 when all are
-  // settled (usable or not). For tests and logs.
+  // Replicas admitted for reading (see above) still to read, check or (once the map is
+  // known) split; 0 when all of them are settled (usable or not). For tests and logs.
   size_t replicas_pending() const;
+  // Replicas read (or being read) so far, whether primary or asked for. For tests.
+  size_t replicas_admitted() const;
 
  private:
   struct Replica;
@@ -125,24 +143,31 @@ class RecoverySegments {
   void read_digest();
   // Records the outcome of reading or checking replica `index` (not kOk).
   void fail(size_t index, Status why, uint8_t listed_as);
+  // Queues replica `index` for the thread, unless it is already (or failed). `urgent`: a
+  // recovery master waits for it; it goes first. Caller holds mutex_ and notifies wake_.
+  void admit_locked(size_t index, bool urgent) const;
   void note_read(uint64_t bytes, uint64_t start_ns, uint64_t end_ns);
   // The thread's body.
   void run();
-  const Replica* find(uint64_t segment_id) const;
+  std::optional<size_t> find(uint64_t segment_id) const;
 
   const uint64_t master_id_;
   const uint64_t recovery_id_;
 
+  const bool defer_reads_;
+
   mutable std::mutex mutex_;
-  std::condition_variable wake_;  // the map arrived, or stop
+  mutable std::condition_variable wake_;  // the map arrived, a replica was admitted, or stop
   // In segment order. The vector never changes size after the constructor; each
   // replica's fields say which thread may touch them (recovery_segments.cc, Replica).
   std::vector<std::unique_ptr<Replica>> replicas_;
   std::shared_ptr<const PartitionMap> map_;  // guarded by mutex_; immutable once set
-  bool stop_ = false;                        // guarded by mutex_
-  uint64_t bytes_read_ = 0;                  // guarded by mutex_
-  uint64_t first_read_start_ns_ = 0;         // guarded by mutex_; 0: none yet
-  uint64_t last_read_end_ns_ = 0;            // guarded by mutex_
+  // Replicas admitted for reading that the thread has not taken yet: (index, urgent).
+  mutable std::deque<std::pair<size_t, bool>> admitted_;  // guarded by mutex_
+  bool stop_ = false;                                     // guarded by mutex_
+  uint64_t bytes_read_ = 0;                               // guarded by mutex_
+  uint64_t first_read_start_ns_ = 0;                      // guarded by mutex_; 0: none yet
+  uint64_t last_read_end_ns_ = 0;                         // guarded by mutex_
 
   // From the digest replica (the constructor; constant afterwards).
   wire::StartReadingDataResponse digest_header_{};

@@ -111,7 +111,7 @@ int run_latency_bench(const ClusterBenchOptions& o) {
   std::vector<LatencyRow> rows;
   Percentiles rtt;
   Random rng(1);
-  auto transport = make_tcp_client_transport({.busy_poll = o.busy_poll});
+  auto transport = make_client_transport({.busy_poll = o.busy_poll});
   std::vector<std::byte> echo_body(100);
   std::vector<uint64_t> echoes;
   for (uint32_t bytes : o.value_bytes) {

@@ -24,7 +24,7 @@ uint64_t random_u64() {
 Client::Impl::Impl(const ClientOptions& options) : options_(options) {
   TransportOptions t;
   t.busy_poll = options.busy_poll;
-  transport_ = make_tcp_client_transport(t);
+  transport_ = make_client_transport(t);
   do {
     client_id_ = random_u64();
   } while (client_id_ == 0);

@@ -633,6 +633,21 @@ std::unique_ptr<ClientTransport> make_tcp_client_transport(const TransportOption
   return std::make_unique<TcpClientTransport>(options);
 }
 
+namespace {
+std::atomic<ClientTransportFactory> g_client_factory{nullptr};
+std::string g_client_transport_name = "tcp";  // set at start, before threads
+}  // namespace
+
+void set_client_transport_factory(ClientTransportFactory factory) { g_client_factory = factory; }
+
+std::unique_ptr<ClientTransport> make_client_transport(const TransportOptions& options) {
+  ClientTransportFactory factory = g_client_factory.load();
+  return factory != nullptr ? factory(options) : make_tcp_client_transport(options);
+}
+
+void set_client_transport_name(std::string_view name) { g_client_transport_name = name; }
+std::string_view client_transport_name() { return g_client_transport_name; }
+
 CallResult call(ClientTransport& transport, const std::string& locator,
                 const ClientTransport::Request& request, std::span<const std::byte> body) {
   CallResult result;

@@ -111,6 +111,13 @@ class ServerTransport {
   virtual void add_loop_task(LoopTask* task) = 0;
   // The name from when a loop had one task.
   void set_loop_task(LoopTask* task) { add_loop_task(task); }
+  // Memory that reply pieces may come from (a master's log), registered with the network
+  // adapter once, before run(): RDMA sends such pieces without copying them. TCP has
+  // nothing to do. kOk, or the adapter's refusal (logged).
+  virtual Status register_memory(std::span<const std::byte> memory) {
+    (void)memory;
+    return Status::kOk;
+  }
   // Sends a reply a handler deferred. Dispatch thread only. Dropped (and false) when the
   // connection has closed since the request arrived.
   virtual bool send_deferred(const ReplyToken& token, const Reply& reply) = 0;
@@ -150,6 +157,18 @@ class ClientTransport {
 
 std::unique_ptr<ServerTransport> make_tcp_server_transport(const TransportOptions& options);
 std::unique_ptr<ClientTransport> make_tcp_client_transport(const TransportOptions& options);
+
+// The transport this process sends its RPCs with: TCP, unless the process installed
+// another at start, before making any (rdma::use_rdma, from `--transport rdma`). Every
+// part of a process (client library, master, backup, coordinator) makes its client
+// transports through make_client_transport(), so one flag moves all of them. A cluster
+// uses one transport throughout: locators do not say which.
+using ClientTransportFactory = std::unique_ptr<ClientTransport> (*)(const TransportOptions&);
+void set_client_transport_factory(ClientTransportFactory factory);
+std::unique_ptr<ClientTransport> make_client_transport(const TransportOptions& options);
+// "tcp" unless another factory was installed (then its name, as given).
+void set_client_transport_name(std::string_view name);
+std::string_view client_transport_name();
 
 // A synchronous call on a client transport: sends and polls until the response or the
 // timeout. status is the transport's or, on delivery, the response header's status.

@@ -20,7 +20,7 @@ FailureVerifier::FailureVerifier(const Options& options, Declare declare, const 
     : options_(options),
       declare_(std::move(declare)),
       clock_(clock),
-      client_(make_tcp_client_transport({})) {
+      client_(make_client_transport({})) {
   RAMKV_CHECK(options_.attempts >= 1 && options_.timeout_ns > 0);
 }
 

@@ -7,7 +7,7 @@
 namespace ramkv::coordinator {
 
 MasterNotifier::MasterNotifier(const Options& options)
-    : options_(options), transport_(make_tcp_client_transport(TransportOptions{})) {
+    : options_(options), transport_(make_client_transport(TransportOptions{})) {
   thread_ = std::thread([this] { run(); });
 }
 

@@ -21,7 +21,7 @@ RecoveryManager::RecoveryManager(const RecoveryOptions& options, RecoveryHost& h
     : options_(options),
       host_(host),
       clock_(clock),
-      client_(make_tcp_client_transport({})),
+      client_(make_client_transport({})),
       // Ids differ across coordinator restarts: a recovery master's late report for a
       // recovery the previous coordinator ran is recognised as unknown.
       next_recovery_id_(unix_ns()) {}
@@ -115,8 +115,10 @@ void RecoveryManager::send_start_reading(Recovery& r) {
   r.answers.clear();
   r.pending = 0;
   std::vector<std::byte> body;
-  wire::BodyWriter(&body).put(
-      wire::StartReadingDataRequest{.master_id = r.master_id, .recovery_id = r.id});
+  // Backups read nothing until the partition map names their primary replicas: reading
+  // every replica would read the log R times (docs/recovery.md, step 4).
+  wire::BodyWriter(&body).put(wire::StartReadingDataRequest{
+      .master_id = r.master_id, .recovery_id = r.id, .flags = wire::kDeferReads});
   for (const auto& server : host_.state().servers()) {
     if (server.status != ServerStatus::kUp || (server.services & wire::kServiceBackup) == 0) {
       continue;
@@ -179,33 +181,55 @@ void RecoveryManager::on_answers(Recovery& r) {
   }
   size_t replicas = 0;
   for (const auto& [segment, where] : r.plan.locations) replicas += where.size();
+  std::string spread;
+  for (const auto& [backup_id, segments] : r.plan.primaries) {
+    spread += fmt::format("{}{}", spread.empty() ? "" : "/", segments.size());
+  }
   LOG_INFO(
       "recovery {} of master {}: log complete ({} segments, {} usable replicas on {} backups, "
-      "head {}); about {} in {} partitions",
+      "primaries {}, head {}); about {} in {} partitions",
       r.id, wire::server_id_text(r.master_id), r.plan.locations.size(), replicas, r.answers.size(),
-      r.plan.digest_segment_id, format_bytes(r.plan.estimated_bytes), r.partitions.size());
+      spread, r.plan.digest_segment_id, format_bytes(r.plan.estimated_bytes), r.partitions.size());
   send_partitioning(r);
 }
 
 void RecoveryManager::send_partitioning(Recovery& r) {
-  r.phase = Phase::kPartitioning;
+  // The recovery masters start at once, without waiting for the backups' answers: a
+  // backup that has not taken the map yet answers their data requests kRetry, and one
+  // that cannot take it is dead or restarted, which they notice themselves (the next
+  // replica of a segment is asked). Waiting would add a round trip, and more: the
+  // coordinator's loop can stall for hundreds of milliseconds here, behind commits whose
+  // fsync queues up after the backups' recovery reads (docs/recovery.md).
+  r.phase = Phase::kReplaying;
   r.pending = 0;
-  std::vector<std::byte> body;
-  wire::BodyWriter w(&body);
+  if (std::none_of(r.answers.begin(), r.answers.end(),
+                   [](const BackupAnswer& a) { return !a.replicas.empty(); })) {
+    return fail(r, "no backup holds a replica");
+  }
   uint32_t count = 0;
   for (const auto& p : r.partitions) count += static_cast<uint32_t>(p.plan.tablets.size());
-  w.put(wire::StartPartitioningRequest{
-      .master_id = r.master_id, .recovery_id = r.id, .count = count});
-  for (const auto& p : r.partitions) {
-    for (const auto& t : p.plan.tablets) {
-      w.put(wire::PartitionTablet{.table_id = t.table_id,
-                                  .start_hash = t.start_hash,
-                                  .end_hash = t.end_hash,
-                                  .partition_id = p.plan.id});
-    }
-  }
   for (const auto& a : r.answers) {
     if (a.replicas.empty()) continue;
+    // The same map to every backup, each with its own primaries (possibly none).
+    static const std::vector<uint64_t> kNone;
+    auto named = r.plan.primaries.find(a.backup_id);
+    const auto& primaries = named == r.plan.primaries.end() ? kNone : named->second;
+    std::vector<std::byte> body;
+    wire::BodyWriter w(&body);
+    w.put(wire::StartPartitioningRequest{.master_id = r.master_id,
+                                         .recovery_id = r.id,
+                                         .count = count,
+                                         .primary_count = static_cast<uint32_t>(primaries.size()),
+                                         .flags = wire::kPrimariesNamed});
+    for (const auto& p : r.partitions) {
+      for (const auto& t : p.plan.tablets) {
+        w.put(wire::PartitionTablet{.table_id = t.table_id,
+                                    .start_hash = t.start_hash,
+                                    .end_hash = t.end_hash,
+                                    .partition_id = p.plan.id});
+      }
+    }
+    for (uint64_t segment_id : primaries) w.put(segment_id);
     const uint64_t recovery_id = r.id;
     const uint64_t backup_id = a.backup_id;
     ++r.pending;
@@ -217,18 +241,20 @@ void RecoveryManager::send_partitioning(Recovery& r) {
                                        std::span<const std::byte>) {
           dirty_ = true;
           Recovery* rec = find(recovery_id);
-          if (rec == nullptr || rec->phase != Phase::kPartitioning) return;
+          if (rec == nullptr || rec->phase != Phase::kReplaying) return;
           --rec->pending;
           Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
           if (s != Status::kOk) {
-            // Its replicas are not split: recovery masters must not ask it.
+            // Its replicas are not split: recovery masters given a partition from now on
+            // must not ask it (those already running find out themselves). Where it was
+            // the primary, the next replica listed becomes the first a recovery master
+            // asks; that backup reads it when asked (a secondary read on demand).
             LOG_WARNING("recovery {}: backup {} cannot partition: {}; using other replicas",
                         recovery_id, wire::server_id_text(backup_id), status_name(s));
             for (auto& [segment, where] : rec->plan.locations) {
               std::erase_if(where, [&](const auto& l) { return l.first == backup_id; });
             }
           }
-          if (rec->pending > 0) return;
           for (const auto& [segment, where] : rec->plan.locations) {
             if (where.empty()) {
               return fail(*rec, fmt::format("segment {} lost its last usable replica while "
@@ -236,11 +262,12 @@ void RecoveryManager::send_partitioning(Recovery& r) {
                                             segment));
             }
           }
-          rec->phase = Phase::kReplaying;
-          for (auto& p : rec->partitions) assign(*rec, p);
         });
   }
-  if (r.pending == 0) fail(r, "no backup holds a replica");
+  for (auto& p : r.partitions) {
+    if (r.phase != Phase::kReplaying) return;  // assign() failed the recovery
+    assign(r, p);
+  }
 }
 
 void RecoveryManager::assign(Recovery& r, Partition& p) {
@@ -285,9 +312,13 @@ void RecoveryManager::send_recover(Recovery& r, Partition& p) {
                            .server_id = r.master_id});
   }
   for (const auto& [segment, where] : r.plan.locations) {
-    // Rotate by partition, so recovery masters start on different backups.
+    // The primary first: it is the one that read the segment. The secondaries after it,
+    // rotated by partition, so that after a primary fails the recovery masters' reads of
+    // its segments spread over the other backups.
     for (size_t k = 0; k < where.size(); ++k) {
-      const auto& [backup_id, locator] = where[(k + p.plan.id) % where.size()];
+      const size_t secondaries = where.size() - 1;
+      const size_t at = k == 0 ? 0 : 1 + (k - 1 + p.plan.id) % secondaries;
+      const auto& [backup_id, locator] = where[at];
       w.put(wire::RecoveryLocation{.segment_id = segment,
                                    .backup_id = backup_id,
                                    .locator_bytes = static_cast<uint32_t>(locator.size())});

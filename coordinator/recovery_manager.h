@@ -11,11 +11,12 @@
 //   (plan)         coordinator/recovery_plan.h: proves the log complete and partitions
 //                  the tablets; an incomplete log fails the recovery (retried later, as a
 //                  backup holding the missing replica may come back).
-//   kPartitioning  `backup start partitioning` to every backup that holds a replica.
-//   kReplaying     `recover` to one recovery master per partition; each reports with
-//                  `recovery master finished`. Success moves the partition's tablets to
-//                  it (RecoveryHost::move_tablets); failure, or the master going down,
-//                  gives the partition to another master.
+//   kReplaying     `backup start partitioning` to every backup that holds a replica
+//                  (the map, and the segments it is primary for), and at once, without
+//                  waiting for those answers, `recover` to one recovery master per
+//                  partition; each reports with `recovery master finished`. Success moves
+//                  the partition's tablets to it (RecoveryHost::move_tablets); failure, or
+//                  the master going down, gives the partition to another master.
 //   kDone          every partition moved: the crashed master is removed
 //                  (RecoveryHost::finish_master).
 //
@@ -82,7 +83,7 @@ class RecoveryManager final : public LoopTask {
   uint64_t run() override;
 
  private:
-  enum class Phase : uint8_t { kReading, kPartitioning, kReplaying, kDone, kFailed };
+  enum class Phase : uint8_t { kReading, kReplaying, kDone, kFailed };
   struct Partition {
     PlannedPartition plan;
     uint64_t master_id = 0;  // recovery master; 0 while unassigned

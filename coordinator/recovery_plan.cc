@@ -3,8 +3,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <optional>
 #include <set>
 #include <tuple>
+
+#include "common/assert.h"
 
 namespace ramkv::coordinator {
 
@@ -82,6 +85,52 @@ uint64_t estimate_bytes(const Tablet& t, const std::vector<Tablet>& tablets,
   return static_cast<uint64_t>(static_cast<long double>(it->second) * width / share);
 }
 
+// Names one primary replica per segment (RecoveryPlan::locations): segment by segment in
+// log order, among its closed replicas if it has any (whole, and preferred as before), the
+// one on the backup with the fewest primary bytes so far (then the fewest primaries, then
+// the lowest id). Every backup so reads about the same share of the log, spread over the
+// whole log, which is the order recovery masters ask in. The primary goes first in the
+// segment's list; the others keep their order.
+void choose_primaries(RecoveryPlan* plan,
+                      const std::map<uint64_t, std::vector<Candidate>>& by_segment) {
+  struct Load {
+    uint64_t bytes = 0;
+    uint64_t count = 0;
+  };
+  std::map<uint64_t, Load> load;
+  for (auto& [segment_id, where] : plan->locations) {
+    const std::vector<Candidate>& all = by_segment.at(segment_id);
+    auto replica_on = [&](uint64_t backup_id) -> const wire::ReplicaEntry& {
+      auto it = std::find_if(all.begin(), all.end(),
+                             [&](const Candidate& c) { return c.backup_id == backup_id; });
+      RAMKV_CHECK(it != all.end());
+      return *it->replica;
+    };
+    const bool any_closed = std::any_of(
+        where.begin(), where.end(), [&](const auto& l) { return replica_on(l.first).closed != 0; });
+    std::optional<size_t> best;
+    for (size_t i = 0; i < where.size(); ++i) {
+      if (any_closed && replica_on(where[i].first).closed == 0) continue;
+      if (!best) {
+        best = i;
+        continue;
+      }
+      const Load& a = load[where[i].first];
+      const Load& b = load[where[*best].first];
+      if (std::tie(a.bytes, a.count, where[i].first) <
+          std::tie(b.bytes, b.count, where[*best].first)) {
+        best = i;
+      }
+    }
+    const auto at = static_cast<std::ptrdiff_t>(*best);
+    std::rotate(where.begin(), where.begin() + at, where.begin() + at + 1);
+    Load& chosen = load[where.front().first];
+    chosen.bytes += std::max<uint64_t>(replica_on(where.front().first).certificate_bytes, 1);
+    ++chosen.count;
+    plan->primaries[where.front().first].push_back(segment_id);
+  }
+}
+
 }  // namespace
 
 Result<RecoveryPlan> plan_recovery(uint64_t master_id, const std::vector<Tablet>& tablets,
@@ -135,6 +184,7 @@ Result<RecoveryPlan> plan_recovery(uint64_t master_id, const std::vector<Tablet>
     auto& list = plan.locations[segment_id];
     for (const auto& c : found) list.emplace_back(c.backup_id, *c.locator);
   }
+  choose_primaries(&plan, by_segment);
   if (!missing.empty()) {
     std::string ids;
     for (size_t i = 0; i < missing.size() && i < 16; ++i) {

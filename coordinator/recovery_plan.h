@@ -41,9 +41,15 @@ struct PlannedPartition {
 struct RecoveryPlan {
   uint64_t digest_segment_id = 0;
   uint64_t safe_version = 0;
-  // Every segment of the digest -> the backups with a usable replica, in the order a
-  // recovery master should try them (closed replicas first).
+  // Every segment of the digest -> the backups with a usable replica. The first is the
+  // segment's primary replica (docs/recovery.md, step 4): the one backup that reads and
+  // splits it at once, chosen to spread the log's bytes evenly over the backups. The
+  // others are its secondaries, read only if a recovery master asks them (after the
+  // primary failed it), in the order to try them (closed replicas first).
   std::map<uint64_t, std::vector<std::pair<uint64_t, std::string>>> locations;
+  // Backup id -> the segments it is primary for, ascending. Every segment of the digest
+  // is in exactly one list; a backup with no primary has no entry.
+  std::map<uint64_t, std::vector<uint64_t>> primaries;
   std::vector<PlannedPartition> partitions;
   uint64_t estimated_bytes = 0;
 };

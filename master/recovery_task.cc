@@ -22,7 +22,7 @@ RecoveryTask::RecoveryTask(const Options& options, ObjectManager& objects, Repli
       objects_(objects),
       replicas_(replicas),
       clock_(clock),
-      client_(make_tcp_client_transport({})) {}
+      client_(make_client_transport({})) {}
 
 RecoveryTask::~RecoveryTask() = default;
 
@@ -206,6 +206,7 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
     wire::RecoveryDataResponse resp;
     std::string_view entries;
     if (in.get(&resp) && in.get_string(resp.entry_bytes, &entries) && in.at_end()) {
+      if (job.first_data_ns == 0) job.first_data_ns = clock_.now_ns();
       ReplayStats stats;
       auto bytes = std::as_bytes(std::span(entries.data(), entries.size()));
       status = objects_.replay(
@@ -238,6 +239,7 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
 void RecoveryTask::finish(Job& job) {
   objects_.finish_replay(ranges(job), job.request.safe_version);
   job.replayed = true;
+  job.replayed_ns = clock_.now_ns();
   if (replicas_ != nullptr) {
     auto position = replicas_->log_position();
     job.durable_segment = position.first;
@@ -253,9 +255,18 @@ void RecoveryTask::report(const Key& key, Job& job) {
   }
   if (job.report_attempts == 0 && job.failed == Status::kOk) {
     ++stats_.partitions_finished;
-    LOG_INFO("recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s",
-             key.second, key.first, job.replay.objects, job.replay.tombstones,
-             format_bytes(job.bytes), static_cast<double>(elapsed) / 1e9);
+    // Where the time went: waiting for the first data (backups reading), pulling and
+    // replaying, then waiting until what was replayed is durable on our backups.
+    auto seconds = [](uint64_t from, uint64_t to) {
+      return to > from ? static_cast<double>(to - from) / 1e9 : 0.0;
+    };
+    const uint64_t first = job.first_data_ns == 0 ? job.started_ns : job.first_data_ns;
+    LOG_INFO(
+        "recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s "
+        "(first data after {:.3f} s, replayed after {:.3f} s, durable {:.3f} s later)",
+        key.second, key.first, job.replay.objects, job.replay.tombstones, format_bytes(job.bytes),
+        static_cast<double>(elapsed) / 1e9, seconds(job.started_ns, first),
+        seconds(job.started_ns, job.replayed_ns), seconds(job.replayed_ns, clock_.now_ns()));
   }
   if (++job.report_attempts > kMaxReportAttempts) {
     LOG_ERROR("recovery {} partition {}: the coordinator did not take our report; giving up",

@@ -1,8 +1,9 @@
 // RecoveryTask: the recovery-master side of crash recovery (docs/recovery.md, step 5).
 // The coordinator's `recover` names a partition of a crashed master's tablets and, for
-// every segment of its log, the backups holding a usable replica. The task pulls each
+// every segment of its log, the backups holding a usable replica, the segment's primary
+// first (docs/recovery.md, "Primary and secondary replicas"). The task pulls each
 // segment's share of the partition (`backup get recovery data`) from the first backup
-// that has it ready, several in flight, and replays it into this master's objects
+// listed, several in flight, and replays it into this master's objects
 // (ObjectManager::replay: the newest version wins, tombstones respected). A backup that
 // fails or sends a damaged stream is replaced by the next one listed; `kRetry` (not read
 // yet) is asked again shortly. When every segment is replayed, it ends the replay
@@ -88,6 +89,8 @@ class RecoveryTask final : public LoopTask {
     Status failed = Status::kOk;
     uint64_t missing_segment = 0;  // kIncomplete: the segment no backup could give
     bool replayed = false;         // finish_replay done; waiting for durability
+    uint64_t replayed_ns = 0;      // when every segment was replayed (for the log)
+    uint64_t first_data_ns = 0;    // when the first data arrived (for the log)
     uint64_t durable_segment = 0;  // the log position that must be durable
     uint32_t durable_offset = 0;
     bool report_in_flight = false;

@@ -21,7 +21,7 @@ ReplicaManager::ReplicaManager(const Options& options, Log& log, ServerTransport
     : options_(options),
       log_(log),
       server_(server),
-      client_(make_tcp_client_transport({})),
+      client_(make_client_transport({})),
       random_(options.seed != 0 ? options.seed : SystemClock::instance().now_ns()) {
   log_.set_replication_required(options_.replicas > 0);
 }

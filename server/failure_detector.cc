@@ -59,7 +59,7 @@ void FailureDetector::update_servers(uint64_t version,
 }
 
 void FailureDetector::run() {
-  auto client = make_tcp_client_transport({});
+  auto client = make_client_transport({});
   const Clock& clock = SystemClock::instance();
   Random random(options_.seed != 0 ? options_.seed : clock.now_ns() ^ options_.self_id);
   const uint64_t interval_ns = options_.ping_interval_ns;

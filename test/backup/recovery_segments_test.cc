@@ -622,6 +622,84 @@ TEST_CASE("recovery segments: an empty map is accepted and serves nothing",
   CHECK(rs.get_data(1, 0, &body) == Status::kBadRequest);
 }
 
+TEST_CASE(
+    "recovery segments: with deferred reads only the named primaries are read, and a secondary "
+    "is read when first asked for",
+    "[backup][recovery_segments]") {
+  test::TempDir dir("/var/tmp");
+  auto ring = Uring::create(8);
+  REQUIRE(ring.ok());
+  SegmentBuilder s1, s2, s3, s4;
+  s1.head(1, std::vector<uint64_t>{1, 2, 3, 4}, 9, {});
+  fill(&s1, 1, 300);
+  fill(&s2, 2, 300);
+  fill(&s3, 3, 300);
+  fill(&s4, 4, 300);
+  std::vector<RecoverySource> sources;
+  sources.push_back(file_source(**ring, dir.path, 1, s1));
+  sources.push_back(file_source(**ring, dir.path, 2, s2));
+  sources.push_back(ram_source(3, s3));
+  sources.push_back(file_source(**ring, dir.path, 4, s4));
+  RecoverySegments rs(kMaster, kRecovery, std::move(sources), /*defer_reads=*/true);
+  // The answer is there at once (the digest is read synchronously); nothing else is read.
+  CHECK(decode(rs.start_response()).digest == std::vector<uint64_t>{1, 2, 3, 4});
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(rs.replicas_admitted() == 0);
+  CHECK(rs.bytes_read() == 0);
+  std::vector<std::byte> body;
+  CHECK(rs.get_data(2, 10, &body) == Status::kRetry);  // no map yet: not admitted either
+  CHECK(rs.replicas_admitted() == 0);
+
+  // Primaries 1 and 3 (and an id it does not hold, ignored).
+  const std::vector<uint64_t> primaries = {3, 1, 77};
+  auto map = sample_map();
+  REQUIRE(rs.start_partitioning(map, std::span<const uint64_t>(primaries)) == Status::kOk);
+  wait_settled(rs);
+  CHECK(rs.replicas_admitted() == 2);
+  const uint64_t primary_bytes =
+      kReplicaHeaderBlock + s1.certificate().segment_bytes + s3.certificate().segment_bytes;
+  CHECK(rs.bytes_read() >= primary_bytes);
+  CHECK(rs.bytes_read() < primary_bytes + s2.certificate().segment_bytes);
+  check_served(rs, 1, s1, map, 0, true);
+  check_served(rs, 3, s3, map, 5, false);
+
+  // A recovery master whose primary for segment 2 failed asks here: retry, then the data.
+  CHECK(rs.get_data(2, 11, &body) == Status::kRetry);
+  CHECK(rs.replicas_admitted() == 3);
+  check_served(rs, 2, s2, map, 0, true);
+  wait_settled(rs);
+  // Segment 4 was never asked for: never read.
+  CHECK(rs.replicas_admitted() == 3);
+  CHECK(rs.bytes_read() < primary_bytes + 2 * kReplicaHeaderBlock + s2.certificate().segment_bytes +
+                              s4.certificate().segment_bytes);
+  // The same map again with more primaries admits them (a coordinator may resend).
+  const std::vector<uint64_t> more = {4};
+  REQUIRE(rs.start_partitioning(map, std::span<const uint64_t>(more)) == Status::kOk);
+  check_served(rs, 4, s4, map, 0, true);
+  CHECK(rs.replicas_admitted() == 4);
+}
+
+TEST_CASE("recovery segments: with deferred reads and no primaries named, every replica is read",
+          "[backup][recovery_segments]") {
+  test::TempDir dir("/var/tmp");
+  auto ring = Uring::create(8);
+  REQUIRE(ring.ok());
+  SegmentBuilder s1, s2;
+  s1.head(1, std::vector<uint64_t>{1, 2}, 9, {});
+  fill(&s1, 1, 100);
+  fill(&s2, 2, 100);
+  std::vector<RecoverySource> sources;
+  sources.push_back(file_source(**ring, dir.path, 1, s1));
+  sources.push_back(ram_source(2, s2));
+  RecoverySegments rs(kMaster, kRecovery, std::move(sources), /*defer_reads=*/true);
+  auto map = sample_map();
+  REQUIRE(rs.start_partitioning(map) == Status::kOk);
+  wait_settled(rs);
+  CHECK(rs.replicas_admitted() == 2);
+  check_served(rs, 1, s1, map, 0, true);
+  check_served(rs, 2, s2, map, 5, false);
+}
+
 TEST_CASE("recovery segments: destroying it while it reads is safe",
           "[backup][recovery_segments]") {
   test::TempDir dir("/var/tmp");

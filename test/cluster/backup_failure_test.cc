@@ -91,7 +91,7 @@ void check_reads(Client& client, uint64_t table, const std::map<size_t, uint64_t
 
 // What one backup holds (`backup list replicas`), every entry of every master.
 std::vector<wire::ReplicaEntry> list_replicas(const std::string& locator) {
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   auto r = call(*transport, locator,
                 {.opcode = wire::Opcode::kBackupListReplicas, .timeout_ns = 5'000'000'000}, {});
   INFO("list replicas at " << locator << ": " << status_name(r.status));
@@ -377,7 +377,7 @@ TEST_CASE(
   // frees replicas the master has re-made elsewhere soon after its restart.)
   std::vector<wire::ReplicaEntry> entries;
   for (int i = 0; i < 250 && entries.empty(); ++i) {
-    auto transport = make_tcp_client_transport({});
+    auto transport = make_client_transport({});
     auto r = call(*transport, cluster.coordinator(),
                   {.opcode = wire::Opcode::kGetBackupReplicas, .timeout_ns = 5'000'000'000}, {});
     REQUIRE(r.status == Status::kOk);

@@ -99,7 +99,7 @@ TEST_CASE("recovery: a client retrying an increment across a crash sees it appli
   }
   for (int i = 0; i < 3; ++i) REQUIRE(client->increment(*table, key, 100).ok());
 
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   // Sequence 1: applied; suppose its reply was lost. Its resend to the same master is
   // answered from the completion record.
   auto first = increment(*transport, cluster.locator_of(0), *table, key, 5, 1, 0);

@@ -85,7 +85,7 @@ bool wait_for_backup_count(Client& client, const std::string& locator, int backu
 
 CallResult raw_call(const std::string& locator, wire::Opcode opcode,
                     const std::vector<std::byte>& body) {
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   return call(*transport, locator, {.opcode = opcode, .timeout_ns = 3'000'000'000}, body);
 }
 

@@ -25,7 +25,7 @@ struct RecoveryRow {
 
 // The coordinator's recoveries (kGetRecoveries).
 std::vector<RecoveryRow> recoveries(const std::string& coordinator) {
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   auto r = call(*transport, coordinator,
                 {.opcode = wire::Opcode::kGetRecoveries, .timeout_ns = 5'000'000'000}, {});
   REQUIRE(r.status == Status::kOk);

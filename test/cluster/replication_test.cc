@@ -78,7 +78,7 @@ Status raw_write(const std::string& locator, uint64_t table_id, std::string_view
                            .rules = {}});
   w.put_bytes(key);
   w.put_bytes(value);
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   return call(*transport, locator, {.opcode = wire::Opcode::kWrite, .timeout_ns = 3'000'000'000},
               body)
       .status;
@@ -86,7 +86,7 @@ Status raw_write(const std::string& locator, uint64_t table_id, std::string_view
 
 // The replicas a backup holds (kBackupListReplicas).
 std::vector<wire::ReplicaEntry> backup_replicas(const std::string& locator) {
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   auto r = call(*transport, locator, {.opcode = wire::Opcode::kBackupListReplicas}, {});
   REQUIRE(r.status == Status::kOk);
   wire::BodyReader in(r.body);
@@ -100,7 +100,7 @@ std::vector<wire::ReplicaEntry> backup_replicas(const std::string& locator) {
 
 // What restarted backups reported to the coordinator (kGetBackupReplicas).
 std::vector<wire::ReportedReplica> reported_replicas(const std::string& coordinator) {
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   auto r = call(*transport, coordinator, {.opcode = wire::Opcode::kGetBackupReplicas}, {});
   REQUIRE(r.status == Status::kOk);
   wire::BodyReader in(r.body);
@@ -223,7 +223,7 @@ TEST_CASE("replication: a backup killed during writes loses nothing and is repla
     }
   }
   // The open head lost a replica, so its epoch went up and the coordinator recorded it.
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   auto epochs =
       call(*transport, cluster.coordinator(), {.opcode = wire::Opcode::kGetReplicationEpochs}, {});
   REQUIRE(epochs.status == Status::kOk);
@@ -264,7 +264,7 @@ TEST_CASE("replication: a zombie master's writes are refused by its backups",
                                   .locator_bytes = static_cast<uint32_t>(fake.size()),
                                   .replaces_id = master.server_id});
   w.put_bytes(fake);
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   REQUIRE(call(*transport, cluster.coordinator(), {.opcode = wire::Opcode::kEnlistServer}, body)
               .status == Status::kOk);
 

@@ -4,6 +4,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <map>
+
 namespace ramkv::coordinator {
 namespace {
 
@@ -196,6 +198,84 @@ TEST_CASE("recovery plan: partitions are sized from the table statistics and til
     REQUIRE(plan.ok());
     CHECK(plan->partitions.size() == 6);
     check_tiles(*plan, tablets);
+  }
+}
+
+// Every segment of the plan has exactly one primary: the first of its locations, and the
+// one backup whose primaries list names it.
+void check_one_primary_each(const RecoveryPlan& plan) {
+  std::map<uint64_t, uint64_t> primary_of;
+  for (const auto& [backup, segments] : plan.primaries) {
+    CHECK(std::is_sorted(segments.begin(), segments.end()));
+    for (uint64_t s : segments) CHECK(primary_of.emplace(s, backup).second);
+  }
+  REQUIRE(primary_of.size() == plan.locations.size());
+  for (const auto& [segment, where] : plan.locations) {
+    REQUIRE_FALSE(where.empty());
+    CHECK(primary_of.at(segment) == where.front().first);
+  }
+}
+
+TEST_CASE("recovery plan: each segment gets exactly one primary, spread evenly over backups",
+          "[coordinator][recovery]") {
+  std::string error;
+  SECTION("R = 3 over three backups: a third each, and each share spans the log") {
+    std::vector<uint64_t> digest;
+    std::vector<wire::ReplicaEntry> all;
+    for (uint64_t s = 1; s <= 99; ++s) {
+      digest.push_back(s);
+      all.push_back(replica(s, 1, s < 99));
+    }
+    std::vector<BackupAnswer> answers = {answer(2, all, digest, 99), answer(3, all, digest, 99),
+                                         answer(4, all, digest, 99)};
+    auto plan = plan_recovery(kMaster, whole_table(5), answers, std::nullopt, {}, &error);
+    REQUIRE(plan.ok());
+    check_one_primary_each(*plan);
+    REQUIRE(plan->primaries.size() == 3);
+    for (const auto& [backup, segments] : plan->primaries) {
+      CHECK(segments.size() == 33);
+      CHECK(segments.front() <= 3);  // round-robin over the log, not one block each
+      CHECK(segments.back() >= 97);
+    }
+    // Every other replica is still listed, as a fallback.
+    for (const auto& [segment, where] : plan->locations) CHECK(where.size() == 3);
+  }
+  SECTION("replicas scattered over more backups than R: loads differ by at most one") {
+    std::map<uint64_t, std::vector<wire::ReplicaEntry>> held;  // backup -> replicas
+    std::vector<uint64_t> digest;
+    for (uint64_t s = 1; s <= 200; ++s) {
+      digest.push_back(s);
+      for (uint64_t k = 0; k < 3; ++k) held[2 + (s * 7 + k * 3) % 8].push_back(replica(s, 1, true));
+    }
+    std::vector<BackupAnswer> answers;
+    for (auto& [backup, replicas] : held) answers.push_back(answer(backup, replicas, digest, 200));
+    // The head must be open somewhere.
+    answers.push_back(answer(20, {replica(200, 1, false)}, digest, 200));
+    auto plan = plan_recovery(kMaster, whole_table(5), answers, std::nullopt, {}, &error);
+    REQUIRE(plan.ok());
+    check_one_primary_each(*plan);
+    size_t least = SIZE_MAX, most = 0;
+    for (uint64_t backup = 2; backup < 10; ++backup) {
+      auto it = plan->primaries.find(backup);
+      size_t n = it == plan->primaries.end() ? 0 : it->second.size();
+      least = std::min(least, n);
+      most = std::max(most, n);
+    }
+    CHECK(most - least <= 1);
+    CHECK_FALSE(plan->primaries.contains(20));  // the head has closed replicas: they go first
+  }
+  SECTION("a primary is on a backup that holds the segment, closed replicas preferred") {
+    std::vector<BackupAnswer> answers = {
+        answer(2, {replica(1, 1, true), replica(2, 1, false)}, {1, 2}, 2),
+        answer(3, {replica(2, 1, true)}, {1, 2}, 2),
+        answer(4, {replica(2, 1, false)}, {1, 2}, 2),
+    };
+    auto plan = plan_recovery(kMaster, whole_table(5), answers, std::nullopt, {}, &error);
+    REQUIRE(plan.ok());
+    check_one_primary_each(*plan);
+    CHECK(plan->locations[1].front().first == 2);
+    CHECK(plan->locations[2].front().first == 3);
+    CHECK(plan->locations[2].size() == 3);
   }
 }
 
