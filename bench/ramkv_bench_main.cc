@@ -11,6 +11,10 @@
 #include "bench/ramkv_bench_recovery.h"
 #include "bench/ramkv_bench_replay.h"
 #include "common/log.h"
+#include "common/transport.h"
+#ifdef RAMKV_HAVE_RDMA
+#include "rdma/rdma_transport.h"
+#endif
 
 int main(int argc, char** argv) {
   CLI::App app{"ramkv-bench: benchmarks for ramkv: the storage engine, and running clusters"};
@@ -25,12 +29,35 @@ int main(int argc, char** argv) {
   ramkv::bench::add_replay_command(app, replay);
   ramkv::bench::RecoveryBenchOptions recovery;
   ramkv::bench::add_recovery_command(app, recovery);
+  // Every subcommand that talks to a cluster takes the cluster's transport.
+  std::string transport = "tcp";
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    if (sub->get_name() == "memory" || sub->get_name() == "replay" ||
+        sub->get_name() == "backup-disk") {
+      continue;  // in-process benchmarks: no RPCs
+    }
+    sub->add_option("--transport", transport,
+                    "tcp or rdma: the cluster's transport (rdma: this process's RPCs go over "
+                    "libibverbs, or the emulated provider in an emulated build)")
+        ->check(CLI::IsMember({"tcp", "rdma"}))
+        ->capture_default_str();
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     std::fprintf(stderr, "%s: %s (see --help)\n", "ramkv-bench", e.what());
     return 2;
+  }
+  if (transport == "rdma") {
+#ifdef RAMKV_HAVE_RDMA
+    ramkv::rdma::use_rdma({});
+    std::fprintf(stderr, "ramkv-bench: RPCs over RDMA (%s)\n",
+                 std::string(ramkv::rdma::rdma_provider()).c_str());
+#else
+    std::fprintf(stderr, "ramkv-bench: --transport rdma: this build has no RDMA transport\n");
+    return 2;
+#endif
   }
   if (app.got_subcommand("memory")) return ramkv::bench::run_memory_bench(memory);
   if (app.got_subcommand("latency")) return ramkv::bench::run_latency_bench(cluster);

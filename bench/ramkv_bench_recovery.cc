@@ -81,6 +81,10 @@ class LocalCluster {
     coordinator_ = fmt::format("127.0.0.1:{}", free_port());
     std::vector<std::string> argv = {bin + "/ramkv-coordinator", "--listen", coordinator_,
                                      "--data-dir", dir_ + "/coordinator"};
+    // The cluster speaks what this process speaks (ramkv-bench --transport).
+    const std::string transport(client_transport_name());
+    argv.push_back("--transport");
+    argv.push_back(transport);
     if (!o.partition_bytes.empty()) {
       argv.push_back("--recovery-partition-bytes");
       argv.push_back(o.partition_bytes);
@@ -89,11 +93,11 @@ class LocalCluster {
     for (uint32_t i = 0; i < o.servers; ++i) {
       LocalServer s;
       s.locator = fmt::format("127.0.0.1:{}", free_port());
-      s.pid = spawn(
-          {bin + "/ramkv-server", "--coordinator", coordinator_, "--listen", s.locator, "--memory",
-           memory, "--replicas", std::to_string(o.replicas), "--backup", "--durability",
-           o.durability, "--data-dir", fmt::format("{}/backup-{}", dir_, i + 1)},
-          fmt::format("{}/server-{}.log", dir_, i + 1));
+      s.pid = spawn({bin + "/ramkv-server", "--coordinator", coordinator_, "--listen", s.locator,
+                     "--memory", memory, "--replicas", std::to_string(o.replicas), "--backup",
+                     "--durability", o.durability, "--data-dir",
+                     fmt::format("{}/backup-{}", dir_, i + 1), "--transport", transport},
+                    fmt::format("{}/server-{}.log", dir_, i + 1));
       servers_.push_back(s);
     }
     return Status::kOk;
@@ -367,7 +371,7 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
                fill_seconds);
 
   // Watch the recovery, sampling each master's replay progress.
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   std::vector<Sample> timeline;
   std::optional<Recovery> done;
   std::string last_error;

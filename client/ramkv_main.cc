@@ -7,11 +7,16 @@
 
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "common/config.h"
+#include "common/log.h"
 #include "common/wire_format.h"
 #include "ramkv/client.h"
+#ifdef RAMKV_HAVE_RDMA
+#include "rdma/rdma_transport.h"
+#endif
 
 namespace {
 
@@ -27,6 +32,7 @@ struct Args {
   std::string value;
   int64_t delta = 1;
   uint32_t tablet_count = 0;
+  std::string transport = "tcp";
 };
 
 int fail(const std::string& command, Status s) {
@@ -236,6 +242,9 @@ int main(int argc, char** argv) {
   app.add_option("--coordinator", a.coordinator, "coordinator HOST:PORT")->capture_default_str();
   app.add_option("--timeout", a.timeout, "per-operation timeout (500ms, 5s, ...)")
       ->capture_default_str();
+  app.add_option("--transport", a.transport, "the cluster's transport: tcp or rdma")
+      ->check(CLI::IsMember({"tcp", "rdma"}))
+      ->capture_default_str();
   add_commands(app, a);
   try {
     app.parse(argc, argv);
@@ -243,6 +252,20 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     std::fprintf(stderr, "%s: %s (see --help)\n", "ramkv", e.what());
     return 2;
+  }
+  // A command-line tool prints its answer and its errors, not the library's progress
+  // lines (RAMKV_LOG_LEVEL still overrides; the verbs emulation reads it too).
+  if (std::getenv("RAMKV_LOG_LEVEL") == nullptr) {
+    ::setenv("RAMKV_LOG_LEVEL", "warning", 0);
+    ramkv::set_log_level(ramkv::LogLevel::kWarning);
+  }
+  if (a.transport == "rdma") {
+#ifdef RAMKV_HAVE_RDMA
+    ramkv::rdma::use_rdma({});
+#else
+    std::fprintf(stderr, "ramkv: --transport rdma: this build has no RDMA transport\n");
+    return 2;
+#endif
   }
   return run(app.get_subcommands().front()->get_name(), a);
 }

@@ -40,8 +40,10 @@ void put_server_entry(wire::BodyWriter& w, uint64_t id, const ServerInfo* s) {
 std::string server_id_string(uint64_t id) { return wire::server_id_text(id); }
 
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::create(
-    const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store) {
-  std::unique_ptr<CoordinatorService> service(new CoordinatorService(options, std::move(store)));
+    const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store,
+    std::unique_ptr<ServerTransport> transport) {
+  std::unique_ptr<CoordinatorService> service(
+      new CoordinatorService(options, std::move(store), std::move(transport)));
   auto bytes = service->store_->get();
   if (bytes.ok()) {
     auto loaded = CoordinatorState::deserialize(*bytes);
@@ -66,7 +68,8 @@ Result<std::unique_ptr<CoordinatorService>> CoordinatorService::create(
 }
 
 CoordinatorService::CoordinatorService(const CoordinatorOptions& options,
-                                       std::unique_ptr<ExternalStore> store)
+                                       std::unique_ptr<ExternalStore> store,
+                                       std::unique_ptr<ServerTransport> transport)
     : options_(options),
       store_(std::move(store)),
       notifier_(std::make_unique<MasterNotifier>(
@@ -79,7 +82,9 @@ CoordinatorService::CoordinatorService(const CoordinatorOptions& options,
           RecoveryOptions{.partition_bytes = options.recovery_partition_bytes,
                           .retry_delay_ns = options.recovery_retry_ns},
           static_cast<RecoveryHost&>(*this), SystemClock::instance())),
-      transport_(make_tcp_server_transport(TransportOptions{.busy_poll = options.busy_poll})) {}
+      transport_(transport != nullptr ? std::move(transport)
+                                      : make_tcp_server_transport(
+                                            TransportOptions{.busy_poll = options.busy_poll})) {}
 
 CoordinatorService::~CoordinatorService() = default;
 

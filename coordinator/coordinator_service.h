@@ -60,9 +60,11 @@ class CoordinatorService final : private RecoveryHost {
 
   // Loads the state from `store` (none: an empty cluster), listens, and queues take
   // tablets to the masters that own tablets. kCorrupt / kFormatError if the stored state
-  // is bad, kIoError if the store or the socket fails.
-  static Result<std::unique_ptr<CoordinatorService>> create(const CoordinatorOptions& options,
-                                                            std::unique_ptr<ExternalStore> store);
+  // is bad, kIoError if the store or the socket fails. It serves on `transport` (not yet
+  // listening), or on TCP when that is null.
+  static Result<std::unique_ptr<CoordinatorService>> create(
+      const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store,
+      std::unique_ptr<ServerTransport> transport = nullptr);
   ~CoordinatorService();
   CoordinatorService(const CoordinatorService&) = delete;
   CoordinatorService& operator=(const CoordinatorService&) = delete;
@@ -85,7 +87,8 @@ class CoordinatorService final : private RecoveryHost {
   Status declare_crashed(uint64_t id);
 
  private:
-  CoordinatorService(const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store);
+  CoordinatorService(const CoordinatorOptions& options, std::unique_ptr<ExternalStore> store,
+                     std::unique_ptr<ServerTransport> transport);
 
   void handle(const wire::MessageHeader& request, std::span<const std::byte> body, Reply& reply);
   Status enlist_server(wire::BodyReader& in, Reply& reply);

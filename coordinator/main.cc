@@ -11,6 +11,9 @@
 #include "common/stop_signals.h"
 #include "coordinator/coordinator_service.h"
 #include "coordinator/external_store.h"
+#ifdef RAMKV_HAVE_RDMA
+#include "rdma/rdma_transport.h"
+#endif
 
 namespace {
 
@@ -22,6 +25,9 @@ struct Flags {
   uint32_t verify_timeout_ms = 500;
   uint32_t verify_attempts = 3;
   std::string recovery_partition = "512M";
+  std::string transport = "tcp";
+  std::string rdma_device;
+  uint32_t rdma_port = 1;
 };
 
 }  // namespace
@@ -36,8 +42,8 @@ int main(int argc, char** argv) {
   app.add_option("--poll", flags.poll, "dispatch loop: busy (spin) or block")
       ->check(CLI::IsMember({"busy", "block"}))
       ->capture_default_str();
-  app.add_option("--log-level", flags.log_level, "debug, info, warning or error")
-      ->check(CLI::IsMember({"debug", "info", "warning", "error"}))
+  app.add_option("--log-level", flags.log_level, "debug, info, warning, error or silent")
+      ->check(CLI::IsMember({"debug", "info", "warning", "error", "silent"}))
       ->capture_default_str();
   app.add_option("--verify-timeout-ms", flags.verify_timeout_ms,
                  "failure detection: timeout of each ping the coordinator sends to a server "
@@ -52,6 +58,15 @@ int main(int argc, char** argv) {
   app.add_option("--recovery-partition-bytes", flags.recovery_partition,
                  "crash recovery: the share of a crashed master's data each recovery master "
                  "replays (about a second of work each), e.g. 512M")
+      ->capture_default_str();
+  app.add_option("--transport", flags.transport,
+                 "RPC transport: tcp, or rdma (every process of the cluster must use the same)")
+      ->check(CLI::IsMember({"tcp", "rdma"}))
+      ->capture_default_str();
+  app.add_option("--rdma-device", flags.rdma_device,
+                 "rdma: the device to use, as ibv_devices names it (default: the first)");
+  app.add_option("--rdma-port", flags.rdma_port, "rdma: the device port")
+      ->check(CLI::Range(1u, 255u))
       ->capture_default_str();
   try {
     app.parse(argc, argv);
@@ -82,13 +97,36 @@ int main(int argc, char** argv) {
                  flags.recovery_partition.c_str());
     return 2;
   }
-  auto service = coordinator::CoordinatorService::create(
-      {.listen_locator = flags.listen,
-       .busy_poll = flags.poll == "busy",
-       .verify_timeout_ns = uint64_t{flags.verify_timeout_ms} * 1'000'000,
-       .verify_attempts = flags.verify_attempts,
-       .recovery_partition_bytes = *partition},
-      std::move(*store));
+  coordinator::CoordinatorOptions options{
+      .listen_locator = flags.listen,
+      .busy_poll = flags.poll == "busy",
+      .verify_timeout_ns = uint64_t{flags.verify_timeout_ms} * 1'000'000,
+      .verify_attempts = flags.verify_attempts,
+      .recovery_partition_bytes = *partition};
+  std::unique_ptr<ServerTransport> transport;  // null: TCP
+  if (flags.transport == "rdma") {
+#ifdef RAMKV_HAVE_RDMA
+    rdma::RdmaOptions ropts;
+    ropts.device = flags.rdma_device;
+    ropts.port = static_cast<uint8_t>(flags.rdma_port);
+    std::string why;
+    auto made = rdma::make_rdma_server_transport({.busy_poll = flags.poll == "busy"}, ropts, &why);
+    if (!made.ok()) {
+      std::fprintf(stderr, "ramkv-coordinator: cannot start the RDMA transport: %s\n", why.c_str());
+      return 1;
+    }
+    transport = std::move(made).value();
+    // Every RPC this process sends goes over RDMA too.
+    rdma::use_rdma(ropts);
+#else
+    std::fprintf(stderr,
+                 "ramkv-coordinator: --transport rdma: this build has no RDMA transport (the "
+                 "libibverbs headers were missing when it was built)\n");
+    return 2;
+#endif
+  }
+  auto service =
+      coordinator::CoordinatorService::create(options, std::move(*store), std::move(transport));
   if (!service.ok()) {
     std::fprintf(stderr, "ramkv-coordinator: cannot start: %s\n",
                  std::string(status_name(service.status())).c_str());
@@ -96,7 +134,7 @@ int main(int argc, char** argv) {
   }
   stop_on_signal(service->get());
   install_stop_signals();
-  LOG_INFO("coordinator listening on {}", (*service)->locator());
+  LOG_INFO("coordinator listening on {} ({})", (*service)->locator(), flags.transport);
   (*service)->run();
   stop_on_signal<coordinator::CoordinatorService>(nullptr);
   LOG_INFO("coordinator stopped");

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <vector>
 
 #include "common/result.h"
@@ -71,6 +72,8 @@ class SegletPool {
     return f > reserve_seglets_ ? f - reserve_seglets_ : 0;
   }
   uint64_t memory_bytes() const { return uint64_t{seglet_count_} * seglet_bytes_; }
+  // The whole arena, for registering it with a network adapter once (zero-copy sends).
+  std::span<const std::byte> arena() const { return {base_, memory_bytes()}; }
 
  private:
   SegletPool() = default;

@@ -4,6 +4,7 @@
 #   scripts/cluster.sh start  [--servers N] [--masters N] [--backups N] [--replicas R]
 #                             [--durability buffered|disk] [--dir DIR] [--port P]
 #                             [--memory SIZE] [--poll block|busy] [--bin DIR]
+#                             [--transport tcp|rdma]
 #   scripts/cluster.sh status [--dir DIR]
 #   scripts/cluster.sh stop   [--dir DIR]
 #   scripts/cluster.sh kill   ADDRESS [--dir DIR]
@@ -19,6 +20,8 @@
 #   --durability  when a backup acknowledges a write: buffered (default; once in its
 #                 memory) or disk (once on disk)
 #   --memory      log memory of each master (default 256M)
+#   --transport   tcp (default) or rdma, for every process (rdma: libibverbs, or the
+#                 emulated provider in a build made with -DRAMKV_VERBS=emulated)
 # Server n logs to DIR/logs/server-<n>.log; a backup keeps its replica files in
 # DIR/backup-<n>; PIDs go to DIR/pids, the coordinator's state to DIR/coordinator. All of
 # it is started afresh (a new cluster's masters are empty, so old replicas and state
@@ -46,6 +49,7 @@ durability=buffered
 port=12246
 memory=256M
 poll=block
+transport=tcp
 bin="$root/build/bin"
 
 # The header comment above, without the '#'.
@@ -53,7 +57,7 @@ usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin)
+    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --dir) dir=$2 ;;
@@ -65,6 +69,7 @@ while [ $# -gt 0 ]; do
         --port) port=$2 ;;
         --memory) memory=$2 ;;
         --poll) poll=$2 ;;
+        --transport) transport=$2 ;;
         --bin) bin=$2 ;;
       esac
       shift 2 ;;
@@ -82,6 +87,7 @@ done
 [[ "$port" =~ ^[0-9]+$ ]] || die "--port must be a number"
 case "$durability" in buffered|disk) ;; *) die "--durability must be buffered or disk, not '$durability'" ;; esac
 case "$poll" in block|busy) ;; *) die "--poll must be block or busy, not '$poll'" ;; esac
+case "$transport" in tcp|rdma) ;; *) die "--transport must be tcp or rdma, not '$transport'" ;; esac
 total=$((servers + masters + backups))
 
 # Checks the shape of the cluster asked for (start only; stop and status ignore it).
@@ -140,13 +146,13 @@ start() {
   mkdir -p "$dir/pids" "$dir/logs" "$dir/coordinator"
   local coord="127.0.0.1:$port"
   "$bin/ramkv-coordinator" --listen "$coord" --data-dir "$dir/coordinator" --poll "$poll" \
-    >"$dir/logs/coordinator.log" 2>&1 &
+    --transport "$transport" >"$dir/logs/coordinator.log" 2>&1 &
   echo "$! ramkv-coordinator coordinator $coord" >"$dir/pids/0-coordinator.pid"
   local n
   for n in $(seq 1 "$total"); do
     local addr="127.0.0.1:$((port + n))" role
     role=$(role_of "$n")
-    local args=(--coordinator "$coord" --listen "$addr" --poll "$poll")
+    local args=(--coordinator "$coord" --listen "$addr" --poll "$poll" --transport "$transport")
     case "$role" in
       master|master+backup) args+=(--master --memory "$memory" --replicas "$replicas") ;;
       *) args+=(--no-master) ;;

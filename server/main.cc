@@ -34,6 +34,9 @@
 #include "master/recovery_task.h"
 #include "master/replica_manager.h"
 #include "server/failure_detector.h"
+#ifdef RAMKV_HAVE_RDMA
+#include "rdma/rdma_transport.h"
+#endif
 
 namespace {
 
@@ -57,6 +60,10 @@ struct ServerOptions {
   uint32_t ping_timeout_ms = 500;
   uint32_t recovery_pull_delay_ms = 0;
   uint32_t rpc_result_ttl_s = 3600;
+  std::string transport = "tcp";
+  std::string rdma_device;
+  uint32_t rdma_port = 1;
+  uint32_t rdma_recv_buffers = 16;
 };
 
 // Replicas travel in one RPC each, so a segment must fit a message with room to spare.
@@ -98,6 +105,21 @@ void add_flags(CLI::App& app, ServerOptions& o) {
       ->check(CLI::Range(1u, 1u << 16))
       ->capture_default_str();
   app.add_option("--memory", o.memory, "log memory of the master, e.g. 1G")->capture_default_str();
+  app.add_option("--transport", o.transport,
+                 "RPC transport: tcp, or rdma (libibverbs RC queue pairs; every process of "
+                 "the cluster must use the same)")
+      ->check(CLI::IsMember({"tcp", "rdma"}))
+      ->capture_default_str();
+  app.add_option("--rdma-device", o.rdma_device,
+                 "rdma: the device to use, as ibv_devices names it (default: the first)");
+  app.add_option("--rdma-port", o.rdma_port, "rdma: the device port")
+      ->check(CLI::Range(1u, 255u))
+      ->capture_default_str();
+  app.add_option("--rdma-recv-buffers", o.rdma_recv_buffers,
+                 "rdma: receive buffers of the largest message size (16 MiB) posted for "
+                 "requests; registered (pinned) memory")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
   app.add_option("--recovery-pull-delay-ms", o.recovery_pull_delay_ms,
                  "testing only: a recovery master waits this long between pulls of segment "
                  "data (slows recovery down so that tests can fail servers during one)")
@@ -161,7 +183,7 @@ ramkv::Result<ramkv::master::MasterConfig> master_config(const ServerOptions& o)
 // or 0 after printing why not.
 uint64_t enlist(const std::string& coordinator, const std::string& locator, uint32_t services,
                 uint64_t replaces_id) {
-  auto transport = ramkv::make_tcp_client_transport({});
+  auto transport = ramkv::make_client_transport({});
   std::vector<std::byte> body;
   ramkv::wire::BodyWriter w(&body);
   w.put(ramkv::wire::EnlistServerRequest{.services = services,
@@ -248,7 +270,7 @@ std::string backup_stats(const ramkv::backup::BackupService& backup) {
 // have been sent before our loop ran).
 bool fetch_server_list(const std::string& coordinator,
                        std::vector<ramkv::wire::ServerListItem>* servers, uint64_t* version) {
-  auto transport = ramkv::make_tcp_client_transport({});
+  auto transport = ramkv::make_client_transport({});
   auto r = ramkv::call(
       *transport, coordinator,
       {.opcode = ramkv::wire::Opcode::kGetServerList, .timeout_ns = kEnlistAttemptNs}, {});
@@ -307,7 +329,34 @@ int run_server(const ServerOptions& o) {
   }
   ramkv::TransportOptions topts;
   topts.busy_poll = o.poll == "busy";
-  auto transport = ramkv::make_tcp_server_transport(topts);
+  std::unique_ptr<ramkv::ServerTransport> transport;
+  if (o.transport == "rdma") {
+#ifdef RAMKV_HAVE_RDMA
+    ramkv::rdma::RdmaOptions ropts;
+    ropts.device = o.rdma_device;
+    ropts.port = static_cast<uint8_t>(o.rdma_port);
+    ropts.recv_buffers = o.rdma_recv_buffers;
+    std::string why;
+    auto made = ramkv::rdma::make_rdma_server_transport(topts, ropts, &why);
+    if (!made.ok()) return fail(1, "cannot start the RDMA transport: {}", why);
+    transport = std::move(made).value();
+    // Every RPC this process sends goes over RDMA too.
+    ramkv::rdma::use_rdma(ropts);
+    if (master) {
+      if (Status s = transport->register_memory(master->objects().log().pool().arena());
+          s != Status::kOk) {
+        return fail(1, "cannot register the log memory ({}) with the RDMA device",
+                    ramkv::format_bytes(master->objects().config().memory_bytes));
+      }
+    }
+#else
+    return fail(2,
+                "--transport rdma: this build has no RDMA transport (the libibverbs "
+                "headers were missing when it was built)");
+#endif
+  } else {
+    transport = ramkv::make_tcp_server_transport(topts);
+  }
   if (Status s = transport->listen(o.listen); s != Status::kOk) {
     return fail(s == Status::kInvalidArgument ? 2 : 1, "cannot listen on {}: {}", o.listen,
                 ramkv::status_name(s));

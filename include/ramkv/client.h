@@ -4,12 +4,16 @@
 // A Client holds one connection set to the coordinator and the masters, a cached copy of
 // the tablet map, and the operations in flight. Every operation is routed by the key's
 // hash to the master that owns the covering tablet. When a master answers "not mine"
-// (kUnknownTablet), is unreachable (kUnavailable), does not answer in time (kTimeout) or
-// asks to come back later (kRetry), the client refreshes its map from the coordinator and
-// resends with exponential back-off until the operation's deadline
-// (ClientOptions::timeout). Every other status reaches the caller unchanged (docs/rpc.md).
+// (kUnknownTablet, or kFenced from a master declared crashed whose tablets are being
+// recovered), is unreachable (kUnavailable), does not answer in time (kTimeout) or asks to
+// come back later (kRetry), the client refreshes its map from the coordinator and resends
+// with exponential back-off until the operation's deadline (ClientOptions::timeout). Every
+// other status reaches the caller unchanged (docs/rpc.md).
 // Every operation carries the client's id (random at connect) and its own sequence number,
-// kept across resends, so that servers can apply a resent request at most once.
+// kept across resends, and acknowledges the sequences it has finished: a write, remove or
+// increment is applied at most once even when resent to the master that recovered the
+// crashed one's data (docs/rpc.md, "Exactly once"). Multi-writes and multi-removes are not
+// covered.
 //
 // Threads: a Client is NOT thread-safe. Use one Client per thread (RAMCloud does the
 // same); completions of asynchronous operations run on the thread that calls poll(),

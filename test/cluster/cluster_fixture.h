@@ -21,12 +21,41 @@
 
 #include "common/transport.h"
 #include "ramkv/client.h"
+#ifdef RAMKV_HAVE_RDMA
+#include "rdma/rdma_transport.h"
+#endif
 
 #ifndef RAMKV_BIN_DIR
 #error "RAMKV_BIN_DIR must name the directory with ramkv-coordinator and ramkv-server"
 #endif
 
 namespace ramkv::test {
+
+// The transport every process of a test cluster uses, and this test process too:
+// RAMKV_TEST_TRANSPORT=rdma runs the same cluster tests over RDMA (in CI over the
+// emulated verbs provider, rdma/emu), unset or "tcp" over TCP.
+inline std::string test_transport() {
+  const char* t = std::getenv("RAMKV_TEST_TRANSPORT");
+  return t != nullptr && std::string(t) == "rdma" ? "rdma" : "tcp";
+}
+// Small RDMA receive pools: a test cluster has many processes on one machine.
+constexpr uint32_t kTestRdmaRecvBuffers = 4;
+inline std::vector<std::string> transport_args() {
+  if (test_transport() != "rdma") return {};
+  return {"--transport", "rdma"};
+}
+// Makes this process's client transports (the Client's and the tests' own) use the test
+// transport. Idempotent.
+inline void use_test_transport() {
+  if (test_transport() != "rdma") return;
+#ifdef RAMKV_HAVE_RDMA
+  rdma::RdmaOptions o;
+  o.client_recv_buffers = kTestRdmaRecvBuffers;
+  rdma::use_rdma(o);
+#else
+  FAIL("RAMKV_TEST_TRANSPORT=rdma, but this build has no RDMA transport");
+#endif
+}
 
 class Process {
  public:
@@ -125,6 +154,7 @@ class LocalCluster {
   // `masters` master-only servers without replication.
   explicit LocalCluster(int masters) : LocalCluster(ClusterShape{.masters = masters}) {}
   explicit LocalCluster(const ClusterShape& shape) : shape_(shape) {
+    use_test_transport();
     // Under /var/tmp: backups write with O_DIRECT, which tmpfs may refuse.
     char tmpl[] = "/var/tmp/ramkv-cluster-test-XXXXXX";
     REQUIRE(::mkdtemp(tmpl) != nullptr);
@@ -149,13 +179,19 @@ class LocalCluster {
   Process& coordinator_process() { return coordinator_; }
 
   void start_coordinator() {
-    coordinator_.start(
-        {std::string(RAMKV_BIN_DIR) + "/ramkv-coordinator", "--listen", coordinator_locator_,
-         "--data-dir", dir_ + "/coordinator", "--verify-timeout-ms",
-         std::to_string(shape_.verify_timeout_ms.value_or(kTestVerifyTimeoutMs)),
-         "--verify-attempts", std::to_string(shape_.verify_attempts.value_or(kTestVerifyAttempts))},
-        dir_ + "/coordinator.log");
-    auto client = make_tcp_client_transport({});
+    std::vector<std::string> argv = {
+        std::string(RAMKV_BIN_DIR) + "/ramkv-coordinator",
+        "--listen",
+        coordinator_locator_,
+        "--data-dir",
+        dir_ + "/coordinator",
+        "--verify-timeout-ms",
+        std::to_string(shape_.verify_timeout_ms.value_or(kTestVerifyTimeoutMs)),
+        "--verify-attempts",
+        std::to_string(shape_.verify_attempts.value_or(kTestVerifyAttempts))};
+    for (const auto& a : transport_args()) argv.push_back(a);
+    coordinator_.start(argv, dir_ + "/coordinator.log");
+    auto client = make_client_transport({});
     for (int i = 0; i < 300; ++i) {
       auto r = call(*client, coordinator_locator_,
                     {.opcode = wire::Opcode::kEcho, .timeout_ns = 200'000'000}, {});
@@ -197,6 +233,11 @@ class LocalCluster {
       argv.push_back(shape_.segment_bytes);
     }
     for (const auto& a : shape_.server_args) argv.push_back(a);
+    for (const auto& a : transport_args()) argv.push_back(a);
+    if (test_transport() == "rdma") {
+      argv.push_back("--rdma-recv-buffers");
+      argv.push_back(std::to_string(kTestRdmaRecvBuffers));
+    }
     if (backup) {
       for (const char* a : {"--backup", "--durability"}) argv.push_back(a);
       argv.push_back(shape_.durability);

@@ -40,7 +40,9 @@ std::vector<std::byte> read_request(uint64_t table, std::string_view key) {
 }
 
 int run_tool(const std::string& args, std::string* output) {
-  std::string cmd = std::string(RAMKV_BIN_DIR) + "/ramkv " + args + " 2>&1";
+  std::string cmd = std::string(RAMKV_BIN_DIR) + "/ramkv";
+  for (const auto& a : transport_args()) cmd += " " + a;
+  cmd += " " + args + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   REQUIRE(p != nullptr);
   char buf[4096];
@@ -155,7 +157,7 @@ TEST_CASE("cluster: a master asked for a key it does not own answers unknown tab
   std::string owner = owner_of(*c, table, "somekey");
   auto servers = c->servers();
   REQUIRE(servers.ok());
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   auto body = read_request(table, "somekey");
   int unknown = 0, found = 0;
   for (const auto& s : *servers) {
@@ -223,7 +225,7 @@ TEST_CASE("cluster: a live server survives malformed input and keeps answering",
   h.body_bytes = 0x7fffffff;
   raw(&h, sizeof(h));
   // Well-framed requests with bodies that lie, for every master opcode.
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   for (int op : {30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 999}) {
     for (int i = 0; i < 10; ++i) {
       std::vector<std::byte> body(rng.uniform(64));
@@ -253,7 +255,7 @@ TEST_CASE("cluster: a killed master makes only its own keys unavailable, within 
   REQUIRE(by_owner.size() == 2);
   cluster.server(0).kill9();
   // Which locator died: the one that no longer answers an echo.
-  auto transport = make_tcp_client_transport({});
+  auto transport = make_client_transport({});
   std::string dead;
   for (const auto& [locator, keys] : by_owner) {
     if (call(*transport, locator, {.opcode = wire::Opcode::kEcho, .timeout_ns = 500'000'000}, {})
