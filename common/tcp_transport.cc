@@ -20,6 +20,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <memory>
 #include <unordered_map>
 
 #include "common/clock.h"
@@ -82,38 +83,82 @@ void set_socket_options(int fd, const TransportOptions& o) {
   setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout, sizeof(timeout));
 }
 
+// Bytes with a consumed prefix, grown without zero-filling: std::vector::resize writes
+// zeros over every new byte, which for a replicated 8 MiB segment cost as much as
+// receiving it. Views into data() stay valid until the next reserve_tail().
+class ByteQueue {
+ public:
+  size_t size() const { return end_ - start_; }
+  bool empty() const { return end_ == start_; }
+  const std::byte* data() const { return buf_.get() + start_; }
+  // Room for `n` more bytes at the end (moving or reallocating what is held); returns
+  // where they go. commit() says how many were written.
+  std::byte* reserve_tail(size_t n) {
+    if (cap_ - end_ < n) {
+      const size_t held = size();
+      if (start_ > 0 && cap_ - held >= n) {
+        std::memmove(buf_.get(), buf_.get() + start_, held);
+      } else {
+        const size_t cap = std::max({held + n, cap_ * 2, kReadChunk});
+        std::unique_ptr<std::byte[]> grown(new std::byte[cap]);  // default-init: not zeroed
+        if (held > 0) std::memcpy(grown.get(), buf_.get() + start_, held);
+        buf_ = std::move(grown);
+        cap_ = cap;
+      }
+      start_ = 0;
+      end_ = held;
+    }
+    return buf_.get() + end_;
+  }
+  void commit(size_t n) { end_ += n; }
+  void append(std::span<const std::byte> bytes) {
+    if (bytes.empty()) return;
+    std::memcpy(reserve_tail(bytes.size()), bytes.data(), bytes.size());
+    end_ += bytes.size();
+  }
+  void consume(size_t n) {
+    start_ += n;
+    if (start_ == end_) start_ = end_ = 0;
+  }
+
+ private:
+  std::unique_ptr<std::byte[]> buf_;
+  size_t start_ = 0;
+  size_t end_ = 0;
+  size_t cap_ = 0;
+};
+
 // Bytes received but not yet parsed, and bytes to send that the socket did not take.
 struct Connection {
   int fd = -1;
   uint64_t serial = 0;  // server: which accept this is (deferred replies check it)
-  std::vector<std::byte> in;
-  size_t in_start = 0;  // parsed prefix of `in`
-  std::deque<std::byte> out;
+  ByteQueue in;         // consumed as messages are parsed
+  ByteQueue out;
   bool want_write = false;
   bool want_read = true;  // server: false while the peer does not read its replies
 
   // Appends whatever read() gives until EAGAIN, or until `max_buffered` bytes are held
   // (the rest stays in the socket; epoll is level-triggered, so it is read later). The
   // cap keeps a peer that sends faster than we parse from growing `in` without bound.
-  // false on EOF or error.
+  // Views into messages parsed before are dead by now (handlers and callbacks ran to
+  // completion), so the buffer may move. false on EOF or error.
   bool fill(size_t max_buffered) {
-    // Drop the parsed prefix first: with pipelined requests a partial message is almost
-    // always buffered, and without this the buffer would grow for the connection's life.
-    // Views into the prefix are dead by now (handlers and callbacks ran to completion).
-    if (in_start > 0) {
-      in.erase(in.begin(), in.begin() + static_cast<ptrdiff_t>(in_start));
-      in_start = 0;
-    }
     while (in.size() < max_buffered) {
-      size_t at = in.size();
-      in.resize(at + kReadChunk);
-      ssize_t n = ::read(fd, in.data() + at, kReadChunk);
+      // Read the rest of a large message in one go when its header says how much.
+      size_t want = kReadChunk;
+      if (in.size() >= kHeaderBytes) {
+        wire::MessageHeader h;
+        std::memcpy(&h, in.data(), kHeaderBytes);
+        const size_t whole = kHeaderBytes + size_t{h.body_bytes};
+        if (whole <= max_buffered && whole > in.size()) want = std::max(want, whole - in.size());
+      }
+      std::byte* at = in.reserve_tail(want);
+      ssize_t n = ::read(fd, at, want);
       if (n > 0) {
-        in.resize(at + static_cast<size_t>(n));
-        if (static_cast<size_t>(n) < kReadChunk) return true;
+        in.commit(static_cast<size_t>(n));
+        if (static_cast<size_t>(n) < want) return true;
         continue;
       }
-      in.resize(at);
       if (n == 0) return false;
       return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
     }
@@ -122,16 +167,15 @@ struct Connection {
 
   // The next whole message, if one is buffered. kBadRequest when framing is broken.
   Status next(const TransportOptions& o, wire::MessageHeader* h, std::span<const std::byte>* body) {
-    size_t have = in.size() - in_start;
-    if (have < kHeaderBytes) return Status::kRetry;
-    std::memcpy(h, in.data() + in_start, kHeaderBytes);
+    if (in.size() < kHeaderBytes) return Status::kRetry;
+    std::memcpy(h, in.data(), kHeaderBytes);
     if (wire::check_header(*h) != Status::kOk ||
         h->body_bytes + kHeaderBytes > o.max_message_bytes) {
       return Status::kBadRequest;
     }
-    if (have < kHeaderBytes + h->body_bytes) return Status::kRetry;
-    *body = {in.data() + in_start + kHeaderBytes, h->body_bytes};
-    in_start += kHeaderBytes + h->body_bytes;
+    if (in.size() < kHeaderBytes + h->body_bytes) return Status::kRetry;
+    *body = {in.data() + kHeaderBytes, h->body_bytes};
+    in.consume(kHeaderBytes + h->body_bytes);
     return Status::kOk;
   }
 
@@ -164,7 +208,7 @@ struct Connection {
         skip -= p.size();
         continue;
       }
-      out.insert(out.end(), p.begin() + static_cast<ptrdiff_t>(skip), p.end());
+      out.append(p.subspan(skip));
       skip = 0;
     }
     return true;
@@ -173,12 +217,9 @@ struct Connection {
   // Writes queued bytes. false on error.
   bool flush() {
     while (!out.empty()) {
-      std::byte chunk[kReadChunk];
-      size_t n = std::min(out.size(), sizeof(chunk));
-      std::copy(out.begin(), out.begin() + static_cast<ptrdiff_t>(n), chunk);
-      ssize_t w = ::send(fd, chunk, n, MSG_NOSIGNAL);
+      ssize_t w = ::send(fd, out.data(), out.size(), MSG_NOSIGNAL);
       if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
-      out.erase(out.begin(), out.begin() + w);
+      out.consume(static_cast<size_t>(w));
     }
     return true;
   }

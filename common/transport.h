@@ -140,9 +140,9 @@ class ClientTransport {
   };
   virtual ~ClientTransport() = default;
   // Queues a request to the server at `locator` (connecting if needed) and sends what
-  // it can now. The callback runs from a later poll(), never from send(). A callback may
-  // send() and disconnect(), but must not poll(): the body it is given lives in the
-  // connection's receive buffer.
+  // it can now; the body need not outlive the call (what is not sent is copied). The callback runs
+  // from a later poll(), never from send(). A callback may send() and disconnect(), but must not
+  // poll(): the body it is given lives in the connection's receive buffer.
   virtual void send(const std::string& locator, const Request& request,
                     std::span<const std::byte> body, Callback callback) = 0;
   // Waits up to timeout_ns for progress, runs completions; returns how many ran.

@@ -383,20 +383,22 @@ std::vector<Log::SegmentView> Log::replication_view(uint64_t* head_id) const {
   return out;
 }
 
-bool Log::copy_for_replication(uint64_t segment_id, uint32_t from, std::vector<std::byte>* out,
-                               uint32_t* length, Certificate* certificate, bool* closed) const {
+bool Log::replication_state(uint64_t segment_id, uint32_t* length, Certificate* certificate,
+                            bool* closed) const {
   std::lock_guard lock(append_mutex_);
   auto it = segments_.find(segment_id);
   if (it == segments_.end()) return false;
-  const Segment& seg = *it->second;
-  *length = seg.length();
-  *certificate = seg.certificate();
-  *closed = seg.closed();
-  if (from < seg.length()) {
-    size_t at = out->size();
-    out->resize(at + (seg.length() - from));
-    seg.read(from, std::span<std::byte>(out->data() + at, seg.length() - from));
-  }
+  *length = it->second->length();
+  *certificate = it->second->certificate();
+  *closed = it->second->closed();
+  return true;
+}
+
+bool Log::read_for_replication(uint64_t segment_id, uint32_t from, std::span<std::byte> out) const {
+  std::lock_guard lock(append_mutex_);
+  auto it = segments_.find(segment_id);
+  if (it == segments_.end() || uint64_t{from} + out.size() > it->second->length()) return false;
+  if (!out.empty()) it->second->read(from, out);
   return true;
 }
 

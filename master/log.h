@@ -140,10 +140,15 @@ class Log {
   };
   // The segments in the log, in id order, and the head's id. Any thread.
   std::vector<SegmentView> replication_view(uint64_t* head_id) const;
-  // Appends [from, length()) of a segment to *out and says the length and certificate
-  // that go with it; false if the segment is not in the log. Any thread.
-  bool copy_for_replication(uint64_t segment_id, uint32_t from, std::vector<std::byte>* out,
-                            uint32_t* length, Certificate* certificate, bool* closed) const;
+  // What a replication write of a segment sends, in two steps so that the caller copies
+  // into its own (reused, not zero-filled) buffer and may reuse a copy for several
+  // replicas: the length, certificate and closed flag; then bytes [from, from +
+  // out.size()), which must lie below a length said before (appended bytes never
+  // change). false if the segment is not in the log (or is shorter, after a compaction).
+  // Any thread.
+  bool replication_state(uint64_t segment_id, uint32_t* length, Certificate* certificate,
+                         bool* closed) const;
+  bool read_for_replication(uint64_t segment_id, uint32_t from, std::span<std::byte> out) const;
   void mark_replicated(uint64_t segment_id);
   const MasterConfig& config() const { return config_; }
 

@@ -226,6 +226,7 @@ bool ReplicaManager::open_durable(const Seg& seg) const {
 }
 
 void ReplicaManager::send_writes() {
+  copy_.segment_id = 0;  // a segment may have been compacted since the last pass
   // Segments go to the backups in id order (rules 1 and 2): this bounds the replicas open
   // on a backup when many segments wait at once (a recovery master's replay fills dozens
   // in a moment), and keeps "a closed segment with a digest has a durable successor".
@@ -262,11 +263,10 @@ void ReplicaManager::send_writes() {
 }
 
 void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
-  std::vector<std::byte> body(sizeof(wire::BackupWriteRequest));
   uint32_t length = 0;
   Certificate cert;
   bool closed = false;
-  if (!log_.copy_for_replication(seg.id, r.sent, &body, &length, &cert, &closed)) {
+  if (!log_.replication_state(seg.id, &length, &cert, &closed)) {
     seg.in_log = false;  // cleaned since the view; freed once the log is durable
     dirty_ = true;
     return;
@@ -286,7 +286,26 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
                                .certificate_checksum = cert.checksum,
                                .open = static_cast<uint8_t>(r.opened ? 0 : 1),
                                .close = static_cast<uint8_t>(close && closed ? 1 : 0)};
-  std::memcpy(body.data(), &req, sizeof(req));
+  constexpr size_t kHeader = sizeof(wire::BackupWriteRequest);
+  const size_t body_bytes = kHeader + req.length;
+  // Replicas of one segment usually need the same range: copy it out of the log once.
+  if (copy_.segment_id != seg.id || copy_.from != r.sent || copy_.length != length) {
+    if (copy_.capacity < body_bytes) {
+      copy_.capacity = std::max(body_bytes, copy_.capacity * 2);
+      copy_.buffer.reset(new std::byte[copy_.capacity]);  // not zero-filled
+    }
+    copy_.segment_id = 0;
+    if (!log_.read_for_replication(seg.id, r.sent, {copy_.buffer.get() + kHeader, req.length})) {
+      seg.in_log = false;  // cleaned (or compacted) since its state was read
+      dirty_ = true;
+      return;
+    }
+    copy_.segment_id = seg.id;
+    copy_.from = r.sent;
+    copy_.length = length;
+  }
+  std::memcpy(copy_.buffer.get(), &req, sizeof(req));
+  const std::span<const std::byte> body(copy_.buffer.get(), body_bytes);
   const uint64_t segment_id = seg.id;
   const uint64_t serial = r.serial;
   const uint64_t epoch = seg.epoch;

@@ -180,6 +180,17 @@ class ReplicaManager final : public LoopTask {
   bool warned_few_backups_ = false;
   bool warned_no_backups_ = false;
   uint64_t rpc_seq_ = 0;
+  // The body of the last replication write: header, then segment bytes copied once for
+  // every replica that needs the same range in one pass (send_writes()), in a buffer
+  // reused without zero-filling.
+  struct WriteCopy {
+    std::unique_ptr<std::byte[]> buffer;
+    size_t capacity = 0;
+    uint64_t segment_id = 0;  // 0: nothing valid
+    uint32_t from = 0;
+    uint32_t length = 0;
+  };
+  WriteCopy copy_;
   std::mt19937_64 random_;
   ReplicationStats stats_;
   std::vector<std::byte> scratch_;
