@@ -97,6 +97,14 @@ class LoopTask {
   virtual uint64_t run() = 0;
 };
 
+// Memory a server exposed for one-sided writes (ServerTransport::expose_memory): what a
+// writer needs to name it. Plain data, sent on the wire as wire::RemoteRegionWire.
+struct RemoteRegion {
+  uint64_t address = 0;  // the first byte, in the exposing process's address space
+  uint64_t bytes = 0;
+  uint32_t key = 0;  // RDMA: the memory region's rkey
+};
+
 class ServerTransport {
  public:
   using Handler = std::function<void(const wire::MessageHeader& request,
@@ -118,6 +126,19 @@ class ServerTransport {
     (void)memory;
     return Status::kOk;
   }
+  // One-sided writes (RDMA): exposes `memory` to the peers of this transport, which may
+  // then write into it with ClientTransport::write_remote() without this process taking
+  // part. Returns where it lies for them (the region's address and key, sent to the
+  // writer in an RPC reply). kUnavailable on a transport without one-sided writes (TCP);
+  // kNoSpace when the adapter refuses (logged). Dispatch thread only, as withdraw.
+  virtual Result<RemoteRegion> expose_memory(std::span<std::byte> memory) {
+    (void)memory;
+    return Status::kUnavailable;
+  }
+  // Ends a region's exposure: once this returns, no write through `region.key` lands
+  // (the writer's queue pair fails instead), so its memory may be read as final or
+  // reused. Regions still exposed when the transport is destroyed are withdrawn then.
+  virtual void withdraw_memory(const RemoteRegion& region) { (void)region; }
   // Sends a reply a handler deferred. Dispatch thread only. Dropped (and false) when the
   // connection has closed since the request arrived.
   virtual bool send_deferred(const ReplyToken& token, const Reply& reply) = 0;
@@ -153,6 +174,40 @@ class ClientTransport {
   virtual int wait_fd() const { return -1; }
   // Closes the connection to `locator`, failing its requests with kUnavailable.
   virtual void disconnect(const std::string& locator) = 0;
+
+  // ---- One-sided writes (RDMA; docs/rdma.md, "One-sided mirroring") ------------------
+  // Whether write_remote() works here. TCP: false, and the caller uses RPCs instead.
+  virtual bool one_sided() const { return false; }
+  // Memory that write_remote() pieces may come from (a master's log), registered with the
+  // adapter once: such pieces go without a copy. kOk, or the adapter's refusal (logged).
+  virtual Status register_memory(std::span<const std::byte> memory) {
+    (void)memory;
+    return Status::kOk;
+  }
+  // One RDMA WRITE: `bytes` into the server's exposed region `key` at `address` (absolute,
+  // inside the region).
+  struct RemoteWrite {
+    uint64_t address = 0;
+    uint32_t key = 0;
+    std::span<const std::byte> bytes;
+  };
+  using WriteCallback = std::function<void(Status)>;
+  // Writes each of `writes`, in order, on the connection to the server at `locator` (the
+  // one its RPCs go on: a write posted before a request lands before the request is
+  // served). Pieces in registered memory are read by the adapter later and must not
+  // change until `done` runs; others are copied before this returns. `done` runs from a
+  // later poll(), once every write is in the server's memory (not its disk): kOk, or
+  // kUnavailable when the connection failed (a bad key or bounds: the queue pair goes to
+  // the error state and the connection is closed, failing its requests too), or
+  // kTimeout (the connection is then closed as well). Without one_sided(): kUnavailable at once
+  // (from this call).
+  virtual void write_remote(const std::string& locator, std::span<const RemoteWrite> writes,
+                            uint64_t timeout_ns, WriteCallback done) {
+    (void)locator;
+    (void)writes;
+    (void)timeout_ns;
+    done(Status::kUnavailable);
+  }
 };
 
 std::unique_ptr<ServerTransport> make_tcp_server_transport(const TransportOptions& options);

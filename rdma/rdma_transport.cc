@@ -22,6 +22,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/assert.h"
 #include "common/clock.h"
 #include "common/log.h"
 
@@ -96,6 +97,8 @@ struct Buffer {
 class Verbs {
  public:
   ~Verbs() {
+    // Memory regions go before the protection domain they belong to.
+    for (auto& [key, mr] : exposed_) ibv_dereg_mr(mr);
     for (ibv_mr* mr : regions_mrs_) ibv_dereg_mr(mr);
     for (auto& b : recv_) {
       if (b.mr != nullptr) ibv_dereg_mr(b.mr);
@@ -248,13 +251,17 @@ class Verbs {
   static constexpr uint64_t kSendUnbuffered = 1ULL << 56;
   static constexpr uint64_t kSendPooled = 2ULL << 56;
   static constexpr uint64_t kSendLarge = 3ULL << 56;
+  // A signalled RDMA WRITE of a client's write_remote(), then its serial (the client
+  // transport knows what it holds: a send buffer, the call it finishes).
+  static constexpr uint64_t kRemoteWrite = 4ULL << 56;
   static constexpr uint64_t kKindMask = 0xffULL << 56;
 
   // Posts one message (the concatenation of `pieces`) on `qp`. *signalled says whether
   // the send will complete on the CQ (the caller counts unsignalled ones per queue pair).
-  // Returns the wr_id, or 0 on failure.
+  // `by_reference`: pieces in registered memory may go without a copy (*zero_copied), and
+  // then the caller must wait for the send. Returns the wr_id, or 0 on failure.
   uint64_t send(ibv_qp* qp, std::span<const std::span<const std::byte>> pieces, uint32_t peer_max,
-                bool force_signal, bool* signalled, bool* zero_copied) {
+                bool by_reference, bool force_signal, bool* signalled, bool* zero_copied) {
     size_t total = 0;
     for (auto p : pieces) total += p.size();
     *zero_copied = false;
@@ -286,7 +293,7 @@ class Verbs {
     // in order, into one send buffer that leads the scatter list.
     size_t copied = 0;
     std::vector<std::pair<std::span<const std::byte>, uint32_t>> refs;  // piece, lkey
-    bool by_ref = o_.zero_copy && !regions_.empty();
+    bool by_ref = by_reference && o_.zero_copy && !regions_.empty();
     if (by_ref) {
       bool tail = false;  // references may only follow the copied prefix
       for (auto p : pieces) {
@@ -334,6 +341,88 @@ class Verbs {
       return 0;
     }
     return id;
+  }
+
+  // Posts one RDMA WRITE of `bytes` (not empty, under 4 GiB: one scatter entry) to
+  // `remote_address` under `key` on `qp`.
+  // Bytes inside memory given to register_memory() go by reference (they must not change
+  // until the write completes), at most max_inline() bytes inline, and others are copied
+  // into a send buffer whose id is put in *buffer (else 0). A write with a buffer is always
+  // signalled: its buffer is released (release_send) once it completed, or once its queue
+  // pair is destroyed. `signal` asks for a completion, with `wr_id`; *signalled says
+  // whether there will be one. false when it cannot be posted (logged).
+  bool write(ibv_qp* qp, std::span<const std::byte> bytes, uint64_t remote_address, uint32_t key,
+             bool signal, uint64_t wr_id, bool* signalled, uint64_t* buffer) {
+    RAMKV_CHECK(!bytes.empty() && bytes.size() <= UINT32_MAX);
+    *buffer = 0;
+    ibv_sge sge{};
+    sge.addr = reinterpret_cast<uint64_t>(bytes.data());
+    sge.length = static_cast<uint32_t>(bytes.size());
+    ibv_send_wr wr{};
+    wr.opcode = IBV_WR_RDMA_WRITE;
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.wr.rdma.remote_addr = remote_address;
+    wr.wr.rdma.rkey = key;
+    unsigned flags = 0;
+    if (o_.zero_copy && lkey_of(bytes, &sge.lkey)) {
+      // By reference: the caller keeps the bytes unchanged until the write is done.
+    } else if (bytes.size() <= max_inline_) {
+      flags |= static_cast<unsigned>(IBV_SEND_INLINE);  // copied by the adapter at post time
+    } else {
+      Buffer* b = send_buffer(bytes.size(), buffer);
+      if (b == nullptr) return false;
+      std::memcpy(b->memory.get(), bytes.data(), bytes.size());
+      sge.addr = reinterpret_cast<uint64_t>(b->memory.get());
+      sge.lkey = b->mr->lkey;
+      signal = true;
+    }
+    if (signal) flags |= static_cast<unsigned>(IBV_SEND_SIGNALED);
+    wr.send_flags = flags;
+    // An unsignalled write completes only when its queue pair fails (flushed): as an
+    // unbuffered send, it has nothing to give back then.
+    wr.wr_id = signal ? wr_id : kSendUnbuffered;
+    *signalled = signal;
+    if (post(qp, wr) == 0) {
+      if (*buffer != 0) release_send(*buffer);
+      *buffer = 0;
+      return false;
+    }
+    return true;
+  }
+
+  // Whether `bytes` lies in memory given to register_memory() and would be written by
+  // reference (write()).
+  bool by_reference(std::span<const std::byte> bytes) const {
+    uint32_t lkey = 0;
+    return o_.zero_copy && lkey_of(bytes, &lkey);
+  }
+
+  // Registers `memory` for remote writes by the peers of this protection domain.
+  Result<RemoteRegion> expose(std::span<std::byte> memory) {
+    ibv_mr* mr = ibv_reg_mr(pd_, memory.data(), memory.size(),
+                            static_cast<int>(static_cast<unsigned>(IBV_ACCESS_LOCAL_WRITE) |
+                                             static_cast<unsigned>(IBV_ACCESS_REMOTE_WRITE)));
+    if (mr == nullptr) {
+      LOG_ERROR("cannot expose {} bytes of memory with {}: {} (is `ulimit -l` too low?)",
+                memory.size(), name_, errno_text(errno));
+      return Status::kNoSpace;
+    }
+    exposed_[mr->rkey] = mr;
+    return RemoteRegion{.address = reinterpret_cast<uint64_t>(memory.data()),
+                        .bytes = memory.size(),
+                        .key = mr->rkey};
+  }
+
+  // Deregisters the region exposed under `key`; unknown keys are ignored. Once the
+  // adapter has deregistered it, writes through `key` fail at the writer.
+  void withdraw(uint32_t key) {
+    auto it = exposed_.find(key);
+    if (it == exposed_.end()) return;
+    if (int rc = ibv_dereg_mr(it->second); rc != 0) {
+      LOG_ERROR("rdma: cannot withdraw the region with key {}: {}", key, errno_text(rc));
+    }
+    exposed_.erase(it);
   }
 
   // A signalled send completed (or was flushed): its buffer is free again.
@@ -560,22 +649,58 @@ class Verbs {
   uint64_t large_serial_ = 0;
   std::vector<Region> regions_;
   std::vector<ibv_mr*> regions_mrs_;
+  std::unordered_map<uint32_t, ibv_mr*> exposed_;  // by rkey (expose)
+};
+
+// What waits on a link for room in its send queue (or, on a client, for its queue pair
+// to be connected), in the order given: a whole message, or one RDMA WRITE of a
+// write_remote() call (clients only).
+struct Waiting {
+  std::vector<std::byte> bytes;  // the message, or a write's bytes when copied
+  bool write = false;
+  // A write's bytes when they lie in registered memory: not copied, since the caller
+  // keeps them unchanged until its `done` runs.
+  std::span<const std::byte> ref;
+  uint64_t remote_address = 0;
+  uint32_t key = 0;
+  uint64_t call = 0;  // the write_remote() call this is the last write of, else 0
+
+  std::span<const std::byte> write_bytes() const {
+    return ref.empty() ? std::span<const std::byte>(bytes) : ref;
+  }
 };
 
 // One connected queue pair's sending side: what is posted and not yet known complete,
-// and the messages waiting for room in its send queue. Completions of one queue pair's
-// sends arrive in the order posted (RC), so a signalled send's completion means every
-// send posted before it on that queue pair is done too.
+// and what waits for room in its send queue. Completions of one queue pair's requests
+// (SENDs and RDMA WRITEs alike) arrive in the order posted (RC), so a signalled one's
+// completion means every request posted before it on that queue pair is done too.
 struct Link {
   ibv_qp* qp = nullptr;
   uint32_t peer_max = 0;
-  uint64_t posted = 0;     // sends posted
-  uint64_t completed = 0;  // sends known complete
+  // Whether messages may be sent from registered memory by reference: a server's replies
+  // (whose sender waits for them). Never a client's requests, whose bodies need not
+  // outlive send(), even where they lie in memory registered for remote writes.
+  bool by_reference = false;
+  uint64_t posted = 0;     // requests posted (sends and writes)
+  uint64_t completed = 0;  // requests known complete
   uint64_t last_signal = 0;
-  std::deque<uint64_t> signals;                // `posted` after each signalled send still in flight
-  std::deque<std::vector<std::byte>> waiting;  // whole messages, for want of room
+  std::deque<uint64_t> signals;  // `posted` after each signalled request still in flight
+  std::deque<Waiting> waiting;   // for want of room, in order
 
   bool room() const { return posted - completed + 1 < kSendQueueDepth; }
+  // Signalled every kSignalEvery requests, and whenever the queue is half full, so the
+  // send queue's slots come back.
+  bool must_signal() const {
+    return posted - last_signal + 1 >= kSignalEvery ||
+           posted - completed + 1 >= kSendQueueDepth / 2;
+  }
+  void note_posted(bool signalled) {
+    ++posted;
+    if (signalled) {
+      last_signal = posted;
+      signals.push_back(posted);
+    }
+  }
   // A signalled send of this queue pair completed (or was flushed).
   void signalled_done() {
     if (signals.empty()) return;
@@ -594,36 +719,44 @@ uint64_t transmit(Verbs& verbs, Link& link, std::span<const std::span<const std:
     size_t total = 0;
     for (auto p : pieces) total += p.size();
     if (total > link.peer_max) return 0;
-    std::vector<std::byte> m;
-    m.reserve(total);
-    for (auto p : pieces) m.insert(m.end(), p.begin(), p.end());
+    Waiting m;
+    m.bytes.reserve(total);
+    for (auto p : pieces) m.bytes.insert(m.bytes.end(), p.begin(), p.end());
     link.waiting.push_back(std::move(m));
     return 1;
   }
-  // Signalled every kSignalEvery sends, and whenever the queue is half full.
-  const bool force = link.posted - link.last_signal + 1 >= kSignalEvery ||
-                     link.posted - link.completed + 1 >= kSendQueueDepth / 2;
   bool signalled = false;
   bool zero_copied = false;
-  uint64_t id = verbs.send(link.qp, pieces, link.peer_max, force, &signalled, &zero_copied);
+  uint64_t id = verbs.send(link.qp, pieces, link.peer_max, link.by_reference, link.must_signal(),
+                           &signalled, &zero_copied);
   if (id == 0) return 0;
-  ++link.posted;
-  if (signalled) {
-    link.last_signal = link.posted;
-    link.signals.push_back(link.posted);
-  }
+  link.note_posted(signalled);
   return zero_copied ? id : 1;
 }
 
-// Posts waiting messages while there is room. false if one cannot be sent.
-bool flush_waiting(Verbs& verbs, Link& link) {
+// Posts what waits while there is room: messages here, writes through `post_write`
+// (which returns false when one cannot be posted). false if something cannot be sent.
+template <typename PostWrite>
+bool flush_waiting(Verbs& verbs, Link& link, PostWrite&& post_write) {
   while (!link.waiting.empty() && link.room()) {
-    std::vector<std::byte> m = std::move(link.waiting.front());
+    Waiting w = std::move(link.waiting.front());
     link.waiting.pop_front();
-    std::span<const std::byte> pieces[] = {m};
+    if (w.write) {
+      if (!post_write(w)) return false;
+      continue;
+    }
+    std::span<const std::byte> pieces[] = {w.bytes};
     if (transmit(verbs, link, pieces, /*next_waiting=*/true) == 0) return false;
   }
   return true;
+}
+
+// A server's link, which only ever holds messages.
+bool flush_waiting(Verbs& verbs, Link& link) {
+  return flush_waiting(verbs, link, [](const Waiting&) {
+    RAMKV_CHECK_MSG(false, "a server link has no remote writes");
+    return false;
+  });
 }
 
 uint32_t random_psn() {
@@ -723,6 +856,12 @@ class RdmaServerTransport final : public ServerTransport {
   Status register_memory(std::span<const std::byte> memory) override {
     return verbs_->register_memory(memory);
   }
+
+  Result<RemoteRegion> expose_memory(std::span<std::byte> memory) override {
+    return verbs_->expose(memory);
+  }
+
+  void withdraw_memory(const RemoteRegion& region) override { verbs_->withdraw(region.key); }
 
   void run(const Handler& handler) override {
     epoll_event events[64];
@@ -861,6 +1000,7 @@ class RdmaServerTransport final : public ServerTransport {
     Conn& c = by_qp_[qp->qp_num];
     c.link.qp = qp;
     c.link.peer_max = remote.max_message_bytes;
+    c.link.by_reference = true;
     c.fd = fd;
     c.serial = ++next_serial_;
     by_fd_[fd] = qp->qp_num;
@@ -1039,7 +1179,7 @@ class RdmaClientTransport final : public ClientTransport {
         request.timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + request.timeout_ns;
     Session* s = session(locator);
     if (s == nullptr) {
-      failed_.push_back({std::move(callback), Status::kUnavailable});
+      failed_.push_back(Failed::request(std::move(callback), Status::kUnavailable));
       return;
     }
     wire::MessageHeader h;
@@ -1051,16 +1191,70 @@ class RdmaClientTransport final : public ClientTransport {
     h.ack_seq = request.ack_seq;
     s->pending[id] = {std::move(callback), deadline};
     if (s->state != State::kReady) {
-      // Sent once the queue pair is up.
-      std::vector<std::byte> m(kHeaderBytes + body.size());
-      std::memcpy(m.data(), &h, kHeaderBytes);
-      if (!body.empty()) std::memcpy(m.data() + kHeaderBytes, body.data(), body.size());
-      s->queued.push_back(std::move(m));
+      // Sent once the queue pair is up, in order with the writes that wait too.
+      Waiting m;
+      m.bytes.resize(kHeaderBytes + body.size());
+      std::memcpy(m.bytes.data(), &h, kHeaderBytes);
+      if (!body.empty()) std::memcpy(m.bytes.data() + kHeaderBytes, body.data(), body.size());
+      s->link.waiting.push_back(std::move(m));
       return;
     }
     std::span<const std::byte> pieces[] = {{reinterpret_cast<const std::byte*>(&h), kHeaderBytes},
                                            body};
     if (!post(*s, pieces)) fail_session(locator, Status::kUnavailable);
+  }
+
+  bool one_sided() const override { return true; }
+
+  Status register_memory(std::span<const std::byte> memory) override {
+    return verbs_->register_memory(memory);
+  }
+
+  void write_remote(const std::string& locator, std::span<const RemoteWrite> writes,
+                    uint64_t timeout_ns, WriteCallback done) override {
+    // Empty writes move nothing: the call is done once its last non-empty write is.
+    size_t last = writes.size();
+    for (size_t i = 0; i < writes.size(); ++i) {
+      if (!writes[i].bytes.empty()) last = i;
+    }
+    if (last == writes.size()) {
+      failed_.push_back(Failed::write(std::move(done), Status::kOk));
+      return;
+    }
+    const uint64_t now = clock_.now_ns();
+    const uint64_t deadline = timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + timeout_ns;
+    Session* s = session(locator);
+    if (s == nullptr) {
+      failed_.push_back(Failed::write(std::move(done), Status::kUnavailable));
+      return;
+    }
+    const uint64_t call = next_write_call_++;
+    s->writes[call] = {std::move(done), deadline};
+    for (size_t i = 0; i <= last; ++i) {
+      const RemoteWrite& w = writes[i];
+      if (w.bytes.empty()) continue;
+      Waiting item;
+      item.write = true;
+      item.remote_address = w.address;
+      item.key = w.key;
+      item.call = i == last ? call : 0;
+      // Posted now when nothing waits before it and there is room; otherwise kept, in
+      // order with the messages, by reference when in registered memory, else copied.
+      if (s->state == State::kReady && s->link.waiting.empty() && s->link.room()) {
+        item.ref = w.bytes;
+        if (!post_write(*s, item)) {
+          fail_session(locator, Status::kUnavailable);
+          return;
+        }
+        continue;
+      }
+      if (verbs_->by_reference(w.bytes)) {
+        item.ref = w.bytes;
+      } else {
+        item.bytes.assign(w.bytes.begin(), w.bytes.end());
+      }
+      s->link.waiting.push_back(std::move(item));
+    }
   }
 
   int poll(uint64_t timeout_ns) override {
@@ -1073,6 +1267,9 @@ class RdmaClientTransport final : public ClientTransport {
     for (auto& [loc, s] : sessions_) {
       for (auto& [id, p] : s.pending) {
         wait_ns = std::min(wait_ns, p.deadline > now ? p.deadline - now : 0);
+      }
+      for (auto& [call, w] : s.writes) {
+        wait_ns = std::min(wait_ns, w.deadline > now ? w.deadline - now : 0);
       }
       if (s.state != State::kReady) {
         wait_ns = std::min(wait_ns, s.connect_deadline > now ? s.connect_deadline - now : 0);
@@ -1108,7 +1305,7 @@ class RdmaClientTransport final : public ClientTransport {
 
   size_t outstanding() const override {
     size_t n = failed_.size();
-    for (const auto& [loc, s] : sessions_) n += s.pending.size();
+    for (const auto& [loc, s] : sessions_) n += s.pending.size() + s.writes.size();
     return n;
   }
 
@@ -1122,20 +1319,46 @@ class RdmaClientTransport final : public ClientTransport {
     Callback callback;
     uint64_t deadline = 0;
   };
+  // A write_remote() call not yet done.
+  struct PendingWrite {
+    WriteCallback done;
+    uint64_t deadline = 0;
+  };
   struct Session {
     int fd = -1;
-    Link link;
+    Link link;  // its `waiting` also holds what is sent once the queue pair is up
     uint32_t psn = 0;
     State state = State::kConnecting;
     uint64_t epoch = 0;
     uint64_t connect_deadline = 0;
     std::vector<std::byte> hello_in;
-    std::vector<std::vector<std::byte>> queued;  // whole messages waiting for kReady
     std::map<uint64_t, Pending> pending;
+    std::map<uint64_t, PendingWrite> writes;  // by call id
   };
+  // A signalled RDMA WRITE in flight (wr_id Verbs::kRemoteWrite | serial).
+  struct WriteWr {
+    uint64_t epoch = 0;   // of the session whose queue pair it is on
+    uint64_t buffer = 0;  // the send buffer it reads from (a Verbs send id), or 0
+    uint64_t call = 0;    // the write_remote() call its completion finishes, or 0
+  };
+  // A callback that runs from the next poll(): a request's (callback) or a write's.
   struct Failed {
     Callback callback;
-    Status status;
+    WriteCallback write_done;
+    Status status = Status::kOk;
+
+    static Failed request(Callback cb, Status s) {
+      Failed f;
+      f.callback = std::move(cb);
+      f.status = s;
+      return f;
+    }
+    static Failed write(WriteCallback done, Status s) {
+      Failed f;
+      f.write_done = std::move(done);
+      f.status = s;
+      return f;
+    }
   };
 
   Session* session(const std::string& locator) {
@@ -1222,21 +1445,77 @@ class RdmaClientTransport final : public ClientTransport {
     }
     s.state = State::kReady;
     s.link.peer_max = remote.max_message_bytes;
-    std::vector<std::vector<std::byte>> queued;
-    queued.swap(s.queued);
-    for (const auto& m : queued) {
-      std::span<const std::byte> pieces[] = {m};
-      if (!post(s, pieces)) {
-        fail_session(locator, Status::kUnavailable);
-        return run_failed();
-      }
+    if (!flush(s)) {
+      fail_session(locator, Status::kUnavailable);
+      return run_failed();
     }
     return 0;
   }
 
   bool post(Session& s, std::span<const std::span<const std::byte>> pieces) {
-    // Requests are never sent by reference (no registered regions on a client).
+    // Never by reference (Link::by_reference is false): the body need not outlive send().
     return transmit(*verbs_, s.link, pieces) != 0;
+  }
+
+  // Posts what waits on the session's link while there is room.
+  bool flush(Session& s) {
+    return flush_waiting(*verbs_, s.link, [&](const Waiting& w) { return post_write(s, w); });
+  }
+
+  // Posts one RDMA WRITE of `w` on the session's queue pair, which must have room.
+  // Signalled when it finishes a call, holds a send buffer, or the link asks for it.
+  bool post_write(Session& s, const Waiting& w) {
+    const uint64_t serial = ++write_serial_ & ~Verbs::kKindMask;
+    bool signalled = false;
+    uint64_t buffer = 0;
+    if (!verbs_->write(s.link.qp, w.write_bytes(), w.remote_address, w.key,
+                       w.call != 0 || s.link.must_signal(), Verbs::kRemoteWrite | serial,
+                       &signalled, &buffer)) {
+      return false;
+    }
+    s.link.note_posted(signalled);
+    if (signalled) write_wrs_[serial] = {.epoch = s.epoch, .buffer = buffer, .call = w.call};
+    return true;
+  }
+
+  // A signalled RDMA WRITE completed (or was flushed).
+  int write_completed(const ibv_wc& wc) {
+    auto it = write_wrs_.find(wc.wr_id & ~Verbs::kKindMask);
+    // Not there: its session failed, which released what it held.
+    if (it == write_wrs_.end()) return 0;
+    const WriteWr wr = it->second;
+    write_wrs_.erase(it);
+    // Completed, even in error: the adapter is done with the buffer.
+    if (wr.buffer != 0) verbs_->release_send(wr.buffer);
+    if (wc.status != IBV_WC_SUCCESS) {
+      // A bad key or bounds (IBV_WC_REM_ACCESS_ERR), or a peer gone: the queue pair is in
+      // the error state, the session fails with its requests and writes.
+      if (wc.status != IBV_WC_WR_FLUSH_ERR) {
+        LOG_WARNING("rdma: a remote write on queue pair {} failed: {}", wc.qp_num,
+                    ibv_wc_status_str(wc.status));
+      }
+      fail_qp(wc.qp_num, wc.status);
+      return 0;
+    }
+    auto q = by_qp_.find(wc.qp_num);
+    if (q == by_qp_.end()) return 0;
+    const std::string locator = q->second;
+    Session& s = sessions_[locator];
+    if (s.epoch != wr.epoch) return 0;
+    s.link.signalled_done();
+    WriteCallback done;
+    if (wr.call != 0) {
+      // RC completes in order: every write of the call before this one is done too.
+      if (auto w = s.writes.find(wr.call); w != s.writes.end()) {
+        done = std::move(w->second.done);
+        s.writes.erase(w);
+      }
+    }
+    if (!flush(s)) fail_session(locator, Status::kUnavailable);
+    // Last: `done` may send, write or disconnect.
+    if (!done) return 0;
+    done(Status::kOk);
+    return 1;
   }
 
   int drain() {
@@ -1252,7 +1531,9 @@ class RdmaClientTransport final : public ClientTransport {
 
   int complete(const ibv_wc& wc) {
     if (!(wc.opcode & IBV_WC_RECV)) {
-      if ((wc.wr_id & Verbs::kKindMask) != Verbs::kSendUnbuffered) verbs_->release_send(wc.wr_id);
+      const uint64_t kind = wc.wr_id & Verbs::kKindMask;
+      if (kind == Verbs::kRemoteWrite) return write_completed(wc);
+      if (kind != Verbs::kSendUnbuffered) verbs_->release_send(wc.wr_id);
       if (wc.status != IBV_WC_SUCCESS) {
         fail_qp(wc.qp_num, wc.status);
         return 0;
@@ -1261,7 +1542,7 @@ class RdmaClientTransport final : public ClientTransport {
         const std::string locator = it->second;
         Session& s = sessions_[locator];
         s.link.signalled_done();
-        if (!flush_waiting(*verbs_, s.link)) fail_session(locator, Status::kUnavailable);
+        if (!flush(s)) fail_session(locator, Status::kUnavailable);
       }
       return 0;
     }
@@ -1310,7 +1591,12 @@ class RdmaClientTransport final : public ClientTransport {
     auto it = sessions_.find(locator);
     if (it == sessions_.end()) return;
     Session& s = it->second;
-    for (auto& [id, p] : s.pending) failed_.push_back({std::move(p.callback), status});
+    for (auto& [id, p] : s.pending) {
+      failed_.push_back(Failed::request(std::move(p.callback), status));
+    }
+    for (auto& [call, w] : s.writes) {
+      failed_.push_back(Failed::write(std::move(w.done), status));
+    }
     epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, s.fd, nullptr);
     ::close(s.fd);
     by_fd_.erase(s.fd);
@@ -1320,6 +1606,17 @@ class RdmaClientTransport final : public ClientTransport {
       // maps to a session; their buffers are re-posted or released when polled.
       ibv_destroy_qp(s.link.qp);
     }
+    // The adapter reads no more of this queue pair's writes once it is destroyed (not
+    // before: a write in flight may still be reading its buffer): their buffers go back
+    // now, and their late completions, if any, find nothing to release.
+    for (auto w = write_wrs_.begin(); w != write_wrs_.end();) {
+      if (w->second.epoch != s.epoch) {
+        ++w;
+        continue;
+      }
+      if (w->second.buffer != 0) verbs_->release_send(w->second.buffer);
+      w = write_wrs_.erase(w);
+    }
     sessions_.erase(it);
   }
 
@@ -1328,7 +1625,11 @@ class RdmaClientTransport final : public ClientTransport {
     while (!failed_.empty()) {
       Failed f = std::move(failed_.front());
       failed_.pop_front();
-      f.callback(f.status, wire::MessageHeader{}, {});
+      if (f.write_done) {
+        f.write_done(f.status);
+      } else {
+        f.callback(f.status, wire::MessageHeader{}, {});
+      }
       ++n;
     }
     return n;
@@ -1337,6 +1638,7 @@ class RdmaClientTransport final : public ClientTransport {
   int expire() {
     uint64_t now = clock_.now_ns();
     std::vector<std::string> stuck;
+    std::vector<std::string> late_writes;
     for (auto& [loc, s] : sessions_) {
       if (s.state != State::kReady && s.connect_deadline <= now) {
         stuck.push_back(loc);
@@ -1344,16 +1646,33 @@ class RdmaClientTransport final : public ClientTransport {
       }
       for (auto it = s.pending.begin(); it != s.pending.end();) {
         if (it->second.deadline <= now) {
-          failed_.push_back({std::move(it->second.callback), Status::kTimeout});
+          failed_.push_back(Failed::request(std::move(it->second.callback), Status::kTimeout));
           it = s.pending.erase(it);
         } else {
           ++it;
         }
       }
+      // A late write cannot be taken back while the adapter may still read its bytes
+      // (or write them into the server): the whole session goes, which stops it.
+      bool late = false;
+      for (auto it = s.writes.begin(); it != s.writes.end();) {
+        if (it->second.deadline <= now) {
+          failed_.push_back(Failed::write(std::move(it->second.done), Status::kTimeout));
+          it = s.writes.erase(it);
+          late = true;
+        } else {
+          ++it;
+        }
+      }
+      if (late) late_writes.push_back(loc);
     }
     for (const auto& loc : stuck) {
       LOG_WARNING("rdma: no connection to {} after {} ms", loc,
                   verbs_->options().connect_timeout_ns / 1'000'000);
+      fail_session(loc, Status::kUnavailable);
+    }
+    for (const auto& loc : late_writes) {
+      LOG_WARNING("rdma: remote writes to {} timed out: closing the session", loc);
       fail_session(loc, Status::kUnavailable);
     }
     return run_failed();
@@ -1364,10 +1683,13 @@ class RdmaClientTransport final : public ClientTransport {
   const Clock& clock_ = SystemClock::instance();
   int epoll_fd_ = -1;
   uint64_t next_request_id_ = 1;
+  uint64_t next_write_call_ = 1;
+  uint64_t write_serial_ = 0;
   uint64_t session_epoch_ = 0;
   std::map<std::string, Session> sessions_;
   std::unordered_map<int, std::string> by_fd_;
   std::unordered_map<uint32_t, std::string> by_qp_;
+  std::unordered_map<uint64_t, WriteWr> write_wrs_;  // by serial; at most a send queue per session
   std::deque<Failed> failed_;
 };
 

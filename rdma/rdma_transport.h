@@ -18,11 +18,36 @@
 //     register_memory() (a master's log), sent straight from there (zero copy).
 //   - The dispatch loop busy-polls the completion queue, or, in blocking mode, sleeps in
 //     epoll on the completion channel's descriptor with the TCP descriptors.
+//   - One-sided writes (docs/rdma.md, "One-sided mirroring"): a server exposes memory
+//     with expose_memory(), a region registered for remote write whose rkey is the
+//     RemoteRegion's key; withdraw_memory() deregisters it, and the transport's destructor
+//     deregisters what is still exposed (before its protection domain). A client's
+//     write_remote() posts one RDMA WRITE per piece, in order, on the session's queue pair
+//     (the one its RPCs use): pieces in memory given to the client's register_memory()
+//     go by reference, pieces of at most the inline size inline, others are copied into a
+//     send buffer, given back when that write completes or, if the session fails first,
+//     once its queue pair is destroyed (not before: the adapter may still read it). The
+//     call's last write is signalled and its completion runs `done(kOk)`. Writes wait, in
+//     order with the messages, while the queue pair is being connected or its send queue
+//     is full. A write that fails (a bad or withdrawn key, out of bounds: the queue pair
+//     goes to the error state) fails the session: its requests and writes get
+//     kUnavailable and the next send() or write_remote() to that server connects anew. A
+//     call past its timeout gets kTimeout and closes the session too, since a posted
+//     write cannot be taken back.
 //
-// Ordering rules that callers may rely on: messages on one connection arrive in the
-// order sent (RC); a send completion means the peer's adapter has the bytes, not that a
-// handler ran. A receiver without a posted buffer makes the sender retry (RNR, forever),
-// so a slow server slows its clients down instead of losing messages.
+// Ordering rules that callers may rely on:
+//   1. Messages on one connection arrive in the order sent (RC); a send completion means
+//      the peer's adapter has the bytes, not that a handler ran.
+//   2. Writes and sends on one connection are executed at the server in the order
+//      posted: the bytes of a write_remote() are in the server's memory before a request
+//      sent after it (on the same client transport, to the same server) is served.
+//   3. The bytes within one RDMA WRITE may land in any order, and a reader on the server
+//      may see part of a write in progress: only what a later request or the writer's
+//      `done` says is complete may be read as such.
+//   4. A write's completion (`done(kOk)`) means the server's memory (its adapter) has the
+//      bytes, not its disk, and that no handler on the server ran for them.
+// A receiver without a posted buffer makes the sender retry (RNR, forever), so a slow
+// server slows its clients down instead of losing messages.
 //
 // Zero-copy replies and the transport contract (common/transport.h): external pieces need
 // only stay valid until the handler's caller returns from sending. A reply sent from
@@ -55,7 +80,8 @@ struct RdmaOptions {
   // Send buffers for messages too large to go inline, kept registered.
   uint32_t send_buffers = 16;
   uint32_t send_buffer_bytes = 64u << 10;  // larger messages get a buffer of their own
-  // Replies with pieces in memory given to register_memory() go without copying.
+  // Replies (server) and remote writes (client) with pieces in memory given to
+  // register_memory() go without copying.
   bool zero_copy = true;
   // Connection set-up over TCP: how long to wait for the peer.
   uint64_t connect_timeout_ns = 5'000'000'000;
