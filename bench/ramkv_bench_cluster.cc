@@ -6,6 +6,7 @@
 #include <atomic>
 #include <thread>
 
+#include "client/client_transport.h"
 #include "common/checksum.h"
 #include "common/clock.h"
 #include "common/transport.h"
@@ -34,11 +35,18 @@ Percentiles percentiles(std::vector<uint64_t> ns) {
   return {at(0.50), at(0.90), at(0.99), at(0.999)};
 }
 
-Result<std::unique_ptr<Client>> connect(const ClusterBenchOptions& o) {
+ClientOptions client_options(const ClusterBenchOptions& o) {
   ClientOptions co;
   co.coordinator = o.coordinator;
   co.busy_poll = o.busy_poll;
-  return Client::connect(co);
+  co.transport = o.transport;
+  co.rdma_device = o.rdma_device;
+  co.rdma_port = o.rdma_port;
+  return co;
+}
+
+Result<std::unique_ptr<Client>> connect(const ClusterBenchOptions& o) {
+  return Client::connect(client_options(o));
 }
 
 // Creates the benchmark table and writes every key once with a value of `bytes`.
@@ -111,7 +119,10 @@ int run_latency_bench(const ClusterBenchOptions& o) {
   std::vector<LatencyRow> rows;
   Percentiles rtt;
   Random rng(1);
-  auto transport = make_client_transport({.busy_poll = o.busy_poll});
+  // The bare round trip goes on a transport made exactly as the client's own.
+  auto made = client::make_transport(client_options(o));
+  if (!made.ok()) return fail("transport", made.status()), 1;
+  auto transport = std::move(made).value();
   std::vector<std::byte> echo_body(100);
   std::vector<uint64_t> echoes;
   for (uint32_t bytes : o.value_bytes) {
@@ -168,14 +179,14 @@ int run_latency_bench(const ClusterBenchOptions& o) {
         "{{\"rtt_p50_us\": {:.1f}, \"rtt_p99_us\": {:.1f}, \"read_p50_us\": {:.1f}, "
         "\"read_p99_us\": {:.1f}, \"write_p50_us\": {:.1f}, \"write_p99_us\": {:.1f}, "
         "\"read_p50_over_rtt\": {:.3f}, \"write_p50_over_rtt\": {:.3f}, \"value_bytes\": {}, "
-        "\"samples\": {}, \"busy_poll\": {}, \"detail\": [{}]}}\n",
+        "\"samples\": {}, \"busy_poll\": {}, \"transport\": \"{}\", \"detail\": [{}]}}\n",
         rtt.p50, rtt.p99, read0.p.p50, read0.p.p99, write0.p.p50, write0.p.p99,
         read0.p.p50 / rtt.p50, write0.p.p50 / rtt.p50, read0.value_bytes, o.count, o.busy_poll,
-        detail);
+        o.transport, detail);
     return 0;
   }
-  fmt::print("ramkv-bench latency: {} samples each, {} keys, one synchronous client{}\n", o.count,
-             o.keys, o.busy_poll ? " (busy polling)" : "");
+  fmt::print("ramkv-bench latency: {} samples each, {} keys, one synchronous client over {}{}\n",
+             o.count, o.keys, o.transport, o.busy_poll ? " (busy polling)" : "");
   fmt::print("{:<8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "op", "value", "p50 us", "p90 us",
              "p99 us", "p99.9 us", "p50/rtt");
   fmt::print("{:<8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9}\n", "echo", "100 B", rtt.p50,
@@ -264,11 +275,12 @@ int run_throughput_bench(const ClusterBenchOptions& o) {
     for (const auto& [w, r] : results) fields += fmt::format("\"{}_ops_per_sec\": {:.0f}, ", w, r);
     fmt::print(
         "{{{}\"clients\": {}, \"window\": {}, \"value_bytes\": {}, \"seconds\": {}, "
-        "\"errors\": {}}}\n",
-        fields, o.clients, o.window, o.value_bytes.front(), o.seconds, total_errors);
+        "\"transport\": \"{}\", \"errors\": {}}}\n",
+        fields, o.clients, o.window, o.value_bytes.front(), o.seconds, o.transport, total_errors);
   } else {
-    fmt::print("ramkv-bench throughput: {} clients x {} in flight, {} B values, {} s each\n",
-               o.clients, o.window, o.value_bytes.front(), o.seconds);
+    fmt::print(
+        "ramkv-bench throughput: {} clients x {} in flight, {} B values, {} s each, over {}\n",
+        o.clients, o.window, o.value_bytes.front(), o.seconds, o.transport);
     for (const auto& [w, r] : results) fmt::print("{:<10} {:>12.0f} ops/s\n", w, r);
     if (total_errors > 0) fmt::print("errors: {}\n", total_errors);
   }

@@ -22,6 +22,11 @@ struct ClusterBenchOptions {
   std::vector<std::string> workloads = {"read", "write", "mixed", "multiread"};
   bool busy_poll = false;
   bool json = false;
+  // The cluster's transport, as ClientOptions::transport ("tcp" or "rdma"), and the RDMA
+  // device and port. Every client of the benchmark and its bare round trips use it.
+  std::string transport = "tcp";
+  std::string rdma_device;
+  uint32_t rdma_port = 1;
 };
 
 void add_cluster_commands(CLI::App& app, ClusterBenchOptions& options);

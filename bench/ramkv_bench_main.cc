@@ -31,6 +31,8 @@ int main(int argc, char** argv) {
   ramkv::bench::add_recovery_command(app, recovery);
   // Every subcommand that talks to a cluster takes the cluster's transport.
   std::string transport = "tcp";
+  std::string rdma_device;
+  uint32_t rdma_port = 1;
   for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
     if (sub->get_name() == "memory" || sub->get_name() == "replay" ||
         sub->get_name() == "backup-disk") {
@@ -41,6 +43,11 @@ int main(int argc, char** argv) {
                     "libibverbs, or the emulated provider in an emulated build)")
         ->check(CLI::IsMember({"tcp", "rdma"}))
         ->capture_default_str();
+    sub->add_option("--rdma-device", rdma_device,
+                    "rdma: the device, as ibv_devices names it (default: the first)");
+    sub->add_option("--rdma-port", rdma_port, "rdma: the device port")
+        ->check(CLI::Range(1, 255))
+        ->capture_default_str();
   }
   try {
     app.parse(argc, argv);
@@ -49,9 +56,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s: %s (see --help)\n", "ramkv-bench", e.what());
     return 2;
   }
+  // The clients of latency and throughput make their transport from these (as
+  // ClientOptions); everything else here (recovery's clients, the servers it starts)
+  // follows the process-wide choice below.
+  cluster.transport = transport;
+  cluster.rdma_device = rdma_device;
+  cluster.rdma_port = rdma_port;
   if (transport == "rdma") {
 #ifdef RAMKV_HAVE_RDMA
-    ramkv::rdma::use_rdma({});
+    ramkv::rdma::RdmaOptions rdma;
+    rdma.device = rdma_device;
+    rdma.port = static_cast<uint8_t>(rdma_port);
+    ramkv::rdma::use_rdma(rdma);
     std::fprintf(stderr, "ramkv-bench: RPCs over RDMA (%s)\n",
                  std::string(ramkv::rdma::rdma_provider()).c_str());
 #else

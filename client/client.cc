@@ -4,6 +4,7 @@
 #include "ramkv/client.h"
 
 #include "client/client_impl.h"
+#include "client/client_transport.h"
 #include "client/multi_op.h"
 #include "common/checksum.h"
 
@@ -159,6 +160,10 @@ Result<std::unique_ptr<Client>> Client::connect(const ClientOptions& options) {
   Status s = (*impl)->load_map();
   if (s != Status::kOk) return s;
   return std::unique_ptr<Client>(new Client(std::move(*impl)));
+}
+
+bool Client::transport_available(std::string_view transport) {
+  return client::transport_available(transport);
 }
 
 uint64_t Client::client_id() const { return impl_->client_id(); }

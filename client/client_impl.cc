@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <random>
 
+#include "client/client_transport.h"
 #include "common/clock.h"
 
 namespace ramkv {
@@ -21,10 +22,8 @@ uint64_t random_u64() {
 
 }  // namespace
 
-Client::Impl::Impl(const ClientOptions& options) : options_(options) {
-  TransportOptions t;
-  t.busy_poll = options.busy_poll;
-  transport_ = make_client_transport(t);
+Client::Impl::Impl(const ClientOptions& options, std::unique_ptr<ClientTransport> transport)
+    : options_(options), transport_(std::move(transport)) {
   do {
     client_id_ = random_u64();
   } while (client_id_ == 0);
@@ -36,7 +35,10 @@ Client::Impl::~Impl() = default;
 Result<std::unique_ptr<Client::Impl>> Client::Impl::create(const ClientOptions& options) {
   if (!parse_locator(options.coordinator).ok()) return Status::kInvalidArgument;
   if (options.timeout_ms == 0 || options.rpc_timeout_ms == 0) return Status::kInvalidArgument;
-  return std::unique_ptr<Impl>(new Impl(options));
+  // Last: the options are known good before a device is opened.
+  auto transport = client::make_transport(options);
+  if (!transport.ok()) return transport.status();
+  return std::unique_ptr<Impl>(new Impl(options, std::move(transport).value()));
 }
 
 uint64_t Client::Impl::now_ns() const { return SystemClock::instance().now_ns(); }

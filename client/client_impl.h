@@ -120,7 +120,7 @@ class Client::Impl {
     std::vector<std::function<void(Status)>> waiters;
   };
 
-  explicit Impl(const ClientOptions& options);
+  Impl(const ClientOptions& options, std::unique_ptr<ClientTransport> transport);
   void dispatch(const client::OpPtr& op);
   void dispatch_routed(const client::OpPtr& op);
   void send_routed(const client::OpPtr& op, const client::Tablet& tablet);

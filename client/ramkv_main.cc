@@ -12,11 +12,9 @@
 
 #include "common/config.h"
 #include "common/log.h"
+#include "common/transport.h"
 #include "common/wire_format.h"
 #include "ramkv/client.h"
-#ifdef RAMKV_HAVE_RDMA
-#include "rdma/rdma_transport.h"
-#endif
 
 namespace {
 
@@ -33,6 +31,8 @@ struct Args {
   int64_t delta = 1;
   uint32_t tablet_count = 0;
   std::string transport = "tcp";
+  std::string rdma_device;
+  uint32_t rdma_port = 1;
 };
 
 int fail(const std::string& command, Status s) {
@@ -212,14 +212,22 @@ int run(const std::string& command, const Args& a) {
                  a.timeout.c_str());
     return 2;
   }
-  ramkv::ClientOptions options{.coordinator = a.coordinator, .timeout_ms = *timeout_ns / 1'000'000};
-  options.rpc_timeout_ms = std::min(options.rpc_timeout_ms, options.timeout_ms);
-  auto client = Client::connect(options);
-  // The timeouts were checked above, so kInvalidArgument here means the locator: bad
-  // command-line input, which exits 2 (file comment), not 1.
-  if (!client.ok() && client.status() == Status::kInvalidArgument) {
+  // Bad command-line input exits 2 (file comment), not 1.
+  if (!ramkv::parse_locator(a.coordinator).ok()) {
     std::fprintf(stderr, "ramkv: --coordinator: expected HOST:PORT, got '%s'\n",
                  a.coordinator.c_str());
+    return 2;
+  }
+  ramkv::ClientOptions options{.coordinator = a.coordinator, .timeout_ms = *timeout_ns / 1'000'000};
+  options.rpc_timeout_ms = std::min(options.rpc_timeout_ms, options.timeout_ms);
+  options.transport = a.transport;
+  options.rdma_device = a.rdma_device;
+  options.rdma_port = a.rdma_port;
+  auto client = Client::connect(options);
+  // The locator and timeouts were checked above, so kInvalidArgument here is the RDMA
+  // device or port, which the library has just logged.
+  if (!client.ok() && client.status() == Status::kInvalidArgument) {
+    std::fprintf(stderr, "ramkv: --transport rdma: cannot use that RDMA device or port (above)\n");
     return 2;
   }
   if (!client.ok()) return fail(command, client.status());
@@ -245,6 +253,11 @@ int main(int argc, char** argv) {
   app.add_option("--transport", a.transport, "the cluster's transport: tcp or rdma")
       ->check(CLI::IsMember({"tcp", "rdma"}))
       ->capture_default_str();
+  app.add_option("--rdma-device", a.rdma_device,
+                 "rdma: the device, as ibv_devices names it (default: the first)");
+  app.add_option("--rdma-port", a.rdma_port, "rdma: the device port")
+      ->check(CLI::Range(1, 255))
+      ->capture_default_str();
   add_commands(app, a);
   try {
     app.parse(argc, argv);
@@ -259,13 +272,12 @@ int main(int argc, char** argv) {
     ::setenv("RAMKV_LOG_LEVEL", "warning", 0);
     ramkv::set_log_level(ramkv::LogLevel::kWarning);
   }
-  if (a.transport == "rdma") {
-#ifdef RAMKV_HAVE_RDMA
-    ramkv::rdma::use_rdma({});
-#else
-    std::fprintf(stderr, "ramkv: --transport rdma: this build has no RDMA transport\n");
+  if (!Client::transport_available(a.transport)) {
+    std::fprintf(stderr,
+                 "ramkv: --transport %s: this build has no such transport (RDMA needs the "
+                 "libibverbs headers at build time)\n",
+                 a.transport.c_str());
     return 2;
-#endif
   }
   return run(app.get_subcommands().front()->get_name(), a);
 }

@@ -53,6 +53,24 @@ struct ClientOptions {
   uint64_t rpc_timeout_ms = 2'000;
   // Spin on the sockets instead of sleeping in the kernel (lowest latency, one core busy).
   bool busy_poll = false;
+  // The transport the RPCs go on; it must be the cluster's (a cluster uses one throughout,
+  // docs/rdma.md):
+  //   "rdma": RPCs over RDMA verbs (reliable-connected queue pairs) on rdma_device and
+  //           rdma_port, in a build of this library with the RDMA transport
+  //           (transport_available("rdma")).
+  //   "tcp":  TCP.
+  //   "":     this process's default: TCP, unless the program chose another for all its
+  //           RPCs at start (ramkv's own programs do, with `--transport`).
+  // "tcp" and "rdma" are this Client's own choice: they never change the transport of
+  // the rest of the process. connect() fails with kInvalidArgument for another name, for
+  // "rdma" where it is not available, an RDMA device name not found or a port outside
+  // 1-255, and with kUnavailable when there is no RDMA device or it cannot be opened
+  // (the reason is logged, one line).
+  std::string transport = {};
+  // "rdma": the device, as `ibv_devices` names it; "" uses the first one listed.
+  std::string rdma_device = {};
+  // "rdma": the device's port.
+  uint32_t rdma_port = 1;
 };
 
 // Conditions under which an operation is rejected (compare-and-swap). Checked by the
@@ -146,8 +164,12 @@ class Client {
 
   // Contacts the coordinator (fetching the tablet map) before returning: a coordinator
   // that cannot be reached gives kUnavailable or kTimeout within options.timeout_ms; a
-  // malformed locator gives kInvalidArgument.
+  // malformed locator gives kInvalidArgument, and so does a transport this build cannot
+  // make (see ClientOptions::transport).
   static Result<std::unique_ptr<Client>> connect(const ClientOptions& options);
+  // Whether this build of the library can use `transport` as ClientOptions::transport:
+  // "" and "tcp" always; "rdma" where it was built with the RDMA transport.
+  static bool transport_available(std::string_view transport);
   ~Client();
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
