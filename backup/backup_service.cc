@@ -4,13 +4,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 
 #include "backup/replica_file.h"
 #include "backup/replica_scanner.h"
+#include "common/checksum.h"
 #include "common/log.h"
+#include "common/segment_iterator.h"
 
 namespace ramkv::backup {
 namespace {
@@ -128,7 +131,7 @@ Status BackupService::write(std::span<const std::byte> body, Reply& reply) {
   if (!in.get(&req) || !in.get_string(req.length, &data) || !in.at_end()) {
     return Status::kBadRequest;
   }
-  if (req.open > 1 || req.close > 1) return Status::kBadRequest;
+  if (req.open > 1 || req.close > 1 || req.remote > 1) return Status::kBadRequest;
   if (is_fenced(req.master_id)) return Status::kFenced;
   uint64_t end = uint64_t{req.offset} + req.length;
   if (end > options_.segment_bytes || req.certificate_bytes > end) return Status::kBadRequest;
@@ -145,18 +148,44 @@ Status BackupService::write(std::span<const std::byte> body, Reply& reply) {
     Replica r;
     r.buffer = std::move(*buffer);
     it = replicas_.emplace(key, std::move(r)).first;
-    return append(it, req, bytes, /*created=*/true, reply);
+    Status s = append(it, req, bytes, /*created=*/true, reply);
+    if (s == Status::kOk && req.remote == 1) {
+      if (auto made = replicas_.find(key); made != replicas_.end()) expose(made->second, reply);
+    }
+    return s;
   }
   Replica& r = it->second;
   if (r.found_on_disk) return Status::kBadRequest;  // see the class comment
   if (r.free_pending) return Status::kRetry;        // gone once the free is done
+  if (r.remote) {
+    // What the master appended one-sided comes first; a close ends the exposure.
+    if (req.close == 1) {
+      withdraw(key, r);
+    } else {
+      absorb(key, r);
+    }
+  }
+  // A resent open that asks for the region again (its first answer may have been lost).
+  auto put_region = [&] {
+    if (req.open == 1 && req.remote == 1 && r.remote) {
+      reply.writer().put(wire::BackupWriteResponse{.address = r.remote->address,
+                                                   .bytes = r.remote->bytes,
+                                                   .key = r.remote->key,
+                                                   .slot_offset = 0,
+                                                   .data_offset = kReplicaHeaderBlock,
+                                                   .capacity = options_.segment_bytes});
+    }
+  };
   // Invariant 2: the bytes held never change, and appends leave no gap.
   if (req.offset > r.staged.held_bytes || !matches_held(r, req.offset, bytes)) {
     return Status::kBadRequest;
   }
   // A resend is answered once what it asks for is durable (invariant 5): now, or when
   // the flush of the staged writes it repeats succeeds.
-  if (r.durable_seq > 0 && is_resend(r.durable, req, end)) return Status::kOk;
+  if (r.durable_seq > 0 && is_resend(r.durable, req, end)) {
+    put_region();
+    return Status::kOk;
+  }
   if (is_resend(r.staged, req, end)) {
     defer(r, r.staged_seq, reply);
     return Status::kOk;
@@ -490,6 +519,7 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
   if (is_fenced(req.master_id)) return Status::kFenced;  // recovery needs them
   auto it = replicas_.find({req.master_id, req.segment_id});
   if (it == replicas_.end()) return Status::kOk;  // already freed: a resent free is fine
+  if (it->second.remote) withdraw(it->first, it->second);
   if (!idle(it->second)) {
     // Not under a write in flight (invariant 6): once the flushes are done.
     if (deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;
@@ -515,6 +545,7 @@ Status BackupService::remove(std::map<Key, Replica>::iterator it) {
 void BackupService::forget(std::map<Key, Replica>::iterator it) {
   Replica& r = it->second;
   RAMKV_CHECK(idle(r) && r.waiters.empty());  // invariant 6; no reply left behind
+  if (r.remote) withdraw(it->first, r);       // before the buffer can go to another replica
   if (r.buffer.size() != 0) release_buffer(std::move(r.buffer));
   replicas_.erase(it);
 }
@@ -649,7 +680,10 @@ uint64_t BackupService::recovery_read_ns() const {
   return n;
 }
 
-std::vector<wire::ReplicaEntry> BackupService::list(bool found_on_disk_only) const {
+std::vector<wire::ReplicaEntry> BackupService::list(bool found_on_disk_only) {
+  for (auto& [key, r] : replicas_) {
+    if (r.remote) absorb(key, r);
+  }
   std::vector<wire::ReplicaEntry> entries;
   for (const auto& [key, r] : replicas_) {
     if (found_on_disk_only && !r.found_on_disk) continue;
@@ -663,6 +697,104 @@ std::vector<wire::ReplicaEntry> BackupService::list(bool found_on_disk_only) con
                                          .found_on_disk = static_cast<uint8_t>(r.found_on_disk)});
   }
   return entries;
+}
+
+void BackupService::fence_master(uint64_t master_id) {
+  fenced_.insert(master_id);
+  for (auto it = replicas_.lower_bound({master_id, 0});
+       it != replicas_.end() && it->first.first == master_id; ++it) {
+    if (it->second.remote) withdraw(it->first, it->second);
+  }
+}
+
+void BackupService::fence_generations_below(uint64_t current_id) {
+  uint32_t& newest = newest_generation_[static_cast<uint32_t>(current_id)];
+  newest = std::max(newest, static_cast<uint32_t>(current_id >> 32));
+  for (auto& [key, r] : replicas_) {
+    if (r.remote && is_fenced(key.first)) withdraw(key, r);
+  }
+}
+
+bool BackupService::expose(Replica& r, Reply& reply) {
+  if (transport_ == nullptr || options_.durability != Durability::kBuffered ||
+      r.buffer.size() == 0 || r.staged.closed || reply.deferred() || r.remote) {
+    return false;
+  }
+  // The buffer's last replica may have left a slot there.
+  std::memset(r.buffer.data(), 0, sizeof(wire::RemoteCertificate));
+  auto region = transport_->expose_memory(r.buffer.span());
+  if (!region.ok()) return false;  // TCP, or the adapter refused (logged): RPCs it is
+  r.remote = *region;
+  r.remote_sequence = 0;
+  ++regions_exposed_;
+  reply.writer().put(wire::BackupWriteResponse{.address = region->address,
+                                               .bytes = region->bytes,
+                                               .key = region->key,
+                                               .slot_offset = 0,
+                                               .data_offset = kReplicaHeaderBlock,
+                                               .capacity = options_.segment_bytes});
+  return true;
+}
+
+void BackupService::absorb(const Key& key, Replica& r) {
+  if (r.buffer.size() == 0 || r.staged.closed) return;
+  // The slot may be landing as we read it (a DMA, or the emulation's NIC thread): read
+  // it word by word, then check it whole.
+  uint64_t words[sizeof(wire::RemoteCertificate) / sizeof(uint64_t)];
+  auto* slot_words = reinterpret_cast<uint64_t*>(r.buffer.data());
+  for (size_t i = 0; i < std::size(words); ++i) {
+    words[i] = std::atomic_ref<uint64_t>(slot_words[i]).load(std::memory_order_relaxed);
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  wire::RemoteCertificate slot;
+  std::memcpy(&slot, words, sizeof(slot));
+  if (slot.magic != wire::RemoteCertificate::kMagic || slot.sequence == 0 ||
+      slot.sequence == r.remote_sequence) {
+    return;  // nothing new
+  }
+  const auto checked =
+      std::as_bytes(std::span(words)).first(offsetof(wire::RemoteCertificate, check));
+  const bool whole = slot.check == checksum64(checked);
+  const bool sane = slot.held_bytes <= options_.segment_bytes &&
+                    slot.certificate_bytes <= slot.held_bytes &&
+                    slot.sequence > r.remote_sequence && slot.held_bytes >= r.staged.held_bytes &&
+                    slot.certificate_bytes >= r.staged.certificate_bytes;
+  if (!whole || !sane || !idle(r)) {
+    // Torn (the next slot landing), or not what a master writes: the next look decides.
+    LOG_DEBUG("replica {}.{}: one-sided slot {} not taken ({})", wire::server_id_text(key.first),
+              key.second, slot.sequence,
+              !whole  ? "torn"
+              : !sane ? "goes back"
+                      : "busy");
+    return;
+  }
+  SegmentIterator proof(r.buffer.span().subspan(kReplicaHeaderBlock, slot.held_bytes),
+                        Certificate{slot.certificate_bytes, slot.certificate_checksum});
+  if (Status s = proof.validate(); s != Status::kOk) {
+    // Bytes not all landed yet, or damaged: the replica stays as it was.
+    LOG_WARNING(
+        "replica {}.{}: one-sided append {} ({} bytes) fails its certificate ({}); keeping "
+        "the {} bytes held before",
+        wire::server_id_text(key.first), key.second, slot.sequence, slot.held_bytes, status_name(s),
+        r.staged.held_bytes);
+    return;
+  }
+  r.staged.held_bytes = slot.held_bytes;
+  r.staged.certificate_bytes = slot.certificate_bytes;
+  r.staged.certificate_checksum = slot.certificate_checksum;
+  ++r.staged_seq;
+  r.durable = r.staged;
+  r.durable_seq = r.staged_seq;
+  r.remote_sequence = slot.sequence;
+  ++remote_appends_;
+}
+
+void BackupService::withdraw(const Key& key, Replica& r) {
+  if (!r.remote) return;
+  transport_->withdraw_memory(*r.remote);
+  r.remote.reset();
+  --regions_exposed_;
+  absorb(key, r);  // final: nothing lands after the withdrawal
 }
 
 Result<AlignedBuffer> BackupService::acquire_buffer() {

@@ -57,6 +57,23 @@
 // later writes and frees are refused with kFenced, so a zombie cannot change the replicas
 // recovery is about to read.
 //
+// One-sided mirroring (RDMA; docs/rdma.md): an open with remote = 1, in kBuffered, on a
+// transport that can expose memory, gets its replica's buffer exposed for RDMA WRITEs
+// (wire::BackupWriteResponse says where). The master then appends without this process
+// taking part: the bytes at data offset, then a wire::RemoteCertificate in the slot at the
+// start of the header block (the header is written there only at close, once the region
+// is withdrawn). A WRITE's completion at the master means the bytes are in this buffer:
+// acknowledged, as a kBuffered write is. The service takes the slot in (absorb()) before
+// it looks at the replica: any write or free of it, list(), start_reading. Bytes within
+// one WRITE may land in any order, and a slot may be read torn while the next one lands,
+// so a slot counts only when its own check matches and the certificate it carries proves
+// the bytes (every entry's checksum and the chained header checksum); otherwise the
+// replica stays as it was (and a later RPC that builds on the unproven bytes is refused
+// as a gap: the master makes the replica elsewhere). The region is withdrawn before the
+// replica is closed (a close is an RPC), freed, or its master fenced (fence_master: from
+// then on the zombie's WRITEs fail at its adapter, so what recovery reads is final), then
+// absorbed one last time.
+//
 // Owner: the server's dispatch thread, which calls handle() and run(). Not thread-safe.
 // Invariants:
 //   1. At most max_buffers open replicas hold a buffer; beyond that, opens get kRetry.
@@ -81,6 +98,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -128,14 +146,12 @@ class BackupService final : public LoopTask {
   int wait_fd() const override { return ring_->event_fd(); }
   uint64_t run() override;
 
-  // The coordinator declared `master_id` crashed: refuse its writes and frees from now on.
-  void fence_master(uint64_t master_id) { fenced_.insert(master_id); }
+  // The coordinator declared `master_id` crashed: refuse its writes and frees from now on
+  // (and withdraw its replicas' one-sided regions, so none of its RDMA WRITEs lands).
+  void fence_master(uint64_t master_id);
   // The server list shows `current_id` (index | generation << 32): every older generation
   // of that index was replaced, so it is fenced too.
-  void fence_generations_below(uint64_t current_id) {
-    uint32_t& newest = newest_generation_[static_cast<uint32_t>(current_id)];
-    newest = std::max(newest, static_cast<uint32_t>(current_id >> 32));
-  }
+  void fence_generations_below(uint64_t current_id);
   bool is_fenced(uint64_t master_id) const {
     if (fenced_.contains(master_id)) return true;
     auto it = newest_generation_.find(static_cast<uint32_t>(master_id));
@@ -145,7 +161,7 @@ class BackupService final : public LoopTask {
   // The replicas held, in (master, segment) order, with their durable state (a replica
   // whose open is not yet durable is left out); with `found_on_disk_only`, only those
   // the scan at start found (what a restarted backup reports to the coordinator).
-  std::vector<wire::ReplicaEntry> list(bool found_on_disk_only = false) const;
+  std::vector<wire::ReplicaEntry> list(bool found_on_disk_only = false);
 
   // The master's recovery is over (the server list shows it removed): its replicas and
   // any recovery state of it go.
@@ -160,7 +176,9 @@ class BackupService final : public LoopTask {
   size_t buffers_in_use() const { return buffers_allocated_ - free_buffers_.size(); }
   size_t deferred_replies() const { return deferred_replies_; }
   uint32_t operations_in_flight() const { return ring_->in_flight(); }
-  uint64_t flushes() const { return flushes_; }  // started so far
+  uint64_t flushes() const { return flushes_; }                // started so far
+  size_t regions_exposed() const { return regions_exposed_; }  // one-sided, now
+  uint64_t remote_appends() const { return remote_appends_; }  // slots absorbed so far
 
  private:
   // What a replica holds (or will, once its staged writes are durable).
@@ -222,6 +240,10 @@ class BackupService final : public LoopTask {
     File file;                    // open from the first flush until closed or freed
     // Header block, then segment bytes; empty once closed or for replicas found on disk.
     AlignedBuffer buffer;
+    // One-sided appends (see "One-sided mirroring" above): the buffer is exposed to the
+    // master's RDMA WRITEs while this is set; the slot is the header block's first bytes.
+    std::optional<RemoteRegion> remote;
+    uint64_t remote_sequence = 0;  // of the last RemoteCertificate absorbed
   };
   using Key = std::pair<uint64_t, uint64_t>;  // master id, segment id
   using Entry = std::map<Key, Replica>::value_type;
@@ -283,6 +305,15 @@ class BackupService final : public LoopTask {
   void complete_free(std::map<Key, Replica>::iterator it);
   // Drops a replica from memory, its buffer back to the pool (not its file).
   void forget(std::map<Key, Replica>::iterator it);
+  // One-sided mirroring: exposes the buffer of a replica just opened (kBuffered only)
+  // and puts where it lies in `reply`; false if the transport cannot (TCP) or refused.
+  bool expose(Replica& replica, Reply& reply);
+  // Takes in what the master's one-sided appends left in the slot: the held bytes and
+  // certificate grow to what it says once it is whole and the certificate proves the
+  // bytes (SegmentIterator); otherwise nothing changes (logged).
+  void absorb(const Key& key, Replica& replica);
+  // Ends the exposure, then absorbs what landed before it: final from then on.
+  void withdraw(const Key& key, Replica& replica);
   Result<AlignedBuffer> acquire_buffer();
   void release_buffer(AlignedBuffer buffer);
 
@@ -295,6 +326,8 @@ class BackupService final : public LoopTask {
   std::vector<Uring::Completion> done_;   // reused by run()
   size_t deferred_replies_ = 0;           // at most max_deferred_replies
   uint64_t flushes_ = 0;
+  size_t regions_exposed_ = 0;
+  uint64_t remote_appends_ = 0;
   bool event_may_be_set_ = false;  // completions were collected after the eventfd's clear
   std::set<uint64_t> fenced_;
   std::map<uint32_t, uint32_t> newest_generation_;  // server index -> newest generation

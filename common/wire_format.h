@@ -394,11 +394,13 @@ struct RecoveryLocation {
 static_assert(sizeof(RecoveryLocation) == 24);
 
 // ---- Backup ------------------------------------------------------------------------
-// kBackupWrite: BackupWriteRequest + `length` segment bytes. Empty response.
+// kBackupWrite: BackupWriteRequest + `length` segment bytes. Empty response, or a
+// BackupWriteResponse (below) when the write asked for one-sided writes and got them.
 // An append at `offset`, which must equal the bytes the backup already holds for the
 // replica. open = 1 creates the replica (first write); close = 1 closes it after this
 // write. The certificate covers the replica's first certificate_bytes bytes
-// (docs/log-format.md, Certificates).
+// (docs/log-format.md, Certificates). remote = 1 (with open = 1): the master would
+// rather append with RDMA WRITEs from now on (docs/rdma.md, "One-sided mirroring").
 struct BackupWriteRequest {
   uint64_t master_id = 0;
   uint64_t segment_id = 0;
@@ -409,9 +411,40 @@ struct BackupWriteRequest {
   uint32_t certificate_checksum = 0;
   uint8_t open = 0;
   uint8_t close = 0;
-  uint8_t pad[6] = {};
+  uint8_t remote = 0;
+  uint8_t pad[5] = {};
 };
 static_assert(sizeof(BackupWriteRequest) == 48);
+
+// The answer to a write with remote = 1 that the backup grants: the replica's buffer is
+// exposed for one-sided writes until the replica is closed, freed or its master fenced.
+// Segment byte i goes to address + data_offset + i (i < capacity); the master then
+// writes a RemoteCertificate at address + slot_offset, after the bytes it certifies.
+struct BackupWriteResponse {
+  uint64_t address = 0;
+  uint64_t bytes = 0;  // of the whole region
+  uint32_t key = 0;
+  uint32_t slot_offset = 0;
+  uint32_t data_offset = 0;
+  uint32_t capacity = 0;
+};
+static_assert(sizeof(BackupWriteResponse) == 32);
+
+// What a master's one-sided append leaves in the replica's certificate slot: how many
+// segment bytes it wrote and the certificate over them. The backup takes it (absorbs
+// it) when it next looks at the replica: an RPC for it, a listing, a fence, a recovery.
+// `check` (XXH3 of the first 24 bytes, low 64 bits) tells a whole slot from a torn one
+// or stale memory; `sequence` counts the master's appends to the replica (from 1).
+struct RemoteCertificate {
+  static constexpr uint32_t kMagic = 0x52434552;  // "RECR"
+  uint32_t held_bytes = 0;
+  uint32_t certificate_bytes = 0;
+  uint32_t certificate_checksum = 0;
+  uint32_t magic = kMagic;
+  uint64_t sequence = 0;
+  uint64_t check = 0;
+};
+static_assert(sizeof(RemoteCertificate) == 32);
 
 // kBackupFree: BackupFreeRequest. Empty response.
 struct BackupFreeRequest {

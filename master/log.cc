@@ -402,6 +402,15 @@ bool Log::read_for_replication(uint64_t segment_id, uint32_t from, std::span<std
   return true;
 }
 
+bool Log::replication_views(uint64_t segment_id, uint32_t from, uint32_t bytes,
+                            std::vector<std::span<const std::byte>>* out) const {
+  std::lock_guard lock(append_mutex_);
+  auto it = segments_.find(segment_id);
+  if (it == segments_.end() || uint64_t{from} + bytes > it->second->length()) return false;
+  it->second->views(from, bytes, out);
+  return true;
+}
+
 void Log::mark_replicated(uint64_t segment_id) {
   std::lock_guard lock(append_mutex_);
   if (segments_.contains(segment_id)) replicated_.insert(segment_id);

@@ -149,6 +149,12 @@ class Log {
   bool replication_state(uint64_t segment_id, uint32_t* length, Certificate* certificate,
                          bool* closed) const;
   bool read_for_replication(uint64_t segment_id, uint32_t from, std::span<std::byte> out) const;
+  // The same bytes without a copy, for one-sided writes (RDMA WRITE straight from the
+  // log): views of [from, from + bytes) appended to `out`. They stay valid and unchanged
+  // until the segment is marked replicated (only replicated segments are cleaned or
+  // compacted), so a write from them must complete before its replica's close is acked.
+  bool replication_views(uint64_t segment_id, uint32_t from, uint32_t bytes,
+                         std::vector<std::span<const std::byte>>* out) const;
   void mark_replicated(uint64_t segment_id);
   const MasterConfig& config() const { return config_; }
 

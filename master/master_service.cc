@@ -325,6 +325,8 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
     const ReplicationStats& r = replicas_->stats();
     append_stat(&text, "replication_write_rpcs", r.write_rpcs);
     append_stat(&text, "replication_bytes_sent", r.bytes_sent);
+    append_stat(&text, "replication_remote_writes", r.remote_writes);
+    append_stat(&text, "replication_remote_bytes", r.remote_bytes);
     append_stat(&text, "replication_replicas_lost", r.replicas_lost);
     append_stat(&text, "replication_replies_held", replicas_->held_replies());
     append_stat(&text, "replication_replies_released", r.replies_released);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/checksum.h"
 #include "common/clock.h"
 #include "common/log.h"
 
@@ -27,6 +28,20 @@ ReplicaManager::ReplicaManager(const Options& options, Log& log, ServerTransport
 }
 
 ReplicaManager::~ReplicaManager() = default;
+
+Status ReplicaManager::use_log_memory(std::span<const std::byte> arena) {
+  if (!options_.one_sided || !client_->one_sided()) return Status::kOk;
+  if (Status s = client_->register_memory(arena); s != Status::kOk) {
+    LOG_WARNING(
+        "replication: cannot register the log memory for one-sided writes ({}); "
+        "appends go as RPCs",
+        status_name(s));
+    return s;
+  }
+  one_sided_ = true;
+  LOG_INFO("replication: appends go to backups as one-sided RDMA writes where they allow");
+  return Status::kOk;
+}
 
 void ReplicaManager::update_servers(const std::vector<wire::ServerListItem>& servers) {
   std::map<uint64_t, std::string> backups;
@@ -277,6 +292,10 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
               r.backup_id);
     return lose_replica(seg, static_cast<size_t>(&r - seg.replicas.data()), Status::kInternal);
   }
+  if (r.region && r.opened && r.rpcs_in_flight == 0 && r.epoch_sent == seg.epoch &&
+      length > r.sent && !(close && closed) && length <= r.region->capacity) {
+    return send_remote(seg, r, length, cert);
+  }
   wire::BackupWriteRequest req{.master_id = server_id_,
                                .segment_id = seg.id,
                                .epoch = seg.epoch,
@@ -285,7 +304,8 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
                                .certificate_bytes = cert.segment_bytes,
                                .certificate_checksum = cert.checksum,
                                .open = static_cast<uint8_t>(r.opened ? 0 : 1),
-                               .close = static_cast<uint8_t>(close && closed ? 1 : 0)};
+                               .close = static_cast<uint8_t>(close && closed ? 1 : 0),
+                               .remote = static_cast<uint8_t>(!r.opened && one_sided_ ? 1 : 0)};
   constexpr size_t kHeader = sizeof(wire::BackupWriteRequest);
   const size_t body_bytes = kHeader + req.length;
   // Replicas of one segment usually need the same range: copy it out of the log once.
@@ -310,28 +330,69 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
   const uint64_t serial = r.serial;
   const uint64_t epoch = seg.epoch;
   const bool closing = req.close == 1;
-  client_->send(r.locator,
-                {.opcode = wire::Opcode::kBackupWrite,
-                 .client_id = server_id_,
-                 .rpc_seq = ++rpc_seq_,
-                 .timeout_ns = options_.rpc_timeout_ns},
-                body,
-                [this, segment_id, serial, length, epoch, closing](
-                    Status transport, const wire::MessageHeader& h, std::span<const std::byte>) {
-                  Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
-                  on_write_done(segment_id, serial, length, epoch, closing, s);
-                });
+  client_->send(
+      r.locator,
+      {.opcode = wire::Opcode::kBackupWrite,
+       .client_id = server_id_,
+       .rpc_seq = ++rpc_seq_,
+       .timeout_ns = options_.rpc_timeout_ns},
+      body,
+      [this, segment_id, serial, length, epoch, closing](
+          Status transport, const wire::MessageHeader& h, std::span<const std::byte> response) {
+        Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
+        on_write_done(segment_id, serial, length, epoch, closing, /*rpc=*/true, s, response);
+      });
   r.sent = length;
   r.opened = true;
   r.epoch_sent = epoch;
   if (closing) r.close_sent = true;
   ++r.in_flight;
+  ++r.rpcs_in_flight;
   ++stats_.write_rpcs;
   stats_.bytes_sent += req.length;
 }
 
+void ReplicaManager::send_remote(Seg& seg, Replica& r, uint32_t length, const Certificate& cert) {
+  const wire::BackupWriteResponse& region = *r.region;
+  views_.clear();
+  if (!log_.replication_views(seg.id, r.sent, length - r.sent, &views_)) {
+    seg.in_log = false;  // cleaned (or compacted) since its state was read
+    dirty_ = true;
+    return;
+  }
+  remote_writes_.clear();
+  uint64_t at = region.address + region.data_offset + r.sent;
+  for (auto v : views_) {
+    remote_writes_.push_back({.address = at, .key = region.key, .bytes = v});
+    at += v.size();
+  }
+  // The slot goes after the bytes it certifies, on the same queue pair; it is copied by
+  // write_remote() (not in registered memory), so a local will do.
+  wire::RemoteCertificate slot{.held_bytes = length,
+                               .certificate_bytes = cert.segment_bytes,
+                               .certificate_checksum = cert.checksum,
+                               .sequence = ++r.remote_sequence};
+  slot.check = checksum64(
+      std::as_bytes(std::span(&slot, 1)).first(offsetof(wire::RemoteCertificate, check)));
+  remote_writes_.push_back({.address = region.address + region.slot_offset,
+                            .key = region.key,
+                            .bytes = std::as_bytes(std::span(&slot, 1))});
+  const uint64_t segment_id = seg.id;
+  const uint64_t serial = r.serial;
+  const uint64_t epoch = seg.epoch;
+  stats_.remote_bytes += length - r.sent;
+  ++stats_.remote_writes;
+  r.sent = length;
+  ++r.in_flight;
+  client_->write_remote(r.locator, remote_writes_, options_.rpc_timeout_ns,
+                        [this, segment_id, serial, length, epoch](Status s) {
+                          on_write_done(segment_id, serial, length, epoch, false, /*rpc=*/false, s);
+                        });
+}
+
 void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end,
-                                   uint64_t epoch, bool close, Status status) {
+                                   uint64_t epoch, bool close, bool rpc, Status status,
+                                   std::span<const std::byte> response) {
   dirty_ = true;
   auto it = segments_.find(segment_id);
   if (it == segments_.end()) return;
@@ -340,7 +401,18 @@ void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_
                         [&](const Replica& x) { return x.serial == serial; });
   if (r == seg.replicas.end()) return;  // lost meanwhile
   --r->in_flight;
+  if (rpc) --r->rpcs_in_flight;
   if (status == Status::kOk) {
+    if (response.size() == sizeof(wire::BackupWriteResponse) && !r->region) {
+      // The backup exposed the replica's buffer (rule 8): if it holds a segment, the
+      // next appends go one-sided.
+      wire::BackupWriteResponse region;
+      std::memcpy(&region, response.data(), sizeof(region));
+      if (uint64_t{region.data_offset} + region.capacity <= region.bytes &&
+          uint64_t{region.slot_offset} + sizeof(wire::RemoteCertificate) <= region.data_offset) {
+        r->region = region;
+      }
+    }
     r->acked = std::max(r->acked, end);
     r->open_acked = true;
     r->epoch_acked = std::max(r->epoch_acked, epoch);

@@ -32,6 +32,15 @@
 //   7. While fewer than R other servers run a backup (a small cluster after a crash), a
 //      segment is replicated on all of them (at least one) and counts as durable there;
 //      it gets back to R replicas as backups enlist. Said in the log both ways.
+//   8. One-sided mirroring (RDMA, after use_log_memory()): a replica's open asks its backup
+//      to expose the replica's buffer; where it does, later appends at the current epoch
+//      go as RDMA WRITEs straight from the log's memory (the bytes, then a
+//      wire::RemoteCertificate in the slot, after them on the same queue pair), and their
+//      completion acknowledges them as a write RPC's reply would. Opens, epoch raises,
+//      closes and frees stay RPCs, sent on the same connection after the WRITEs (so the
+//      backup sees the bytes first); a backup that does not expose (TCP, kDisk) gets RPCs.
+//      Log bytes a WRITE reads do not change before it completes: only segments marked
+//      replicated (closed on every replica, acked after the WRITEs) are cleaned.
 //
 // Owner: the server (server/main.cc). Threads: every method runs on the dispatch thread.
 #pragma once
@@ -40,6 +49,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -59,6 +69,8 @@ struct ReplicationStats {
   uint64_t replies_held = 0;  // held at any time
   uint64_t replies_released = 0;
   uint64_t segments_freed = 0;
+  uint64_t remote_writes = 0;  // one-sided appends (rule 8)
+  uint64_t remote_bytes = 0;
   uint32_t backups = 0;  // usable now
 };
 
@@ -70,6 +82,7 @@ class ReplicaManager final : public LoopTask {
     uint64_t rpc_timeout_ns = 5'000'000'000;
     uint32_t max_in_flight = 4;  // writes in flight per replica
     uint64_t seed = 0;           // backup choice; 0: from the clock
+    bool one_sided = true;       // rule 8, where the transport and backups can
   };
 
   ReplicaManager(const Options& options, Log& log, ServerTransport& server);
@@ -77,6 +90,12 @@ class ReplicaManager final : public LoopTask {
   ReplicaManager(const ReplicaManager&) = delete;
   ReplicaManager& operator=(const ReplicaManager&) = delete;
 
+  // The log's memory (SegletPool::arena), registered with the replication transport so
+  // that one-sided appends go from it without a copy (rule 8). Without this call, or on
+  // a transport without one-sided writes (TCP), or with Options::one_sided off, every
+  // append is an RPC. kOk, or the adapter's refusal (then RPCs too).
+  Status use_log_memory(std::span<const std::byte> arena);
+  bool one_sided() const { return one_sided_; }
   // Our own server id (never a backup for ourselves); set once enlisted.
   void set_server_id(uint64_t id) { server_id_ = id; }
   // The coordinator's newest server list: the backups to use. Replicas on a server that
@@ -116,6 +135,12 @@ class ReplicaManager final : public LoopTask {
     bool close_sent = false;
     bool close_acked = false;
     uint32_t in_flight = 0;
+    // Where the backup exposed the replica's buffer (rule 8); none: RPCs only.
+    std::optional<wire::BackupWriteResponse> region;
+    uint64_t remote_sequence = 0;  // one-sided appends sent
+    // Write RPCs in flight: while any is, appends stay RPCs too, so that the backup has
+    // copied the bytes an RPC carries before a slot certifying them lands.
+    uint32_t rpcs_in_flight = 0;
   };
   struct Seg {
     uint64_t id = 0;
@@ -145,8 +170,11 @@ class ReplicaManager final : public LoopTask {
   void choose_backups(Seg& seg);
   void send_writes();
   void send_write(Seg& seg, Replica& r, bool close);
+  // Rule 8: appends [r.sent, length) with RDMA WRITEs, then the certificate slot.
+  void send_remote(Seg& seg, Replica& r, uint32_t length, const Certificate& cert);
+  // `rpc`: a write RPC's answer (else a one-sided append's completion).
   void on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end, uint64_t epoch, bool close,
-                     Status status);
+                     bool rpc, Status status, std::span<const std::byte> response = {});
   void lose_replica(Seg& seg, size_t index, Status why);
   void record_epoch(Seg& seg);
   // Asks a backup to drop its replica of `segment_id`; the answer is not waited for.
@@ -179,6 +207,9 @@ class ReplicaManager final : public LoopTask {
   bool fenced_ = false;
   bool warned_few_backups_ = false;
   bool warned_no_backups_ = false;
+  bool one_sided_ = false;  // use_log_memory() succeeded on a one-sided transport
+  std::vector<std::span<const std::byte>> views_;            // reused by send_remote()
+  std::vector<ClientTransport::RemoteWrite> remote_writes_;  // reused by send_remote()
   uint64_t rpc_seq_ = 0;
   // The body of the last replication write: header, then segment bytes copied once for
   // every replica that needs the same range in one pass (send_writes()), in a buffer

@@ -60,6 +60,23 @@ void Segment::read(uint32_t offset, std::span<std::byte> out) const {
   }
 }
 
+void Segment::views(uint32_t offset, uint32_t bytes,
+                    std::vector<std::span<const std::byte>>* out) const {
+  RAMKV_CHECK(uint64_t{offset} + bytes <= length_);
+  while (bytes > 0) {
+    uint32_t in_seglet = offset % seglet_bytes_;
+    uint32_t n = std::min(bytes, seglet_bytes_ - in_seglet);
+    const std::byte* p = pool_.seglet_memory(seglets_[offset / seglet_bytes_]) + in_seglet;
+    if (!out->empty() && out->back().data() + out->back().size() == p) {
+      out->back() = {out->back().data(), out->back().size() + n};
+    } else {
+      out->emplace_back(p, n);
+    }
+    offset += n;
+    bytes -= n;
+  }
+}
+
 std::span<const std::byte> Segment::peek(uint32_t offset, uint32_t bytes) const {
   // An empty payload may start exactly where the last seglet ends: no seglet to index.
   if (bytes == 0) return {};

@@ -58,6 +58,9 @@ class Segment {
   void read(uint32_t offset, std::span<std::byte> out) const;
   // A view of [offset, offset + bytes) if it lies in one seglet, else an empty span.
   std::span<const std::byte> peek(uint32_t offset, uint32_t bytes) const;
+  // Appends to `out` views of logical bytes [offset, offset + bytes) (below length()), in
+  // order, as few as the seglets allow (neighbouring seglets adjacent in the arena merge).
+  void views(uint32_t offset, uint32_t bytes, std::vector<std::span<const std::byte>>* out) const;
   // The entry at `offset`: its header, and its payload as a view (when contiguous) or
   // copied into `scratch`. The returned span is valid while the segment and scratch live.
   struct Entry {

@@ -64,6 +64,7 @@ struct ServerOptions {
   std::string rdma_device;
   uint32_t rdma_port = 1;
   uint32_t rdma_recv_buffers = 16;
+  std::string one_sided = "on";
 };
 
 // Replicas travel in one RPC each, so a segment must fit a message with room to spare.
@@ -119,6 +120,12 @@ void add_flags(CLI::App& app, ServerOptions& o) {
                  "rdma: receive buffers of the largest message size (16 MiB) posted for "
                  "requests; registered (pinned) memory")
       ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
+  app.add_option("--one-sided", o.one_sided,
+                 "rdma: masters append to backups' exposed buffers with RDMA WRITEs (on), or "
+                 "every append is a write RPC (off); backups expose buffers only with "
+                 "--durability buffered")
+      ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
   app.add_option("--recovery-pull-delay-ms", o.recovery_pull_delay_ms,
                  "testing only: a recovery master waits this long between pulls of segment "
@@ -261,9 +268,9 @@ void fence_masters(ramkv::backup::BackupService& backup,
 std::string backup_stats(const ramkv::backup::BackupService& backup) {
   return fmt::format(
       "backup_replicas {}\nbackup_buffers_in_use {}\nbackup_recovery_read_bytes {}\n"
-      "backup_recovery_read_ns {}\n",
+      "backup_recovery_read_ns {}\nbackup_regions_exposed {}\nbackup_remote_appends {}\n",
       backup.replica_count(), backup.buffers_in_use(), backup.recovery_bytes_read(),
-      backup.recovery_read_ns());
+      backup.recovery_read_ns(), backup.regions_exposed(), backup.remote_appends());
 }
 
 // Asks the coordinator for the server list once (after enlisting: the pushed update may
@@ -392,8 +399,13 @@ int run_server(const ServerOptions& o) {
     if (o.replicas > 0) {
       replicas = std::make_unique<ramkv::master::ReplicaManager>(
           ramkv::master::ReplicaManager::Options{.replicas = o.replicas,
-                                                 .coordinator = o.coordinator},
+                                                 .coordinator = o.coordinator,
+                                                 .one_sided = o.one_sided == "on"},
           master->objects().log(), *transport);
+      if (o.transport == "rdma") {
+        // Refused registration is logged; the appends then go as RPCs.
+        (void)replicas->use_log_memory(master->objects().log().pool().arena());
+      }
       replicas->set_server_id(server_id);
       master->set_replication(replicas.get());
       transport->add_loop_task(replicas.get());

@@ -402,4 +402,72 @@ TEST_CASE("replication: a restarted backup reports its replicas and frees what m
   for (const auto& r : kept) CHECK(r.found_on_disk == 1);
 }
 
+TEST_CASE("replication: buffered appends go one-sided over RDMA and as write RPCs over TCP",
+          "[cluster][replication]") {
+  // 4 MiB segments: ten megabytes of writes close two, whose replicas then travel
+  // the whole way: opened by RPC, appended one-sided (over RDMA), closed by RPC, on disk.
+  LocalCluster cluster(ClusterShape{
+      .masters = 1, .backups = 3, .replicas = 3, .segment_bytes = "4M", .memory = "64M"});
+  auto client = cluster.client();
+  auto table = client->create_table("one-sided");
+  REQUIRE(table.ok());
+  std::map<std::string, uint64_t> acked;
+  for (int i = 0; i < 10000; ++i) {
+    std::string key = "key-" + std::to_string(i);
+    auto v = client->write(*table, key, std::string(1000, static_cast<char>('a' + i % 26)));
+    INFO("write " << i << ": " << status_name(v.status()));
+    REQUIRE(v.ok());
+    acked[key] = *v;
+  }
+  auto servers = client->servers();
+  REQUIRE(servers.ok());
+  wait_until_replicated(*client, *servers);
+  auto stat = [&](const std::string& locator, const std::string& name) -> int64_t {
+    auto stats = client->server_stats(locator);
+    REQUIRE(stats.ok());
+    auto at = stats->find(name + " ");
+    REQUIRE(at != std::string::npos);
+    return std::stoll(stats->substr(at + name.size() + 1));
+  };
+  uint64_t master_id = 0;
+  int64_t remote_writes = 0;
+  int64_t write_rpcs = 0;
+  int64_t absorbed = 0;
+  for (const auto& s : *servers) {
+    if (s.master) {
+      master_id = s.server_id;
+      remote_writes = stat(s.locator, "replication_remote_writes");
+      write_rpcs = stat(s.locator, "replication_write_rpcs");
+    } else {
+      absorbed += stat(s.locator, "backup_remote_appends");
+    }
+  }
+  INFO("transport " << test::test_transport() << ": " << remote_writes << " one-sided appends, "
+                    << write_rpcs << " write RPCs, " << absorbed << " slots absorbed");
+  CHECK(write_rpcs > 0);  // opens and closes at least
+  if (test::test_transport() == "rdma") {
+    CHECK(remote_writes > write_rpcs);  // most appends
+    CHECK(absorbed > 0);
+  } else {
+    CHECK(remote_writes == 0);
+    CHECK(absorbed == 0);
+  }
+  // The closed replicas validate against their certificates on every backup
+  // (objects_on_backup requires it), and hold most of the writes on all three.
+  std::map<std::string, int> copies;
+  for (size_t i = 1; i < cluster.server_count(); ++i) {
+    for (const auto& [key, version] : objects_on_backup(cluster.backup_dir(i), master_id)) {
+      if (acked.contains(key) && version == acked[key]) ++copies[key];
+    }
+  }
+  size_t on_all = 0;
+  for (const auto& [key, n] : copies) on_all += n == 3 ? 1 : 0;
+  CHECK(on_all > acked.size() / 2);
+  for (const auto& [key, version] : acked) {
+    auto r = client->read(*table, key);
+    REQUIRE(r.ok());
+    CHECK(r->version == version);
+  }
+}
+
 }  // namespace ramkv
