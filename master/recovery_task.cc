@@ -197,6 +197,7 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
   seg.in_flight = false;
   if (job.failed != Status::kOk) return;
   if (status == Status::kRetry) {
+    ++job.retries;
     seg.retry_at_ns = clock_.now_ns() + options_.retry_ns;
     return;
   }
@@ -209,9 +210,11 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
       if (job.first_data_ns == 0) job.first_data_ns = clock_.now_ns();
       ReplayStats stats;
       auto bytes = std::as_bytes(std::span(entries.data(), entries.size()));
+      const uint64_t replay_start = clock_.now_ns();
       status = objects_.replay(
           bytes, [&job, this](uint64_t table, uint64_t hash) { return accepts(job, table, hash); },
           &stats);
+      job.replay_ns += clock_.now_ns() - replay_start;
       job.replay.entries += stats.entries;
       job.replay.objects += stats.objects;
       job.replay.tombstones += stats.tombstones;
@@ -263,10 +266,12 @@ void RecoveryTask::report(const Key& key, Job& job) {
     const uint64_t first = job.first_data_ns == 0 ? job.started_ns : job.first_data_ns;
     LOG_INFO(
         "recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s "
-        "(first data after {:.3f} s, replayed after {:.3f} s, durable {:.3f} s later)",
+        "(first data after {:.3f} s, replayed after {:.3f} s of which {:.3f} s replaying, "
+        "{} early asks answered retry; durable {:.3f} s later)",
         key.second, key.first, job.replay.objects, job.replay.tombstones, format_bytes(job.bytes),
         static_cast<double>(elapsed) / 1e9, seconds(job.started_ns, first),
-        seconds(job.started_ns, job.replayed_ns), seconds(job.replayed_ns, clock_.now_ns()));
+        seconds(job.started_ns, job.replayed_ns), static_cast<double>(job.replay_ns) / 1e9,
+        job.retries, seconds(job.replayed_ns, clock_.now_ns()));
   }
   if (++job.report_attempts > kMaxReportAttempts) {
     LOG_ERROR("recovery {} partition {}: the coordinator did not take our report; giving up",

@@ -91,6 +91,8 @@ class RecoveryTask final : public LoopTask {
     bool replayed = false;         // finish_replay done; waiting for durability
     uint64_t replayed_ns = 0;      // when every segment was replayed (for the log)
     uint64_t first_data_ns = 0;    // when the first data arrived (for the log)
+    uint64_t replay_ns = 0;        // time spent in ObjectManager::replay (for the log)
+    uint32_t retries = 0;          // kRetry answers: data asked for before it was ready
     uint64_t durable_segment = 0;  // the log position that must be durable
     uint32_t durable_offset = 0;
     bool report_in_flight = false;
