@@ -47,8 +47,13 @@ Result<std::unique_ptr<BackupService>> BackupService::create(const Options& opti
 }
 
 BackupService::BackupService(const Options& options, std::unique_ptr<Uring> ring)
-    : options_(options), ring_(std::move(ring)) {
+    : options_(options),
+      pool_(std::make_shared<BufferPool>(
+          kReplicaHeaderBlock + size_t{options.segment_bytes},
+          std::max<size_t>(options.max_buffers, options.buffers_at_start))),
+      ring_(std::move(ring)) {
   to_flush_.reserve(options_.max_buffers);
+  pool_->fill(options_.buffers_at_start);
 }
 
 BackupService::~BackupService() = default;
@@ -601,8 +606,9 @@ Status BackupService::start_reading(std::span<const std::byte> body, Reply& repl
       past_recovery_ns_ += recovery->read_ns();
       recovery.reset();
     }
-    recovery = std::make_unique<RecoverySegments>(
-        req.master_id, req.recovery_id, std::move(sources), (req.flags & wire::kDeferReads) != 0);
+    recovery =
+        std::make_unique<RecoverySegments>(req.master_id, req.recovery_id, std::move(sources),
+                                           (req.flags & wire::kDeferReads) != 0, pool_);
   }
   reply.writer().put_bytes(std::span<const std::byte>(recovery->start_response()));
   return Status::kOk;
@@ -798,19 +804,15 @@ void BackupService::withdraw(const Key& key, Replica& r) {
 }
 
 Result<AlignedBuffer> BackupService::acquire_buffer() {
-  if (!free_buffers_.empty()) {
-    AlignedBuffer b = std::move(free_buffers_.back());
-    free_buffers_.pop_back();
-    return b;
-  }
-  if (buffers_allocated_ >= options_.max_buffers) return Status::kRetry;  // invariant 1
-  ++buffers_allocated_;
-  return AlignedBuffer(kReplicaHeaderBlock + options_.segment_bytes);
+  if (buffers_in_use_ >= options_.max_buffers) return Status::kRetry;  // invariant 1
+  ++buffers_in_use_;
+  return pool_->take_or_allocate();
 }
 
 void BackupService::release_buffer(AlignedBuffer buffer) {
-  RAMKV_CHECK(buffer.size() != 0);
-  free_buffers_.push_back(std::move(buffer));
+  RAMKV_CHECK(buffer.size() != 0 && buffers_in_use_ > 0);
+  --buffers_in_use_;
+  pool_->give(std::move(buffer));
 }
 
 }  // namespace ramkv::backup

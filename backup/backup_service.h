@@ -105,6 +105,7 @@
 #include <utility>
 #include <vector>
 
+#include "backup/buffer_pool.h"
 #include "backup/recovery_segments.h"
 #include "backup/uring.h"
 #include "common/result.h"
@@ -121,6 +122,9 @@ class BackupService final : public LoopTask {
     std::string data_dir;
     uint32_t segment_bytes = 8u << 20;  // largest replica; the size of each pool buffer
     uint32_t max_buffers = 64;          // open replicas held in RAM at once
+    // Buffers allocated (and their pages touched) at start and kept for reuse, for open
+    // replicas and recovery reads (backup/buffer_pool.h). At least max_buffers are kept.
+    uint32_t buffers_at_start = 0;
     Durability durability = Durability::kBuffered;
     uint32_t ring_depth = 64;              // io_uring operations in flight (at least 3: one flush)
     uint32_t max_deferred_replies = 4096;  // writes and frees waiting for the disk
@@ -173,7 +177,9 @@ class BackupService final : public LoopTask {
 
   // For tests and stats.
   size_t replica_count() const { return replicas_.size(); }
-  size_t buffers_in_use() const { return buffers_allocated_ - free_buffers_.size(); }
+  size_t buffers_in_use() const { return buffers_in_use_; }
+  // Buffers kept free for reuse (open replicas and recovery reads take them first).
+  size_t buffers_free() const { return pool_->free_count(); }
   size_t deferred_replies() const { return deferred_replies_; }
   uint32_t operations_in_flight() const { return ring_->in_flight(); }
   uint64_t flushes() const { return flushes_; }                // started so far
@@ -331,10 +337,12 @@ class BackupService final : public LoopTask {
   bool event_may_be_set_ = false;  // completions were collected after the eventfd's clear
   std::set<uint64_t> fenced_;
   std::map<uint32_t, uint32_t> newest_generation_;  // server index -> newest generation
-  std::vector<AlignedBuffer> free_buffers_;
-  size_t buffers_allocated_ = 0;
+  // Shared with the recoveries' reading threads; outlives recoveries_ (declared first).
+  std::shared_ptr<BufferPool> pool_;
+  size_t buffers_in_use_ = 0;  // by replicas: at most max_buffers (invariant 1)
   // Crashed masters being recovered: master id -> what we read of it. Its reads run on
-  // its own thread, from copies and files, never from the buffers above.
+  // its own thread, from copies and files (into buffers of pool_, given back when it is
+  // destroyed), never from the replicas' buffers.
   std::map<uint64_t, std::unique_ptr<RecoverySegments>> recoveries_;
   uint64_t past_recovery_bytes_ = 0;  // of recoveries dropped since
   uint64_t past_recovery_ns_ = 0;

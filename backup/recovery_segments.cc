@@ -39,19 +39,6 @@ constexpr uint32_t kHeadWindowBytes = 64 * 1024;
 constexpr unsigned kOffsetBits = 40;
 constexpr uint64_t kOffsetMask = (uint64_t{1} << kOffsetBits) - 1;
 
-struct FreeDeleter {
-  void operator()(std::byte* p) const { std::free(p); }
-};
-
-// Bytes aligned for O_DIRECT and not zero-filled: every byte that is used is read first.
-// Plain 4 KiB pages: transparent huge pages were tried and were slower here (the first
-// fault of a huge page could cost milliseconds; docs/recovery.md, "Where the time goes").
-std::unique_ptr<std::byte, FreeDeleter> allocate_aligned(size_t bytes) {
-  void* mem = std::aligned_alloc(kDirectAlignment, std::max(align_up(bytes), kDirectAlignment));
-  RAMKV_CHECK_MSG(mem != nullptr, "cannot allocate memory for a replica being recovered");
-  return std::unique_ptr<std::byte, FreeDeleter>(static_cast<std::byte*>(mem));
-}
-
 // Closes a file descriptor on every path out.
 struct Fd {
   int fd = -1;
@@ -120,7 +107,7 @@ struct RecoverySegments::Replica {
   // the certified segment bytes within them. Written by the constructor or the thread
   // while state is kUnread; never changed afterwards (invariant 2).
   std::vector<std::byte> ram;
-  std::unique_ptr<std::byte, FreeDeleter> file_bytes;
+  AlignedBuffer file_bytes;  // from the backup's pool when it fits (given back at the end)
   std::span<const std::byte> segment;
   bool counted = false;  // the thread's: RAM bytes added to bytes_read_
 
@@ -327,7 +314,11 @@ class RecoverySegments::Reader {
       return false;
     }
     f->end = align_up(f->needed);
-    r.file_bytes = allocate_aligned(f->end);
+    // The backup's pool first: its buffers' pages were touched before (buffer_pool.h).
+    if (owner_.pool_ != nullptr && owner_.pool_->buffer_bytes() >= f->end) {
+      r.file_bytes = owner_.pool_->take();
+    }
+    if (r.file_bytes.size() == 0) r.file_bytes = AlignedBuffer(f->end);
     f->start_ns = now_ns();
     return true;
   }
@@ -335,7 +326,7 @@ class RecoverySegments::Reader {
   // Queues the read of [offset, the end of its chunk) of replica `index`'s file. The
   // caller has checked room().
   void queue_read(size_t index, File& f, uint64_t offset) {
-    std::span<std::byte> into(owner_.replicas_[index]->file_bytes.get() + offset,
+    std::span<std::byte> into(owner_.replicas_[index]->file_bytes.data() + offset,
                               chunk_end(f, offset) - offset);
     RAMKV_CHECK(offset <= kOffsetMask);
     Status s = ring_->submit_read(f.fd.fd, into, offset, (uint64_t{index} << kOffsetBits) | offset);
@@ -378,14 +369,14 @@ class RecoverySegments::Reader {
     }
     Replica& r = *owner_.replicas_[index];
     auto header =
-        decode_replica_header({r.file_bytes.get(), static_cast<size_t>(kReplicaHeaderBlock)});
+        decode_replica_header({r.file_bytes.data(), static_cast<size_t>(kReplicaHeaderBlock)});
     if (!header.ok() || header->master_id != r.entry.master_id ||
         header->segment_id != r.entry.segment_id) {
       bool torn = header.status() == Status::kFormatError;
       owner_.fail(index, Status::kCorrupt, torn ? wire::kReplicaTorn : wire::kReplicaCorrupt);
       return;
     }
-    r.segment = {r.file_bytes.get() + kReplicaHeaderBlock, r.entry.certificate_bytes};
+    r.segment = {r.file_bytes.data() + kReplicaHeaderBlock, r.entry.certificate_bytes};
     to_check->push_back(index);
   }
 
@@ -393,7 +384,7 @@ class RecoverySegments::Reader {
     File f;
     if (!open(index, /*direct=*/false, &f)) return;
     size_t got = 0;
-    if (!preads(f.fd.fd, owner_.replicas_[index]->file_bytes.get(), f.needed, 0, &got)) {
+    if (!preads(f.fd.fd, owner_.replicas_[index]->file_bytes.data(), f.needed, 0, &got)) {
       f.failure = Status::kIoError;
     } else if (got < f.needed) {
       f.failure = Status::kFormatError;
@@ -412,8 +403,12 @@ class RecoverySegments::Reader {
 };
 
 RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
-                                   std::vector<RecoverySource> sources, bool defer_reads)
-    : master_id_(master_id), recovery_id_(recovery_id), defer_reads_(defer_reads) {
+                                   std::vector<RecoverySource> sources, bool defer_reads,
+                                   std::shared_ptr<BufferPool> pool)
+    : master_id_(master_id),
+      recovery_id_(recovery_id),
+      defer_reads_(defer_reads),
+      pool_(std::move(pool)) {
   std::sort(sources.begin(), sources.end(),
             [](const auto& a, const auto& b) { return a.entry.segment_id < b.entry.segment_id; });
   RAMKV_CHECK(sources.size() < (size_t{1} << (64 - kOffsetBits)));
@@ -454,6 +449,9 @@ RecoverySegments::~RecoverySegments() {
   }
   wake_.notify_all();
   thread_.join();
+  if (pool_ != nullptr) {
+    for (auto& r : replicas_) pool_->give(std::move(r->file_bytes));
+  }
 }
 
 namespace {

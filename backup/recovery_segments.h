@@ -24,7 +24,8 @@
 //     and splitting are one pass.
 //   - get_data() copies one (segment, partition)'s entries, byte for byte, into a reply.
 //
-// Memory: a replica's bytes are held once (the file's blocks as read, or the RAM source's
+// Memory: a replica's bytes are held once (the file's blocks as read, in a buffer of the
+// backup's pool when one is free, or the RAM source's
 // vector moved in), plus 8 bytes per run of consecutive entries of one partition. Nothing
 // is freed before the object is destroyed: a recovery master that fails is replaced by
 // another that asks for the same data.
@@ -54,6 +55,7 @@
 #include <thread>
 #include <vector>
 
+#include "backup/buffer_pool.h"
 #include "common/result.h"
 #include "common/wire_format.h"
 
@@ -83,9 +85,11 @@ class RecoverySegments {
 
   // Reads the digest replica's first entries, then starts the thread that reads, checks
   // and splits the sources (all at once, or with `defer_reads` as the partition map says:
-  // see above). Every source must be of `master_id`, one per segment.
+  // see above). Every source must be of `master_id`, one per segment. `pool`: the
+  // backup's buffers (buffer_pool.h), which reads of files take first and get back when
+  // this object is destroyed; null, or none free: a read allocates its own.
   RecoverySegments(uint64_t master_id, uint64_t recovery_id, std::vector<RecoverySource> sources,
-                   bool defer_reads = false);
+                   bool defer_reads = false, std::shared_ptr<BufferPool> pool = nullptr);
   ~RecoverySegments();  // stops the thread and joins it
   RecoverySegments(const RecoverySegments&) = delete;
   RecoverySegments& operator=(const RecoverySegments&) = delete;
@@ -155,6 +159,7 @@ class RecoverySegments {
   const uint64_t recovery_id_;
 
   const bool defer_reads_;
+  const std::shared_ptr<BufferPool> pool_;  // read buffers come from it first; null: none
 
   mutable std::mutex mutex_;
   mutable std::condition_variable wake_;  // the map arrived, a replica was admitted, or stop

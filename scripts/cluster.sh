@@ -4,7 +4,7 @@
 #   scripts/cluster.sh start  [--servers N] [--masters N] [--backups N] [--replicas R]
 #                             [--durability buffered|disk] [--dir DIR] [--port P]
 #                             [--memory SIZE] [--poll block|busy] [--bin DIR]
-#                             [--transport tcp|rdma]
+#                             [--transport tcp|rdma] [--backup-buffers-at-start N]
 #   scripts/cluster.sh status [--dir DIR]
 #   scripts/cluster.sh stop   [--dir DIR]
 #   scripts/cluster.sh kill   ADDRESS [--dir DIR]
@@ -22,6 +22,10 @@
 #   --memory      log memory of each master (default 256M)
 #   --transport   tcp (default) or rdma, for every process (rdma: libibverbs, or the
 #                 emulated provider in a build made with -DRAMKV_VERBS=emulated)
+#   --backup-buffers-at-start N
+#                 segment buffers each backup allocates and touches at start (default:
+#                 ramkv-server's): a backup reads its share of a crashed master into
+#                 them, fast where memory touched for the first time is slow (VMs)
 # Server n logs to DIR/logs/server-<n>.log; a backup keeps its replica files in
 # DIR/backup-<n>; PIDs go to DIR/pids, the coordinator's state to DIR/coordinator. All of
 # it is started afresh (a new cluster's masters are empty, so old replicas and state
@@ -50,6 +54,7 @@ port=12246
 memory=256M
 poll=block
 transport=tcp
+backup_buffers_at_start=""
 bin="$root/build/bin"
 
 # The header comment above, without the '#'.
@@ -57,7 +62,7 @@ usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport)
+    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport|--backup-buffers-at-start)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --dir) dir=$2 ;;
@@ -70,6 +75,7 @@ while [ $# -gt 0 ]; do
         --memory) memory=$2 ;;
         --poll) poll=$2 ;;
         --transport) transport=$2 ;;
+        --backup-buffers-at-start) backup_buffers_at_start=$2 ;;
         --bin) bin=$2 ;;
       esac
       shift 2 ;;
@@ -160,7 +166,10 @@ start() {
     case "$role" in
       backup|master+backup)
         mkdir -p "$dir/backup-$n"
-        args+=(--backup --data-dir "$dir/backup-$n" --durability "$durability") ;;
+        args+=(--backup --data-dir "$dir/backup-$n" --durability "$durability")
+        if [ -n "$backup_buffers_at_start" ]; then
+          args+=(--backup-buffers-at-start "$backup_buffers_at_start")
+        fi ;;
     esac
     "$bin/ramkv-server" "${args[@]}" >"$dir/logs/server-$n.log" 2>&1 &
     echo "$! ramkv-server $role $addr" >"$dir/pids/$n-server.pid"

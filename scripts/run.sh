@@ -35,8 +35,11 @@ trap 'bash scripts/cluster.sh stop --dir "$dir"' EXIT
 echo "== starting a local cluster in $dir"
 # Each server has room for its share and for what it recovers of a crashed master.
 memory_mib=$(( $(numfmt --from=iec "$recovery_bytes") * 3 / 2 / 1048576 + 256 ))
+# Each backup reads a third of the crashed master's segments (8 MiB each) into buffers it
+# touched at start, and has room for the replicas being written meanwhile.
+buffers=$(( $(numfmt --from=iec "$recovery_bytes") / 3 / 8388608 + 16 ))
 bash scripts/cluster.sh start ${cluster_flags[@]+"${cluster_flags[@]}"} --dir "$dir" --port "$port" \
-  --memory "${memory_mib}M"
+  --memory "${memory_mib}M" --backup-buffers-at-start "$buffers"
 bash scripts/cluster.sh status --dir "$dir"
 
 ramkv() {

@@ -56,6 +56,7 @@ struct ServerOptions {
   uint32_t replicas = 3;
   std::string durability = "buffered";
   uint32_t backup_buffers = 64;
+  uint32_t backup_buffers_at_start = 8;
   uint32_t ping_interval_ms = 100;
   uint32_t ping_timeout_ms = 500;
   uint32_t recovery_pull_delay_ms = 0;
@@ -104,6 +105,13 @@ void add_flags(CLI::App& app, ServerOptions& o) {
   app.add_option("--backup-buffers", o.backup_buffers,
                  "backup: open replicas held in RAM at once (each one segment in size)")
       ->check(CLI::Range(1u, 1u << 16))
+      ->capture_default_str();
+  app.add_option("--backup-buffers-at-start", o.backup_buffers_at_start,
+                 "backup: segment-sized buffers allocated and touched at start, kept for "
+                 "open replicas and recovery reads (memory touched for the first time is "
+                 "slow on virtual machines; a backup that should read its share of a "
+                 "crashed master fast wants that share, in segments, plus some)")
+      ->check(CLI::Range(0u, 1u << 16))
       ->capture_default_str();
   app.add_option("--memory", o.memory, "log memory of the master, e.g. 1G")->capture_default_str();
   app.add_option("--transport", o.transport,
@@ -267,10 +275,12 @@ void fence_masters(ramkv::backup::BackupService& backup,
 // The backup's lines of `get server stats`.
 std::string backup_stats(const ramkv::backup::BackupService& backup) {
   return fmt::format(
-      "backup_replicas {}\nbackup_buffers_in_use {}\nbackup_recovery_read_bytes {}\n"
+      "backup_replicas {}\nbackup_buffers_in_use {}\nbackup_buffers_free {}\n"
+      "backup_recovery_read_bytes {}\n"
       "backup_recovery_read_ns {}\nbackup_regions_exposed {}\nbackup_remote_appends {}\n",
-      backup.replica_count(), backup.buffers_in_use(), backup.recovery_bytes_read(),
-      backup.recovery_read_ns(), backup.regions_exposed(), backup.remote_appends());
+      backup.replica_count(), backup.buffers_in_use(), backup.buffers_free(),
+      backup.recovery_bytes_read(), backup.recovery_read_ns(), backup.regions_exposed(),
+      backup.remote_appends());
 }
 
 // Asks the coordinator for the server list once (after enlisting: the pushed update may
@@ -325,6 +335,7 @@ int run_server(const ServerOptions& o) {
                               ? static_cast<uint32_t>(kMaxReplicatedSegmentBytes)
                               : segment_bytes,
          .max_buffers = o.backup_buffers,
+         .buffers_at_start = o.backup_buffers_at_start,
          .durability = o.durability == "disk" ? ramkv::backup::Durability::kDisk
                                               : ramkv::backup::Durability::kBuffered});
     if (!service.ok()) {

@@ -465,3 +465,37 @@ TEST_CASE("backup service: a full disk answers no space and keeps every acknowle
   CHECK(replicas.size() == acked.size());
   for (const auto& r : replicas) CHECK(r.status == wire::kReplicaOk);
 }
+
+TEST_CASE("backup service: buffers touched at start are kept for reuse; the cap stays",
+          "[backup][service]") {
+  test::TempDir dir("/var/tmp");
+  auto service = attached(BackupService::create({.data_dir = dir.path,
+                                                 .segment_bytes = kSegmentBytes,
+                                                 .max_buffers = 2,
+                                                 .buffers_at_start = 3}));
+  CHECK(service->buffers_free() == 3);
+  CHECK(service->buffers_in_use() == 0);
+  auto a = make_segment(10, 50), b = make_segment(11, 50), c = make_segment(12, 50);
+  REQUIRE(write(*service, {.segment_id = 10, .data = a.bytes, .open = true}) == Status::kOk);
+  REQUIRE(write(*service, {.segment_id = 11, .data = b.bytes, .open = true}) == Status::kOk);
+  CHECK(service->buffers_in_use() == 2);
+  CHECK(service->buffers_free() == 1);
+  // Free buffers do not lift the cap on open replicas (invariant 1).
+  CHECK(write(*service, {.segment_id = 12, .data = c.bytes, .open = true}) == Status::kRetry);
+  REQUIRE(write(*service, {.segment_id = 10,
+                           .offset = static_cast<uint32_t>(a.bytes.size()),
+                           .certificate = a.certificate,
+                           .close = true}) == Status::kOk);
+  CHECK(service->buffers_in_use() == 1);
+  CHECK(service->buffers_free() == 2);
+  // A reused buffer holds the previous replica's bytes: the new one's file must not.
+  REQUIRE(
+      write(*service, {.segment_id = 12, .data = std::span(c.bytes).first(100), .open = true}) ==
+      Status::kOk);
+  REQUIRE(write(*service, {.segment_id = 12,
+                           .offset = 100,
+                           .data = std::span(c.bytes).subspan(100),
+                           .certificate = c.certificate,
+                           .close = true}) == Status::kOk);
+  check_file_valid(dir.path, 1, 12, c);
+}

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "backup/buffer_pool.h"
 #include "backup/replica_file.h"
 #include "backup/uring.h"
 #include "common/certificate.h"
@@ -423,6 +424,78 @@ TEST_CASE("recovery segments: data is retry until partitioned, then split exactl
   std::vector<wire::PartitionTablet> reordered(map.rbegin(), map.rend());
   CHECK(rs.start_partitioning(reordered) == Status::kOk);
   check_served(rs, 2, s2, map, 0, true);
+}
+
+TEST_CASE("buffer pool: keeps at most its count, of its size, and hands them out again",
+          "[backup][buffer_pool]") {
+  BufferPool pool(10000, 3);
+  CHECK(pool.buffer_bytes() == align_up(10000));
+  CHECK(pool.take().size() == 0);  // none yet
+  pool.fill(5);                    // capped at what it keeps
+  CHECK(pool.free_count() == 3);
+  AlignedBuffer a = pool.take();
+  REQUIRE(a.size() == pool.buffer_bytes());
+  CHECK(pool.free_count() == 2);
+  // A buffer comes back as its last user left it: not zeroed.
+  std::memset(a.data(), 0xab, a.size());
+  std::byte* where = a.data();
+  pool.give(std::move(a));
+  AlignedBuffer again = pool.take();
+  CHECK(again.data() == where);
+  CHECK(again.data()[17] == std::byte{0xab});
+  pool.give(AlignedBuffer(4096));  // another size: freed, not kept
+  CHECK(pool.free_count() == 2);
+  pool.give(std::move(again));
+  pool.give(pool.take_or_allocate());
+  CHECK(pool.free_count() == 3);
+  pool.give(AlignedBuffer(pool.buffer_bytes()));  // one more than it keeps: freed
+  CHECK(pool.free_count() == 3);
+  std::vector<AlignedBuffer> taken;
+  for (int i = 0; i < 4; ++i) taken.push_back(pool.take_or_allocate());  // the 4th is new
+  for (const auto& b : taken) CHECK(b.size() == pool.buffer_bytes());
+  CHECK(pool.free_count() == 0);
+}
+
+TEST_CASE("recovery segments: file reads use the backup's pooled buffers and give them back",
+          "[backup][recovery_segments]") {
+  test::TempDir dir("/var/tmp");
+  auto ring = Uring::create(8);
+  REQUIRE(ring.ok());
+  SegmentBuilder s1, s2, s3;
+  s1.head(1, std::vector<uint64_t>{1, 2, 3}, 99, {});
+  fill(&s1, 1, 400);
+  fill(&s2, 2, 3000);
+  fill(&s3, 3, 300);
+  // Two pooled buffers, both full of what an earlier user left: the reads must neither
+  // depend on zeros nor serve the leftovers.
+  auto pool = std::make_shared<BufferPool>(kReplicaHeaderBlock + (size_t{1} << 23), 4);
+  pool->fill(2);
+  {
+    AlignedBuffer a = pool->take(), b = pool->take();
+    std::memset(a.data(), 0x5a, a.size());
+    std::memset(b.data(), 0xff, b.size());
+    pool->give(std::move(a));
+    pool->give(std::move(b));
+  }
+  std::vector<RecoverySource> sources;
+  sources.push_back(file_source(**ring, dir.path, 1, s1));
+  sources.push_back(file_source(**ring, dir.path, 2, s2));
+  sources.push_back(file_source(**ring, dir.path, 3, s3));
+  {
+    RecoverySegments rs(kMaster, kRecovery, std::move(sources), /*defer_reads=*/false, pool);
+    wait_settled(rs);
+    CHECK(pool->free_count() == 0);  // two reads took the pool's, the third its own
+    auto map = sample_map();
+    REQUIRE(rs.start_partitioning(map) == Status::kOk);
+    check_served(rs, 1, s1, map, 0, true);
+    check_served(rs, 2, s2, map, 0, true);
+    check_served(rs, 3, s3, map, 0, true);
+    auto listed_all = decode(rs.start_response());
+    for (uint64_t id : {uint64_t{1}, uint64_t{2}, uint64_t{3}})
+      CHECK(listed(listed_all, id).status == wire::kReplicaOk);
+  }
+  // Destroyed: the pooled buffers are back (the one of its own size is not the pool's).
+  CHECK(pool->free_count() == 2);
 }
 
 TEST_CASE("recovery segments: a map that arrives before the reads splits as they complete",
