@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstring>
 
 #include "common/config.h"
@@ -56,7 +57,17 @@ Result<std::unique_ptr<SegletPool>> SegletPool::create(const Options& options) {
     return Status::kNoSpace;
   }
   pool->base_ = static_cast<std::byte*>(mem);
-  if (options.prefault) touch_pages(pool->base_, pool->mapped_bytes_);
+  if (options.prefault) {
+    // Seconds per GiB on some VMs: say so when it is worth waiting for.
+    const bool big = pool->mapped_bytes_ >= (uint64_t{1} << 30);
+    const auto start = std::chrono::steady_clock::now();
+    if (big) LOG_INFO("touching {} of log memory once per page", format_bytes(pool->mapped_bytes_));
+    touch_pages(pool->base_, pool->mapped_bytes_);
+    if (big) {
+      LOG_INFO("log memory touched in {:.1f} s",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
   pool->owners_.resize(pool->seglet_count_);
   pool->free_.reserve(pool->seglet_count_);
   // Hand out low seglets first (pop from the back).
