@@ -111,11 +111,6 @@ class ByteQueue {
     return buf_.get() + end_;
   }
   void commit(size_t n) { end_ += n; }
-  void append(std::span<const std::byte> bytes) {
-    if (bytes.empty()) return;
-    std::memcpy(reserve_tail(bytes.size()), bytes.data(), bytes.size());
-    end_ += bytes.size();
-  }
   void consume(size_t n) {
     start_ += n;
     if (start_ == end_) start_ = end_ = 0;
@@ -128,12 +123,71 @@ class ByteQueue {
   size_t cap_ = 0;
 };
 
+// Bytes to send that the socket did not take at once, in chunks sent in order: appending
+// never moves what is queued (a ByteQueue would move the unsent bytes to its front each
+// time it runs out of room, which with megabytes of replication writes queued behind a
+// slow reader cost more than sending them).
+class OutQueue {
+ public:
+  size_t size() const { return bytes_; }
+  bool empty() const { return bytes_ == 0; }
+  // Copies `pieces` (in order) into one new chunk.
+  void append(std::span<const std::span<const std::byte>> pieces) {
+    size_t n = 0;
+    for (auto p : pieces) n += p.size();
+    if (n == 0) return;
+    Chunk c{std::unique_ptr<std::byte[]>(new std::byte[n]), n, 0};  // not zero-filled
+    size_t at = 0;
+    for (auto p : pieces) {
+      if (p.empty()) continue;
+      std::memcpy(c.bytes.get() + at, p.data(), p.size());
+      at += p.size();
+    }
+    chunks_.push_back(std::move(c));
+    bytes_ += n;
+  }
+  // Sends as much as the socket takes. false on error.
+  bool flush(int fd) {
+    while (!chunks_.empty()) {
+      iovec iov[64];
+      int n = 0;
+      for (auto it = chunks_.begin(); it != chunks_.end() && n < 64; ++it, ++n) {
+        iov[n] = {it->bytes.get() + it->sent, it->size - it->sent};
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(n);
+      ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+      if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+      auto left = static_cast<size_t>(w);
+      bytes_ -= left;
+      while (left > 0) {
+        Chunk& front = chunks_.front();
+        const size_t take = std::min(left, front.size - front.sent);
+        front.sent += take;
+        left -= take;
+        if (front.sent == front.size) chunks_.pop_front();
+      }
+    }
+    return true;
+  }
+
+ private:
+  struct Chunk {
+    std::unique_ptr<std::byte[]> bytes;
+    size_t size = 0;
+    size_t sent = 0;
+  };
+  std::deque<Chunk> chunks_;
+  size_t bytes_ = 0;
+};
+
 // Bytes received but not yet parsed, and bytes to send that the socket did not take.
 struct Connection {
   int fd = -1;
   uint64_t serial = 0;  // server: which accept this is (deferred replies check it)
   ByteQueue in;         // consumed as messages are parsed
-  ByteQueue out;
+  OutQueue out;
   bool want_write = false;
   bool want_read = true;  // server: false while the peer does not read its replies
 
@@ -203,26 +257,22 @@ struct Connection {
     }
     if (sent == total) return true;
     size_t skip = sent;
+    std::vector<std::span<const std::byte>> rest;
+    rest.reserve(pieces.size());
     for (auto p : pieces) {
       if (skip >= p.size()) {
         skip -= p.size();
         continue;
       }
-      out.append(p.subspan(skip));
+      rest.push_back(p.subspan(skip));
       skip = 0;
     }
+    out.append(rest);
     return true;
   }
 
   // Writes queued bytes. false on error.
-  bool flush() {
-    while (!out.empty()) {
-      ssize_t w = ::send(fd, out.data(), out.size(), MSG_NOSIGNAL);
-      if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
-      out.consume(static_cast<size_t>(w));
-    }
-    return true;
-  }
+  bool flush() { return out.flush(fd); }
 };
 
 // ---------------------------------------------------------------------------------------
