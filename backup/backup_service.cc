@@ -644,9 +644,14 @@ Status BackupService::get_recovery_data(std::span<const std::byte> body, Reply& 
   wire::BodyReader in(body);
   wire::GetRecoveryDataRequest req;
   if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
+  return recovery_data(req, &reply.body());
+}
+
+Status BackupService::recovery_data(const wire::GetRecoveryDataRequest& req,
+                                    std::vector<std::byte>* body) {
   RecoverySegments* recovery = find_recovery(req.master_id, req.recovery_id);
   if (recovery == nullptr) return Status::kBadRequest;
-  return recovery->get_data(req.segment_id, req.partition_id, &reply.body());
+  return recovery->get_data(req.segment_id, req.partition_id, body);
 }
 
 void BackupService::free_master(uint64_t master_id) {
@@ -667,8 +672,11 @@ void BackupService::free_master(uint64_t master_id) {
     it = next;
   }
   if (freed > 0) {
-    LOG_INFO("freed {} replicas of master {}: its recovery is over", freed,
-             wire::server_id_text(master_id));
+    LOG_INFO(
+        "freed {} replicas of master {}: its recovery is over ({} buffers in use, {} free, {} "
+        "allocated since start because none was free)",
+        freed, wire::server_id_text(master_id), buffers_in_use_, pool_->free_count(),
+        pool_->allocated_late());
     std::error_code ec;
     std::filesystem::remove(options_.data_dir + "/" + std::to_string(master_id), ec);
   }

@@ -170,6 +170,9 @@ class BackupService final : public LoopTask {
   // The master's recovery is over (the server list shows it removed): its replicas and
   // any recovery state of it go.
   void free_master(uint64_t master_id);
+  // `backup get recovery data` for a caller in this process (a recovery master on the
+  // same server, master/recovery_task.h): the status and body the RPC would answer.
+  Status recovery_data(const wire::GetRecoveryDataRequest& request, std::vector<std::byte>* body);
   // Crash recovery reads (docs/recovery.md): bytes read for recoveries since start, and
   // the time those reads took.
   uint64_t recovery_bytes_read() const;
@@ -180,6 +183,7 @@ class BackupService final : public LoopTask {
   size_t buffers_in_use() const { return buffers_in_use_; }
   // Buffers kept free for reuse (open replicas and recovery reads take them first).
   size_t buffers_free() const { return pool_->free_count(); }
+  size_t buffers_allocated_late() const { return pool_->allocated_late(); }
   size_t deferred_replies() const { return deferred_replies_; }
   uint32_t operations_in_flight() const { return ring_->in_flight(); }
   uint64_t flushes() const { return flushes_; }                // started so far

@@ -23,7 +23,12 @@ AlignedBuffer BufferPool::take() {
 
 AlignedBuffer BufferPool::take_or_allocate() {
   AlignedBuffer b = take();
-  return b.size() != 0 ? std::move(b) : AlignedBuffer(buffer_bytes_);
+  if (b.size() != 0) return b;
+  {
+    std::lock_guard lock(mutex_);
+    ++allocated_late_;
+  }
+  return AlignedBuffer(buffer_bytes_);
 }
 
 void BufferPool::give(AlignedBuffer buffer) {
@@ -35,6 +40,11 @@ void BufferPool::give(AlignedBuffer buffer) {
 size_t BufferPool::free_count() const {
   std::lock_guard lock(mutex_);
   return free_.size();
+}
+
+size_t BufferPool::allocated_late() const {
+  std::lock_guard lock(mutex_);
+  return allocated_late_;
 }
 
 }  // namespace ramkv::backup

@@ -316,9 +316,10 @@ class RecoverySegments::Reader {
     f->end = align_up(f->needed);
     // The backup's pool first: its buffers' pages were touched before (buffer_pool.h).
     if (owner_.pool_ != nullptr && owner_.pool_->buffer_bytes() >= f->end) {
-      r.file_bytes = owner_.pool_->take();
+      r.file_bytes = owner_.pool_->take_or_allocate();
+    } else {
+      r.file_bytes = AlignedBuffer(f->end);
     }
-    if (r.file_bytes.size() == 0) r.file_bytes = AlignedBuffer(f->end);
     f->start_ns = now_ns();
     return true;
   }

@@ -341,6 +341,8 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
     append_stat(&text, "recovery_partitions_finished", r.partitions_finished);
     append_stat(&text, "recovery_partitions_failed", r.partitions_failed);
     append_stat(&text, "recovery_bytes_pulled", r.bytes_pulled);
+    append_stat(&text, "recovery_segments_local", r.segments_local);
+    append_stat(&text, "recovery_segments_remote", r.segments_remote);
     append_stat(&text, "recovery_objects_replayed", r.objects_replayed);
   }
   reply.writer().put_bytes(text);

@@ -96,6 +96,10 @@ std::vector<TabletRange> RecoveryTask::ranges(const Job& job) {
   return out;
 }
 
+bool RecoveryTask::is_local(const SegmentPull& seg) const {
+  return local_ && seg.next < seg.locations.size() && seg.locations[seg.next].first == server_id_;
+}
+
 bool RecoveryTask::accepts(const Job& job, uint64_t table_id, uint64_t key_hash) const {
   for (const auto& t : job.tablets) {
     if (t.table_id == table_id && key_hash >= t.start_hash && key_hash <= t.end_hash) return true;
@@ -107,6 +111,7 @@ uint64_t RecoveryTask::run() {
   if (client_->outstanding() > 0) client_->poll(0);
   const uint64_t now = clock_.now_ns();
   uint64_t wake = UINT64_MAX;
+  pulled_locally_ = false;
   for (auto it = jobs_.begin(); it != jobs_.end();) {
     const Key key = it->first;
     Job& job = it->second;
@@ -120,7 +125,15 @@ uint64_t RecoveryTask::run() {
           wake = std::min(wake, seg.retry_at_ns - now);
           continue;
         }
+        if (pulled_locally_ && is_local(seg)) {
+          // One local pull (a copy and a replay, some milliseconds) per pass of the loop,
+          // so that the loop serves its requests in between.
+          wake = 0;
+          continue;
+        }
         pull(key, job, segment_id, seg);
+        // A local pull is answered at once: come back soon for what it made due.
+        if (pulled_locally_) wake = 0;
         if (job.failed != Status::kOk) break;
       }
       if (all_done && job.failed == Status::kOk) finish(job);
@@ -175,6 +188,17 @@ void RecoveryTask::pull(const Key& key, Job& job, uint64_t segment_id, SegmentPu
   }
   seg.in_flight = true;
   ++in_flight_;
+  if (is_local(seg)) {
+    pulled_locally_ = true;
+    local_body_.clear();
+    const Status s = local_(wire::GetRecoveryDataRequest{.master_id = job.request.crashed_master_id,
+                                                         .recovery_id = job.request.recovery_id,
+                                                         .segment_id = segment_id,
+                                                         .partition_id = job.request.partition_id},
+                            &local_body_);
+    on_data(key, segment_id, s, local_body_);
+    return;
+  }
   client_->send(seg.locations[seg.next].second,
                 {.opcode = wire::Opcode::kBackupGetRecoveryData,
                  .client_id = server_id_,
@@ -224,6 +248,12 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
       stats_.objects_replayed += stats.objects;
       if (status == Status::kOk) {
         seg.done = true;
+        if (is_local(seg)) {
+          ++job.local_segments;
+          ++stats_.segments_local;
+        } else {
+          ++stats_.segments_remote;
+        }
         return;
       }
       // What was applied stays (replay is idempotent: the newest version wins); the rest
@@ -267,11 +297,13 @@ void RecoveryTask::report(const Key& key, Job& job) {
     LOG_INFO(
         "recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s "
         "(first data after {:.3f} s, replayed after {:.3f} s of which {:.3f} s replaying, "
-        "{} early asks answered retry; durable {:.3f} s later)",
+        "{} early asks answered retry, {} of {} segments from our own backup; durable {:.3f} s "
+        "later)",
         key.second, key.first, job.replay.objects, job.replay.tombstones, format_bytes(job.bytes),
         static_cast<double>(elapsed) / 1e9, seconds(job.started_ns, first),
         seconds(job.started_ns, job.replayed_ns), static_cast<double>(job.replay_ns) / 1e9,
-        job.retries, seconds(job.replayed_ns, clock_.now_ns()));
+        job.retries, job.local_segments, job.segments.size(),
+        seconds(job.replayed_ns, clock_.now_ns()));
   }
   if (++job.report_attempts > kMaxReportAttempts) {
     LOG_ERROR("recovery {} partition {}: the coordinator did not take our report; giving up",

@@ -454,6 +454,7 @@ TEST_CASE("buffer pool: keeps at most its count, of its size, and hands them out
   for (int i = 0; i < 4; ++i) taken.push_back(pool.take_or_allocate());  // the 4th is new
   for (const auto& b : taken) CHECK(b.size() == pool.buffer_bytes());
   CHECK(pool.free_count() == 0);
+  CHECK(pool.allocated_late() == 1);  // only the 4th: fill() and take() allocate none late
 }
 
 TEST_CASE("recovery segments: file reads use the backup's pooled buffers and give them back",
@@ -484,7 +485,8 @@ TEST_CASE("recovery segments: file reads use the backup's pooled buffers and giv
   {
     RecoverySegments rs(kMaster, kRecovery, std::move(sources), /*defer_reads=*/false, pool);
     wait_settled(rs);
-    CHECK(pool->free_count() == 0);  // two reads took the pool's, the third its own
+    CHECK(pool->free_count() == 0);  // two reads took the pool's, the third a new one
+    CHECK(pool->allocated_late() == 1);
     auto map = sample_map();
     REQUIRE(rs.start_partitioning(map) == Status::kOk);
     check_served(rs, 1, s1, map, 0, true);
@@ -494,8 +496,8 @@ TEST_CASE("recovery segments: file reads use the backup's pooled buffers and giv
     for (uint64_t id : {uint64_t{1}, uint64_t{2}, uint64_t{3}})
       CHECK(listed(listed_all, id).status == wire::kReplicaOk);
   }
-  // Destroyed: the pooled buffers are back (the one of its own size is not the pool's).
-  CHECK(pool->free_count() == 2);
+  // Destroyed: the buffers are back, the new one too (kept for the next user).
+  CHECK(pool->free_count() == 3);
 }
 
 TEST_CASE("recovery segments: a map that arrives before the reads splits as they complete",

@@ -75,6 +75,15 @@ std::string value_for(int key, int round) {
          std::string(static_cast<size_t>(100 + key % 200), static_cast<char>('a' + key % 26));
 }
 
+// One stat of a server's `get server stats` text; -1 if it is missing.
+int64_t server_stat(Client& client, const std::string& locator, const std::string& name) {
+  auto stats = client.server_stats(locator);
+  REQUIRE(stats.ok());
+  auto at = stats->find(name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stoll(stats->substr(at + name.size() + 1));
+}
+
 // The coordinator's id of server `n` of the cluster (by its locator).
 uint64_t server_id_of(LocalCluster& cluster, Client& client, size_t n) {
   auto servers = client.servers();
@@ -140,6 +149,23 @@ TEST_CASE("recovery: a master killed under writes comes back with every acknowle
   }
   // Writes go on, on the new owners.
   REQUIRE(client->write(*table, "after", "recovery").ok());
+  // Every server is master and backup: a recovery master had the segments its own backup
+  // was primary for by a call (master/recovery_task.h, set_local_backup), the others by
+  // RPC. Which are which depends on where the primaries fell; every partition pulled
+  // every segment of the log once (nothing failed here).
+  int64_t local = 0;
+  int64_t remote = 0;
+  for (size_t n = 1; n < 4; ++n) {
+    const int64_t l = server_stat(*client, cluster.locator_of(n), "recovery_segments_local");
+    const int64_t r = server_stat(*client, cluster.locator_of(n), "recovery_segments_remote");
+    REQUIRE(l >= 0);
+    REQUIRE(r >= 0);
+    local += l;
+    remote += r;
+  }
+  INFO("segments had locally " << local << ", by RPC " << remote);
+  CHECK(local + remote >= static_cast<int64_t>(row->partitions.size()));
+  CHECK((local + remote) % static_cast<int64_t>(row->partitions.size()) == 0);
 }
 
 TEST_CASE("recovery: a log with a segment missing everywhere stops with an error",
