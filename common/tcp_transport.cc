@@ -23,6 +23,7 @@
 #include <memory>
 #include <unordered_map>
 
+#include "common/acceptor.h"
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/transport.h"
@@ -385,7 +386,7 @@ class TcpServerTransport final : public ServerTransport {
 
   void accept_all() {
     while (true) {
-      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      int fd = acceptor_.accept(listen_fd_);
       if (fd < 0) return;
       if (connections_.size() >= options_.max_connections) {
         LOG_WARNING("refusing a connection: already {} open", connections_.size());
@@ -480,6 +481,7 @@ class TcpServerTransport final : public ServerTransport {
   std::string locator_;
   std::atomic<bool> stopping_{false};
   std::unordered_map<int, Connection> connections_;
+  Acceptor acceptor_;
   uint64_t next_serial_ = 0;
   std::vector<LoopTask*> tasks_;
 };

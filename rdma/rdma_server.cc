@@ -3,6 +3,8 @@
 // exposes memory for one-sided writes.
 #include "rdma/verbs_link.h"
 
+#include "common/acceptor.h"
+
 namespace ramkv::rdma {
 
 namespace {
@@ -151,7 +153,7 @@ class RdmaServerTransport final : public ServerTransport {
 
   void accept_all() {
     while (true) {
-      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      int fd = acceptor_.accept(listen_fd_);
       if (fd < 0) return;
       if (by_qp_.size() + handshakes_.size() >= options_.max_connections) {
         LOG_WARNING("refusing a connection: already {} open", by_qp_.size());
@@ -350,6 +352,7 @@ class RdmaServerTransport final : public ServerTransport {
   int epoll_fd_ = -1;
   int stop_fd_ = -1;
   int listen_fd_ = -1;
+  Acceptor acceptor_;
   std::string locator_;
   std::atomic<bool> stopping_{false};
   std::unordered_map<int, Handshake> handshakes_;

@@ -1,8 +1,11 @@
 // The TCP transport between real sockets on 127.0.0.1: a server dispatch loop on its own
 // thread, clients driving their own polls.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -180,6 +183,58 @@ TEST_CASE("tcp transport: large messages queued behind each other arrive whole a
   std::vector<int> expected(kMessages);
   for (int i = 0; i < kMessages; ++i) expected[static_cast<size_t>(i)] = i;
   CHECK(order == expected);
+}
+
+TEST_CASE(
+    "tcp transport: a server out of file descriptors closes new connections, then "
+    "serves again",
+    "[common][tcp]") {
+  // In a child process, whose descriptor limit can be lowered without harm here. Without
+  // the acceptor's spare descriptor, the connection would stay queued (and the server's
+  // loop would spin on its listening socket): the client would never see it closed.
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    int code = 0;
+    {
+      rlimit limit{64, 64};
+      if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(10);
+      EchoServer server;
+      std::vector<int> fillers;
+      for (int fd; (fd = ::open("/dev/null", O_RDONLY)) >= 0;) fillers.push_back(fd);
+      // One descriptor left: the client's socket takes it, the server has none.
+      ::close(fillers.back());
+      fillers.pop_back();
+      auto loc = parse_locator(server.locator());
+      int client = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(loc->port);
+      inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+      if (client < 0 || ::connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+        code = 11;
+      } else {
+        timeval tv{5, 0};
+        setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        char buf[16];
+        ssize_t n = ::read(client, buf, sizeof(buf));
+        if (n != 0 && !(n < 0 && errno == ECONNRESET)) code = 12;  // not closed by the server
+        ::close(client);
+      }
+      for (int fd : fillers) ::close(fd);
+      // Descriptors again: served as ever.
+      if (code == 0) {
+        auto transport = make_tcp_client_transport({});
+        auto r = echo(*transport, server.locator(), "again");
+        if (r.status != Status::kOk || r.body != bytes_of("again")) code = 13;
+      }
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);  // 11: no connect, 12: not closed, 13: no echo after
 }
 
 TEST_CASE("tcp transport: a busy-polling server answers like a blocking one", "[common][tcp]") {
