@@ -4,7 +4,8 @@
 #   scripts/cluster.sh start  [--servers N] [--masters N] [--backups N] [--replicas R]
 #                             [--durability buffered|disk] [--dir DIR] [--port P]
 #                             [--memory SIZE] [--poll block|busy] [--bin DIR]
-#                             [--transport tcp|rdma] [--backup-buffers-at-start N]
+#                             [--transport tcp|rdma] [--rdma-device NAME]
+#                             [--backup-buffers-at-start N]
 #   scripts/cluster.sh status [--dir DIR]
 #   scripts/cluster.sh stop   [--dir DIR]
 #   scripts/cluster.sh kill   ADDRESS [--dir DIR]
@@ -22,6 +23,9 @@
 #   --memory      log memory of each master (default 256M)
 #   --transport   tcp (default) or rdma, for every process (rdma: libibverbs, or the
 #                 emulated provider in a build made with -DRAMKV_VERBS=emulated)
+#   --rdma-device NAME
+#                 with --transport rdma: the adapter every process uses, as ibv_devices
+#                 names it (default: each process takes the first)
 #   --backup-buffers-at-start N
 #                 segment buffers each backup allocates and touches at start (default:
 #                 ramkv-server's): a backup reads its share of a crashed master into
@@ -54,6 +58,7 @@ port=12246
 memory=256M
 poll=block
 transport=tcp
+rdma_device=""
 backup_buffers_at_start=""
 bin="$root/build/bin"
 
@@ -62,7 +67,7 @@ usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport|--backup-buffers-at-start)
+    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport|--rdma-device|--backup-buffers-at-start)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --dir) dir=$2 ;;
@@ -75,6 +80,7 @@ while [ $# -gt 0 ]; do
         --memory) memory=$2 ;;
         --poll) poll=$2 ;;
         --transport) transport=$2 ;;
+        --rdma-device) rdma_device=$2 ;;
         --backup-buffers-at-start) backup_buffers_at_start=$2 ;;
         --bin) bin=$2 ;;
       esac
@@ -94,6 +100,12 @@ done
 case "$durability" in buffered|disk) ;; *) die "--durability must be buffered or disk, not '$durability'" ;; esac
 case "$poll" in block|busy) ;; *) die "--poll must be block or busy, not '$poll'" ;; esac
 case "$transport" in tcp|rdma) ;; *) die "--transport must be tcp or rdma, not '$transport'" ;; esac
+if [ -n "$rdma_device" ] && [ "$transport" != rdma ]; then
+  die "--rdma-device needs --transport rdma"
+fi
+# The transport flags every process gets.
+transport_args=(--transport "$transport")
+if [ -n "$rdma_device" ]; then transport_args+=(--rdma-device "$rdma_device"); fi
 total=$((servers + masters + backups))
 
 # Checks the shape of the cluster asked for (start only; stop and status ignore it).
@@ -152,13 +164,13 @@ start() {
   mkdir -p "$dir/pids" "$dir/logs" "$dir/coordinator"
   local coord="127.0.0.1:$port"
   "$bin/ramkv-coordinator" --listen "$coord" --data-dir "$dir/coordinator" --poll "$poll" \
-    --transport "$transport" >"$dir/logs/coordinator.log" 2>&1 &
+    "${transport_args[@]}" >"$dir/logs/coordinator.log" 2>&1 &
   echo "$! ramkv-coordinator coordinator $coord" >"$dir/pids/0-coordinator.pid"
   local n
   for n in $(seq 1 "$total"); do
     local addr="127.0.0.1:$((port + n))" role
     role=$(role_of "$n")
-    local args=(--coordinator "$coord" --listen "$addr" --poll "$poll" --transport "$transport")
+    local args=(--coordinator "$coord" --listen "$addr" --poll "$poll" "${transport_args[@]}")
     case "$role" in
       master|master+backup) args+=(--master --memory "$memory" --replicas "$replicas") ;;
       *) args+=(--no-master) ;;
