@@ -52,6 +52,14 @@ std::vector<Candidate> usable(uint64_t segment_id, const std::vector<Candidate>&
     if (c.replica->status != wire::kReplicaOk) continue;
     (c.replica->closed != 0 ? closed : open).push_back(c);
   }
+  // The longest open replicas first: open replicas of one segment at one epoch hold
+  // prefixes of the same bytes, and a shorter one may be a copy its master gave up on
+  // (its backup stopped answering) and replaced from memory without raising the epoch
+  // (a segment closed in memory keeps its epoch; rule 4 of master/replica_manager.h). The
+  // writes acknowledged from that segment are then only on the longer ones.
+  std::stable_sort(open.begin(), open.end(), [](const Candidate& a, const Candidate& b) {
+    return a.replica->certificate_bytes > b.replica->certificate_bytes;
+  });
   std::vector<Candidate> out = closed;
   if (!recorded || segment_id > recorded->segment_id) {
     out.insert(out.end(), open.begin(), open.end());
@@ -86,7 +94,8 @@ uint64_t estimate_bytes(const Tablet& t, const std::vector<Tablet>& tablets,
 }
 
 // Names one primary replica per segment (RecoveryPlan::locations): segment by segment in
-// log order, among its closed replicas if it has any (whole, and preferred as before), the
+// log order, among its closed replicas if it has any (whole, and preferred as before; else
+// among its longest open ones), the
 // one on the backup with the fewest primary bytes so far (then the fewest primaries, then
 // the lowest id). Every backup so reads about the same share of the log, spread over the
 // whole log, which is the order recovery masters ask in. The primary goes first in the
@@ -108,9 +117,13 @@ void choose_primaries(RecoveryPlan* plan,
     };
     const bool any_closed = std::any_of(
         where.begin(), where.end(), [&](const auto& l) { return replica_on(l.first).closed != 0; });
+    // Without a closed replica, only the longest open ones may be primary (see usable()).
+    uint32_t longest = 0;
+    for (const auto& l : where) longest = std::max(longest, replica_on(l.first).certificate_bytes);
     std::optional<size_t> best;
     for (size_t i = 0; i < where.size(); ++i) {
       if (any_closed && replica_on(where[i].first).closed == 0) continue;
+      if (!any_closed && replica_on(where[i].first).certificate_bytes < longest) continue;
       if (!best) {
         best = i;
         continue;

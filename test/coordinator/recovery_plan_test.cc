@@ -155,6 +155,35 @@ TEST_CASE("recovery plan: open replicas below the recorded epoch are stale",
   CHECK(plan->locations[1][0].first == 4);
 }
 
+TEST_CASE("recovery plan: without a closed replica, the longest open ones are read first",
+          "[coordinator][recovery]") {
+  // Segment 1 was closed in memory and whole on backups 3 and 4 when its writes were
+  // acknowledged; backup 2 holds the shorter copy its master gave up on (backup 2 stopped
+  // answering) without raising the epoch. None is closed yet: the master crashed first.
+  auto with_bytes = [](wire::ReplicaEntry r, uint32_t bytes) {
+    r.certificate_bytes = bytes;
+    return r;
+  };
+  std::vector<BackupAnswer> answers = {
+      answer(2, {with_bytes(replica(1, 1, false), 60)}),
+      answer(3, {with_bytes(replica(1, 1, false), 100), replica(2, 1, false)}, {1, 2}, 2),
+      answer(4, {with_bytes(replica(1, 1, false), 100), replica(2, 1, false)}, {1, 2}, 2),
+  };
+  std::string error;
+  auto plan = plan_recovery(kMaster, whole_table(5), answers, std::nullopt, {}, &error);
+  REQUIRE(plan.ok());
+  const auto& where = plan->locations[1];
+  REQUIRE(where.size() == 3);
+  // The primary (first) is a whole copy, and so is the first fallback; the short copy
+  // comes last, though backup 2 has the lowest id and no primaries.
+  CHECK(where[0].first != 2);
+  CHECK(where[1].first != 2);
+  CHECK(where[2].first == 2);
+  for (const auto& [backup, segments] : plan->primaries) {
+    if (backup == 2) CHECK(segments.empty());
+  }
+}
+
 TEST_CASE("recovery plan: partitions are sized from the table statistics and tile the tablets",
           "[coordinator][recovery]") {
   const uint64_t gib = 1ull << 30;
