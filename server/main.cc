@@ -540,8 +540,6 @@ int run_server(const ServerOptions& o) {
   return 0;
 }
 
-}  // namespace
-
 // A server allocates and frees megabyte buffers all the time (messages in and out,
 // replication ranges, replica buffers). glibc would hand each one back to the kernel
 // (munmap, or a trim of the heap's top) and map fresh pages for the next, and on virtual
@@ -552,6 +550,8 @@ void keep_freed_memory() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   keep_freed_memory();
