@@ -21,6 +21,7 @@
 namespace ramkv {
 using test::ClusterShape;
 using test::LocalCluster;
+using test::server_stat;
 namespace {
 
 using SteadyClock = std::chrono::steady_clock;
@@ -146,15 +147,6 @@ uint64_t master_of(Client& client) {
   }
   REQUIRE(id != 0);
   return id;
-}
-
-// One stat of a server's `get server stats` text; -1 if it is missing.
-int64_t server_stat(Client& client, const std::string& locator, const std::string& name) {
-  auto stats = client.server_stats(locator);
-  REQUIRE(stats.ok());
-  auto at = stats->find(name + " ");
-  if (at == std::string::npos) return -1;
-  return std::stoll(stats->substr(at + name.size() + 1));
 }
 
 // The replicas of one master's segments on a set of backups: segment id -> entries.

@@ -315,4 +315,13 @@ class LocalCluster {
   }
 };
 
+// One stat of a server's `get server stats` text; -1 if it is missing.
+inline int64_t server_stat(Client& client, const std::string& locator, const std::string& name) {
+  auto stats = client.server_stats(locator);
+  REQUIRE(stats.ok());
+  auto at = stats->find(name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stoll(stats->substr(at + name.size() + 1));
+}
+
 }  // namespace ramkv::test

@@ -15,6 +15,7 @@
 namespace ramkv {
 using test::ClusterShape;
 using test::LocalCluster;
+using test::server_stat;
 namespace {
 
 struct RecoveryRow {
@@ -73,15 +74,6 @@ uint64_t server_id(LocalCluster& cluster, size_t n) {
 std::string value_for(int key, int round) {
   return "value-" + std::to_string(key) + "-" + std::to_string(round) +
          std::string(static_cast<size_t>(100 + key % 200), static_cast<char>('a' + key % 26));
-}
-
-// One stat of a server's `get server stats` text; -1 if it is missing.
-int64_t server_stat(Client& client, const std::string& locator, const std::string& name) {
-  auto stats = client.server_stats(locator);
-  REQUIRE(stats.ok());
-  auto at = stats->find(name + " ");
-  if (at == std::string::npos) return -1;
-  return std::stoll(stats->substr(at + name.size() + 1));
 }
 
 // The coordinator's id of server `n` of the cluster (by its locator).
