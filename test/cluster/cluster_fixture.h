@@ -15,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -110,13 +111,19 @@ class Process {
   pid_t pid_ = -1;
 };
 
-// A free TCP port on 127.0.0.1 (bound and released: good enough on a test machine).
+// A free TCP port on 127.0.0.1 (bound and released: good enough on a test machine), and
+// never the same port twice in one test process: the kernel may give a port it just
+// freed to the next listen on port 0, and two servers of one cluster told the same port
+// race for it (one fails: "address already in use"; seen in CI).
 inline uint16_t free_port() {
-  auto server = make_tcp_server_transport({});
-  REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
-  auto loc = parse_locator(server->locator());
-  REQUIRE(loc.ok());
-  return loc->port;
+  static std::set<uint16_t> given;
+  for (;;) {
+    auto server = make_tcp_server_transport({});
+    REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
+    auto loc = parse_locator(server->locator());
+    REQUIRE(loc.ok());
+    if (given.insert(loc->port).second) return loc->port;
+  }
 }
 
 // What a LocalCluster runs besides its coordinator.
