@@ -1,10 +1,13 @@
 #include "common/acceptor.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <ctime>
 
 #include "common/log.h"
@@ -25,6 +28,44 @@ uint64_t monotonic_ns() {
 }
 
 }  // namespace
+
+Result<sockaddr_in> resolve(const Locator& l) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(l.port);
+  if (inet_pton(AF_INET, l.host.c_str(), &addr.sin_addr) == 1) return addr;
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(l.host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
+    return Status::kInvalidArgument;
+  }
+  addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
+  freeaddrinfo(res);
+  return addr;
+}
+
+Result<int> listen_tcp(const std::string& text, std::string* bound) {
+  auto loc = parse_locator(text);
+  if (!loc.ok()) return loc.status();
+  auto addr = resolve(*loc);
+  if (!addr.ok()) return addr.status();
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int one = 1;
+  if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0 ||
+      ::listen(fd, 1024) != 0) {
+    LOG_ERROR("cannot listen on {}: {}", text, std::strerror(errno));
+    if (fd >= 0) ::close(fd);
+    return Status::kIoError;
+  }
+  sockaddr_in at{};
+  socklen_t len = sizeof(at);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&at), &len);
+  *bound = Locator{loc->host, ntohs(at.sin_port)}.to_string();
+  return fd;
+}
 
 Acceptor::Acceptor() : spare_(::open("/dev/null", O_RDONLY | O_CLOEXEC)) {}
 

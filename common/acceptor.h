@@ -1,5 +1,6 @@
-// Acceptor: takes connections off a non-blocking listening socket, also when the process
-// has run out of file descriptors.
+// Listening TCP sockets, shared by the TCP and RDMA transports (RDMA sets up its queue
+// pairs over TCP): resolve(), listen_tcp(), and the Acceptor, which takes connections off
+// a non-blocking listening socket, also when the process has run out of file descriptors.
 //
 // Why: accept4() then fails with EMFILE (or ENFILE) and leaves the connection queued, so
 // the listening socket stays readable and a dispatch loop waiting in epoll wakes at once,
@@ -10,9 +11,22 @@
 // Owner: a server transport. Threads: the owner's dispatch thread.
 #pragma once
 
+#include <netinet/in.h>
+
 #include <cstdint>
+#include <string>
+
+#include "common/result.h"
+#include "common/transport.h"
 
 namespace ramkv {
+
+// The IPv4 address of a locator (a host name is looked up); kInvalidArgument if none.
+Result<sockaddr_in> resolve(const Locator& l);
+// A non-blocking, close-on-exec socket listening on `text` ("host:port"; port 0 picks
+// one); *bound is the locator really bound. kInvalidArgument for a bad locator, kIoError
+// (logged) when it cannot listen.
+Result<int> listen_tcp(const std::string& text, std::string* bound);
 
 class Acceptor {
  public:

@@ -60,23 +60,6 @@ namespace {
 constexpr size_t kHeaderBytes = sizeof(wire::MessageHeader);
 constexpr size_t kReadChunk = 64 * 1024;
 
-Result<sockaddr_in> resolve(const Locator& l) {
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(l.port);
-  if (inet_pton(AF_INET, l.host.c_str(), &addr.sin_addr) == 1) return addr;
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(l.host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
-    return Status::kInvalidArgument;
-  }
-  addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
-  freeaddrinfo(res);
-  return addr;
-}
-
 void set_socket_options(int fd, const TransportOptions& o) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -291,22 +274,9 @@ class TcpServerTransport final : public ServerTransport {
   }
 
   Status listen(const std::string& text) override {
-    auto loc = parse_locator(text);
-    if (!loc.ok()) return loc.status();
-    auto addr = resolve(*loc);
-    if (!addr.ok()) return addr.status();
-    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0 ||
-        ::listen(listen_fd_, 1024) != 0) {
-      LOG_ERROR("cannot listen on {}: {}", text, std::strerror(errno));
-      return Status::kIoError;
-    }
-    sockaddr_in bound{};
-    socklen_t len = sizeof(bound);
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &len);
-    locator_ = Locator{loc->host, ntohs(bound.sin_port)}.to_string();
+    auto fd = listen_tcp(text, &locator_);
+    if (!fd.ok()) return fd.status();
+    listen_fd_ = *fd;
     add(listen_fd_, EPOLLIN);
     add(stop_fd_, EPOLLIN);
     return Status::kOk;

@@ -31,22 +31,9 @@ class RdmaServerTransport final : public ServerTransport {
   }
 
   Status listen(const std::string& text) override {
-    auto loc = parse_locator(text);
-    if (!loc.ok()) return loc.status();
-    auto addr = resolve(*loc);
-    if (!addr.ok()) return addr.status();
-    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0 ||
-        ::listen(listen_fd_, 1024) != 0) {
-      LOG_ERROR("cannot listen on {}: {}", text, errno_text(errno));
-      return Status::kIoError;
-    }
-    sockaddr_in bound{};
-    socklen_t len = sizeof(bound);
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &len);
-    locator_ = Locator{loc->host, ntohs(bound.sin_port)}.to_string();
+    auto fd = listen_tcp(text, &locator_);
+    if (!fd.ok()) return fd.status();
+    listen_fd_ = *fd;
     add(listen_fd_, EPOLLIN);
     add(stop_fd_, EPOLLIN);
     add(verbs_->channel_fd(), EPOLLIN);

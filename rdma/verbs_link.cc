@@ -4,23 +4,6 @@ namespace ramkv::rdma::internal {
 
 std::string errno_text(int e) { return std::strerror(e); }
 
-Result<sockaddr_in> resolve(const Locator& l) {
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(l.port);
-  if (inet_pton(AF_INET, l.host.c_str(), &addr.sin_addr) == 1) return addr;
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(l.host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
-    return Status::kInvalidArgument;
-  }
-  addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
-  freeaddrinfo(res);
-  return addr;
-}
-
 PageBuffer page_alloc(size_t bytes) {
   const size_t page = 4096;
   void* p = std::aligned_alloc(page, (bytes + page - 1) / page * page);

@@ -29,6 +29,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/acceptor.h"
 #include "common/assert.h"
 #include "common/clock.h"
 #include "common/log.h"
@@ -61,8 +62,6 @@ struct Hello {
 static_assert(sizeof(Hello) == 40);
 
 std::string errno_text(int e);
-
-Result<sockaddr_in> resolve(const Locator& l);
 
 // Memory aligned to a page: registration pins whole pages anyway.
 struct PageFree {
