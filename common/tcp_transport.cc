@@ -59,6 +59,8 @@ namespace {
 
 constexpr size_t kHeaderBytes = sizeof(wire::MessageHeader);
 constexpr size_t kReadChunk = 64 * 1024;
+// Connection::fill stops reading once this much is buffered and holds a whole message.
+constexpr size_t kParseBatchBytes = 256 * 1024;
 
 void set_socket_options(int fd, const TransportOptions& o) {
   int one = 1;
@@ -174,6 +176,7 @@ struct Connection {
   OutQueue out;
   bool want_write = false;
   bool want_read = true;  // server: false while the peer does not read its replies
+  size_t complete_ = 0;   // bytes of `in` known to be whole messages (skip_complete)
 
   // Appends whatever read() gives until EAGAIN, or until `max_buffered` bytes are held
   // (the rest stays in the socket; epoll is level-triggered, so it is read later). The
@@ -182,25 +185,47 @@ struct Connection {
   // completion), so the buffer may move. false on EOF or error.
   bool fill(size_t max_buffered) {
     while (in.size() < max_buffered) {
-      // Read the rest of a large message in one go when its header says how much.
+      // The rest of the last, incomplete message is read in one go when its header says
+      // how much, into room reserved for all of it: sized from the first message instead,
+      // reads went on in 64 KiB pieces past it, and the megabytes of a large message that
+      // arrived behind it were moved to the front of the buffer once the first was parsed.
       size_t want = kReadChunk;
-      if (in.size() >= kHeaderBytes) {
+      const size_t incomplete = skip_complete();
+      if (in.size() - incomplete >= kHeaderBytes) {
         wire::MessageHeader h;
-        std::memcpy(&h, in.data(), kHeaderBytes);
+        std::memcpy(&h, in.data() + incomplete, kHeaderBytes);
         const size_t whole = kHeaderBytes + size_t{h.body_bytes};
-        if (whole <= max_buffered && whole > in.size()) want = std::max(want, whole - in.size());
+        const size_t have = in.size() - incomplete;
+        if (whole <= max_buffered && whole > have) want = std::max(want, whole - have);
       }
       std::byte* at = in.reserve_tail(want);
       ssize_t n = ::read(fd, at, want);
       if (n > 0) {
         in.commit(static_cast<size_t>(n));
         if (static_cast<size_t>(n) < want) return true;
+        // Whole messages of a batch's worth are parsed before reading on, while their
+        // bytes are still in the cache (epoll is level-triggered: the rest comes next).
+        if (in.size() >= kParseBatchBytes && skip_complete() > 0) return true;
         continue;
       }
       if (n == 0) return false;
       return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
     }
     return true;
+  }
+
+  // Where the first message not wholly buffered begins (in.size() when every buffered
+  // message is whole), from `complete_`, which remembers how far earlier calls got.
+  // Framing is not checked here (next() does), only lengths are followed.
+  size_t skip_complete() {
+    while (in.size() - complete_ >= kHeaderBytes) {
+      wire::MessageHeader h;
+      std::memcpy(&h, in.data() + complete_, kHeaderBytes);
+      const size_t whole = kHeaderBytes + size_t{h.body_bytes};
+      if (in.size() - complete_ < whole) break;
+      complete_ += whole;
+    }
+    return complete_;
   }
 
   // The next whole message, if one is buffered. kBadRequest when framing is broken.
@@ -213,7 +238,9 @@ struct Connection {
     }
     if (in.size() < kHeaderBytes + h->body_bytes) return Status::kRetry;
     *body = {in.data() + kHeaderBytes, h->body_bytes};
-    in.consume(kHeaderBytes + h->body_bytes);
+    const size_t whole = kHeaderBytes + h->body_bytes;
+    in.consume(whole);
+    complete_ = complete_ > whole ? complete_ - whole : 0;
     return Status::kOk;
   }
 

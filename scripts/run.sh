@@ -37,7 +37,7 @@ echo "== starting a local cluster in $dir"
 memory_mib=$(( $(numfmt --from=iec "$recovery_bytes") * 3 / 2 / 1048576 + 256 ))
 # Each backup reads a third of the crashed master's segments (8 MiB each) into buffers it
 # touched at start, and has room for the replicas being written meanwhile.
-buffers=$(( $(numfmt --from=iec "$recovery_bytes") / 3 / 8388608 + 16 ))
+buffers=$(( $(numfmt --from=iec "$recovery_bytes") / 3 / 8388608 + 32 ))
 bash scripts/cluster.sh start ${cluster_flags[@]+"${cluster_flags[@]}"} --dir "$dir" --port "$port" \
   --memory "${memory_mib}M" --backup-buffers-at-start "$buffers"
 bash scripts/cluster.sh status --dir "$dir"
