@@ -1,7 +1,12 @@
 #include "bench/ramkv_bench_recovery.h"
 
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -248,6 +253,112 @@ std::optional<double> replay_ceiling(const RecoveryBenchOptions& o) {
   return std::strtod(out.c_str() + at + key.size(), nullptr);
 }
 
+// The network floor: what moving a recovery's bytes over loopback TCP alone costs on this
+// machine, now. `streams` pairs of processes forked from this one (one per recovery
+// master) each move bytes / streams: the sender writes 1 MiB at a time from one buffer,
+// the receiver reads into one; both buffers are touched before the clock starts. Nothing
+// else is done with the bytes, so no recovery over TCP can move them for less.
+struct NetworkFloor {
+  double seconds = 0;      // wall clock, all streams at once
+  double cpu_seconds = 0;  // user + system of every sender and receiver
+};
+
+double cpu_of_children() {
+  rusage u{};
+  ::getrusage(RUSAGE_CHILDREN, &u);
+  auto sec = [](const timeval& t) {
+    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
+  };
+  return sec(u.ru_utime) + sec(u.ru_stime);
+}
+
+// Runs in a forked child: no allocation, no logging, _exit only.
+[[noreturn]] void floor_child(bool sender, int listen_fd, uint16_t port, int barrier,
+                              uint64_t bytes) {
+  constexpr size_t kChunk = 1u << 20;
+  void* mem = ::mmap(nullptr, kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) ::_exit(2);
+  auto* buf = static_cast<char*>(mem);
+  std::memset(buf, 0x5a, kChunk);
+  if (!sender) {
+    int fd = ::accept(listen_fd, nullptr, nullptr);
+    if (fd < 0) ::_exit(3);
+    while (::read(fd, buf, kChunk) > 0) {
+    }
+    ::_exit(0);
+  }
+  char c;
+  while (::read(barrier, &c, 1) > 0) {
+  }
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) ::_exit(4);
+  for (uint64_t left = bytes; left > 0;) {
+    ssize_t n = ::send(fd, buf, std::min<uint64_t>(left, kChunk), MSG_NOSIGNAL);
+    if (n <= 0) ::_exit(5);
+    left -= static_cast<uint64_t>(n);
+  }
+  ::_exit(0);
+}
+
+std::optional<NetworkFloor> network_floor(uint64_t bytes, uint32_t streams) {
+  streams = std::max<uint32_t>(streams, 1);
+  int barrier[2];
+  if (::pipe(barrier) != 0) return std::nullopt;
+  const double cpu_before = cpu_of_children();
+  std::vector<std::pair<pid_t, pid_t>> pairs;  // receiver, sender
+  bool ok = true;
+  for (uint32_t i = 0; i < streams && ok; ++i) {
+    int listen_fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    if (listen_fd < 0 || ::bind(listen_fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+        ::listen(listen_fd, 1) != 0 ||
+        ::getsockname(listen_fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      if (listen_fd >= 0) ::close(listen_fd);
+      ok = false;
+      break;
+    }
+    const uint64_t share = bytes / streams + (i < bytes % streams ? 1 : 0);
+    pid_t pids[2] = {-1, -1};
+    for (int sender = 0; sender < 2 && ok; ++sender) {
+      pids[sender] = ::fork();
+      if (pids[sender] == 0) {
+        ::close(barrier[1]);
+        floor_child(sender == 1, listen_fd, ntohs(a.sin_port), barrier[0], share);
+      }
+      if (pids[sender] < 0) ok = false;
+    }
+    ::close(listen_fd);
+    if (pids[0] > 0 && pids[1] <= 0) ::kill(pids[0], SIGKILL);  // no sender to wait for
+    if (pids[0] > 0) pairs.emplace_back(pids[0], pids[1]);
+  }
+  ::close(barrier[0]);
+  const uint64_t start = steady().now_ns();
+  ::close(barrier[1]);  // the senders start
+  auto exited_well = [](pid_t pid) {
+    int status = 0;
+    return pid > 0 && ::waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+           WEXITSTATUS(status) == 0;
+  };
+  for (auto [receiver, sender] : pairs) {
+    // A sender that failed leaves its receiver waiting for a connection: stop it.
+    if (sender > 0 && !exited_well(sender)) {
+      ok = false;
+      ::kill(receiver, SIGKILL);
+    }
+    if (!exited_well(receiver)) ok = false;
+  }
+  if (!ok) return std::nullopt;
+  return NetworkFloor{.seconds = static_cast<double>(steady().now_ns() - start) / 1e9,
+                      .cpu_seconds = cpu_of_children() - cpu_before};
+}
+
 struct Sample {
   double seconds = 0;
   std::map<uint64_t, uint64_t> bytes;  // recovery master -> recovery bytes pulled so far
@@ -286,8 +397,9 @@ void add_recovery_command(CLI::App& app, RecoveryBenchOptions& o) {
   cmd->add_option("--timeout", o.timeout_s, "Seconds to wait for the recovery")
       ->check(CLI::Range(1u, 86400u))
       ->capture_default_str();
-  cmd->add_option("--ceiling-bytes", o.ceiling_bytes,
-                  "Bytes for the single-process replay ceiling run (0: skip)")
+  cmd->add_option(
+         "--ceiling-bytes", o.ceiling_bytes,
+         "Bytes for the single-process replay ceiling run (0: skip it and the network floor)")
       ->capture_default_str();
   cmd->add_option("--csv", o.csv, "Write the replay timeline (seconds, bytes per recovery master)");
   cmd->add_option("--plot", o.plot, "Draw the timeline as a PNG (needs gnuplot)");
@@ -355,6 +467,24 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
   }
   const double fill_seconds = static_cast<double>(steady().now_ns() - fill_start) / 1e9;
   const uint64_t filled_bytes = objects * (o.object_bytes + key_of(0).size());
+
+  // What the survivors send over the network (replication, recovery data pulled from
+  // other servers' backups), read before the kill and after the recovery: the bytes the
+  // recovery moved, for its network floor.
+  auto network_counter = [&] {
+    uint64_t total = 0;
+    if (auto servers = client->servers(); servers.ok()) {
+      for (const auto& srv : *servers) {
+        if (!srv.master || srv.status != ServerStatus::kUp || srv.server_id == victim) continue;
+        auto stats = client->server_stats(srv.locator);
+        if (!stats.ok()) continue;
+        total += stat_of(*stats, "replication_bytes_sent") +
+                 stat_of(*stats, "recovery_bytes_pulled_remote");
+      }
+    }
+    return total;
+  };
+  const uint64_t network_before = network_counter();
 
   // Kill.
   const uint64_t killed_unix = unix_ns();
@@ -426,6 +556,9 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
   auto first = client->read(*table, key_of(0));
   const uint64_t served_unix = unix_ns();
   if (!first.ok()) return fail("read after recovery: {}", status_name(first.status()));
+  const uint64_t network_after = network_counter();
+  const uint64_t network_bytes =
+      network_after > network_before ? network_after - network_before : 0;
 
   const double detection = static_cast<double>(done->info.declared_unix_ns - killed_unix) / 1e9;
   // Every tablet is the recovery masters' once the coordinator moved the last partition.
@@ -476,6 +609,19 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
   }
   std::optional<double> ceiling;
   if (o.ceiling_bytes != "0") ceiling = replay_ceiling(o);
+  // The floor of this recovery over TCP on this machine: the CPU that moving its bytes
+  // over loopback takes, plus the replay's at the ceiling, spread over every CPU (and no
+  // less than the transfer's own wall clock).
+  std::optional<NetworkFloor> network;
+  std::optional<double> floor_seconds;
+  const double cpus = std::max(1u, std::thread::hardware_concurrency());
+  if (ceiling && *ceiling > 0 && network_bytes > 0) {
+    network = network_floor(network_bytes, static_cast<uint32_t>(masters.size()));
+    if (network) {
+      const double replay_cpu = static_cast<double>(done->info.bytes) / 1e6 / *ceiling;
+      floor_seconds = std::max(network->seconds, (network->cpu_seconds + replay_cpu) / cpus);
+    }
+  }
 
   if (!o.csv.empty() || !o.plot.empty()) {
     std::string csv = o.csv.empty() ? o.plot + ".csv" : o.csv;
@@ -538,10 +684,16 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
         "\"detection_seconds\":{:.3f},\"recovery_seconds\":{:.3f},\"served_seconds\":{:.3f},"
         "\"recovered_bytes\":{},\"recovery_mb_per_sec\":{:.1f},\"partitions\":{},"
         "\"recovery_masters\":[{}],\"backups\":[{}],\"replay_ceiling_mb_per_sec\":{},"
+        "\"network_bytes\":{},\"network_floor_seconds\":{},\"network_floor_cpu_seconds\":{},"
+        "\"floor_seconds\":{},\"floor_mb_per_sec\":{},\"cpus\":{},"
         "\"objects_checked\":{},\"objects_lost\":{}}}\n",
         filled_bytes, objects, o.object_bytes, fill_seconds, detection, recovery, served,
         done->info.bytes, replay_window > 0 ? mb / replay_window : 0.0, done->partitions.size(), m,
-        b, ceiling ? fmt::format("{:.1f}", *ceiling) : "null", checked, lost);
+        b, ceiling ? fmt::format("{:.1f}", *ceiling) : "null", network_bytes,
+        network ? fmt::format("{:.3f}", network->seconds) : "null",
+        network ? fmt::format("{:.3f}", network->cpu_seconds) : "null",
+        floor_seconds ? fmt::format("{:.3f}", *floor_seconds) : "null",
+        floor_seconds ? fmt::format("{:.1f}", mb / *floor_seconds) : "null", cpus, checked, lost);
   } else {
     fmt::print("detection   {:8.3f} s (kill -> declared crashed)\n", detection);
     fmt::print("recovery    {:8.3f} s (kill -> every tablet served)\n", recovery);
@@ -562,6 +714,20 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
                  format_bytes(row.bytes), static_cast<double>(row.ns) / 1e9);
     }
     if (ceiling) fmt::print("replay ceiling (one process, from memory): {:.1f} MB/s\n", *ceiling);
+    if (network) {
+      fmt::print(
+          "network: the survivors sent {} during the recovery (replication, recovery data); "
+          "loopback TCP alone moves that in {:.3f} s ({} streams, {:.2f} CPU-seconds)\n",
+          format_bytes(network_bytes), network->seconds, masters.size(), network->cpu_seconds);
+    }
+    if (floor_seconds && ceiling) {
+      fmt::print(
+          "floor over TCP on {:.0f} CPUs (that CPU and the replay's at the ceiling, spread over "
+          "them): {:.3f} s, {:.1f} MB/s = {:.2f}x the replay ceiling; this recovery ran at {:.2f} "
+          "of the floor's rate\n",
+          cpus, *floor_seconds, mb / *floor_seconds, mb / *floor_seconds / *ceiling,
+          replay_window > 0 ? *floor_seconds / replay_window : 0.0);
+    }
     fmt::print("objects checked {}, lost {}\n", checked, lost);
   }
   return lost == 0 ? 0 : 1;

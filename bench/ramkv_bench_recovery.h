@@ -10,7 +10,12 @@
 // per recovery master replay MB/s, per backup read MB/s, objects_checked, objects_lost
 // (must be 0), and the single-process replay ceiling (`ramkv-bench replay`, run by this
 // command on the same machine) with the recovery rate per recovery master as a ratio of
-// it. --csv writes a timeline of bytes replayed per recovery master, --plot a PNG of it
+// it. With the ceiling it also measures the network floor: the bytes the survivors sent
+// during the recovery (replication and recovery data, from their stats) moved again over
+// loopback TCP by plain sender and receiver processes, one pair per recovery master, and
+// the CPU that took; that CPU plus the replay's at the ceiling, spread over the machine's
+// CPUs, is the floor of a recovery over TCP here (floor_seconds, floor_mb_per_sec).
+// --csv writes a timeline of bytes replayed per recovery master, --plot a PNG of it
 // (gnuplot).
 #pragma once
 
@@ -35,7 +40,7 @@ struct RecoveryBenchOptions {
   std::string bytes = "1G";
   uint32_t object_bytes = 1000;
   uint32_t timeout_s = 600;
-  std::string ceiling_bytes = "256M";  // the replay ceiling's run; 0: skip it
+  std::string ceiling_bytes = "256M";  // the replay ceiling's run; 0: skip it (and the floor)
   std::string csv;
   std::string plot;
   bool json = false;

@@ -343,6 +343,7 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
     append_stat(&text, "recovery_bytes_pulled", r.bytes_pulled);
     append_stat(&text, "recovery_segments_local", r.segments_local);
     append_stat(&text, "recovery_segments_remote", r.segments_remote);
+    append_stat(&text, "recovery_bytes_pulled_remote", r.bytes_pulled_remote);
     append_stat(&text, "recovery_objects_replayed", r.objects_replayed);
   }
   reply.writer().put_bytes(text);

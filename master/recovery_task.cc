@@ -253,6 +253,7 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
           ++stats_.segments_local;
         } else {
           ++stats_.segments_remote;
+          stats_.bytes_pulled_remote += entries.size();
         }
         return;
       }

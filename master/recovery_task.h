@@ -39,8 +39,9 @@ struct RecoveryTaskStats {
   uint64_t partitions_finished = 0;
   uint64_t partitions_failed = 0;
   uint64_t bytes_pulled = 0;
-  uint64_t segments_local = 0;   // had from our own backup (set_local_backup)
-  uint64_t segments_remote = 0;  // had from other servers' backups
+  uint64_t segments_local = 0;       // had from our own backup (set_local_backup)
+  uint64_t segments_remote = 0;      // had from other servers' backups
+  uint64_t bytes_pulled_remote = 0;  // of bytes_pulled: from other servers (over the network)
   uint64_t objects_replayed = 0;
 };
 

@@ -154,6 +154,14 @@ TEST_CASE("recovery: a master killed under writes comes back with every acknowle
     REQUIRE(r >= 0);
     local += l;
     remote += r;
+    // The bytes had over the network are those of the segments had by RPC.
+    const int64_t pulled = server_stat(*client, cluster.locator_of(n), "recovery_bytes_pulled");
+    const int64_t pulled_remote =
+        server_stat(*client, cluster.locator_of(n), "recovery_bytes_pulled_remote");
+    REQUIRE(pulled_remote >= 0);
+    CHECK(pulled_remote <= pulled);
+    if (r == 0) CHECK(pulled_remote == 0);
+    if (l == 0) CHECK(pulled_remote == pulled);
   }
   INFO("segments had locally " << local << ", by RPC " << remote);
   CHECK(local + remote >= static_cast<int64_t>(row->partitions.size()));

@@ -119,6 +119,8 @@ TEST_CASE("recovery task: segments our own backup holds come by a call, not an R
   CHECK(asked[1] == 1);
   CHECK(asked[2] == 2);  // asked again after kRetry, from us again
   CHECK(task.stats().segments_remote == 0);
+  CHECK(task.stats().bytes_pulled_remote == 0);
+  CHECK(task.stats().bytes_pulled == held.at(1).size() + held.at(2).size());
   CHECK(task.stats().objects_replayed == 3);
   std::string value;
   auto version = objects->read(kTable, "a", &value);
