@@ -122,15 +122,28 @@ class OutQueue {
     size_t n = 0;
     for (auto p : pieces) n += p.size();
     if (n == 0) return;
-    Chunk c{std::unique_ptr<std::byte[]>(new std::byte[n]), n, 0};  // not zero-filled
+    Chunk c;
+    c.owned.reset(new std::byte[n]);  // not zero-filled
+    c.data = c.owned.get();
+    c.size = n;
     size_t at = 0;
     for (auto p : pieces) {
       if (p.empty()) continue;
-      std::memcpy(c.bytes.get() + at, p.data(), p.size());
+      std::memcpy(c.owned.get() + at, p.data(), p.size());
       at += p.size();
     }
     chunks_.push_back(std::move(c));
     bytes_ += n;
+  }
+  // Queues `bytes` without copying them: `keep` holds them until they are sent.
+  void append_shared(std::span<const std::byte> bytes, std::shared_ptr<const void> keep) {
+    if (bytes.empty()) return;
+    Chunk c;
+    c.keep = std::move(keep);
+    c.data = bytes.data();
+    c.size = bytes.size();
+    chunks_.push_back(std::move(c));
+    bytes_ += bytes.size();
   }
   // Sends as much as the socket takes. false on error.
   bool flush(int fd) {
@@ -138,7 +151,7 @@ class OutQueue {
       iovec iov[64];
       int n = 0;
       for (auto it = chunks_.begin(); it != chunks_.end() && n < 64; ++it, ++n) {
-        iov[n] = {it->bytes.get() + it->sent, it->size - it->sent};
+        iov[n] = {const_cast<std::byte*>(it->data + it->sent), it->size - it->sent};
       }
       msghdr msg{};
       msg.msg_iov = iov;
@@ -160,7 +173,9 @@ class OutQueue {
 
  private:
   struct Chunk {
-    std::unique_ptr<std::byte[]> bytes;
+    std::unique_ptr<std::byte[]> owned;  // a copy, or
+    std::shared_ptr<const void> keep;    // what keeps the caller's bytes
+    const std::byte* data = nullptr;
     size_t size = 0;
     size_t sent = 0;
   };
@@ -244,8 +259,10 @@ struct Connection {
     return Status::kOk;
   }
 
-  // Sends pieces now as far as the socket takes them; the rest is queued. false on error.
-  bool send(std::span<const std::span<const std::byte>> pieces) {
+  // Sends pieces now as far as the socket takes them; the rest is queued: copied, but for
+  // the last piece when `keep_last` holds it (OutQueue::append_shared). false on error.
+  bool send(std::span<const std::span<const std::byte>> pieces,
+            std::shared_ptr<const void> keep_last = nullptr) {
     size_t total = 0;
     for (auto p : pieces) total += p.size();
     size_t sent = 0;
@@ -277,6 +294,14 @@ struct Connection {
       }
       rest.push_back(p.subspan(skip));
       skip = 0;
+    }
+    if (keep_last != nullptr && !rest.empty() && !pieces.empty() &&
+        rest.back().data() + rest.back().size() == pieces.back().data() + pieces.back().size()) {
+      const std::span<const std::byte> last = rest.back();
+      rest.pop_back();
+      out.append(rest);
+      out.append_shared(last, std::move(keep_last));
+      return true;
     }
     out.append(rest);
     return true;
@@ -496,6 +521,12 @@ class TcpClientTransport final : public ClientTransport {
 
   void send(const std::string& locator, const Request& request, std::span<const std::byte> body,
             Callback callback) override {
+    send_shared(locator, request, body, {}, nullptr, std::move(callback));
+  }
+
+  void send_shared(const std::string& locator, const Request& request,
+                   std::span<const std::byte> head, std::span<const std::byte> tail,
+                   std::shared_ptr<const void> keep, Callback callback) override {
     uint64_t id = next_request_id_++;
     // Saturating: a huge timeout must mean "far away", not wrap into the past.
     uint64_t now = clock_.now_ns();
@@ -509,14 +540,14 @@ class TcpClientTransport final : public ClientTransport {
     wire::MessageHeader h;
     h.opcode = static_cast<uint16_t>(request.opcode);
     h.request_id = id;
-    h.body_bytes = static_cast<uint32_t>(body.size());
+    h.body_bytes = static_cast<uint32_t>(head.size() + tail.size());
     h.client_id = request.client_id;
     h.rpc_seq = request.rpc_seq;
     h.ack_seq = request.ack_seq;
-    std::span<const std::byte> pieces[] = {{reinterpret_cast<const std::byte*>(&h), kHeaderBytes},
-                                           body};
+    std::span<const std::byte> pieces[] = {
+        {reinterpret_cast<const std::byte*>(&h), kHeaderBytes}, head, tail};
     s->pending[id] = {std::move(callback), deadline};
-    if (!s->conn.send(pieces)) {
+    if (!s->conn.send(pieces, tail.empty() ? nullptr : std::move(keep))) {
       fail_session(locator, Status::kUnavailable);
       return;
     }

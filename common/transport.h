@@ -166,6 +166,21 @@ class ClientTransport {
   // poll(): the body it is given lives in the connection's receive buffer.
   virtual void send(const std::string& locator, const Request& request,
                     std::span<const std::byte> body, Callback callback) = 0;
+  // send() with the body in two parts: `head`, copied as a body is, then `tail`, which is
+  // not copied: its bytes must not change while `keep` lives, and the transport holds
+  // `keep` until it no longer needs them (what the socket does not take at once is sent
+  // from there later). A caller that fills one buffer and sends it to several servers
+  // (replication) saves a copy per server. The default copies both parts.
+  virtual void send_shared(const std::string& locator, const Request& request,
+                           std::span<const std::byte> head, std::span<const std::byte> tail,
+                           std::shared_ptr<const void> keep, Callback callback) {
+    (void)keep;
+    std::vector<std::byte> body;
+    body.reserve(head.size() + tail.size());
+    body.insert(body.end(), head.begin(), head.end());
+    body.insert(body.end(), tail.begin(), tail.end());
+    send(locator, request, body, std::move(callback));
+  }
   // Waits up to timeout_ns for progress, runs completions; returns how many ran.
   virtual int poll(uint64_t timeout_ns) = 0;
   virtual size_t outstanding() const = 0;

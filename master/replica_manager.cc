@@ -306,16 +306,11 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
                                .open = static_cast<uint8_t>(r.opened ? 0 : 1),
                                .close = static_cast<uint8_t>(close && closed ? 1 : 0),
                                .remote = static_cast<uint8_t>(!r.opened && one_sided_ ? 1 : 0)};
-  constexpr size_t kHeader = sizeof(wire::BackupWriteRequest);
-  const size_t body_bytes = kHeader + req.length;
   // Replicas of one segment usually need the same range: copy it out of the log once.
   if (copy_.segment_id != seg.id || copy_.from != r.sent || copy_.length != length) {
-    if (copy_.capacity < body_bytes) {
-      copy_.capacity = std::max(body_bytes, copy_.capacity * 2);
-      copy_.buffer.reset(new std::byte[copy_.capacity]);  // not zero-filled
-    }
     copy_.segment_id = 0;
-    if (!log_.read_for_replication(seg.id, r.sent, {copy_.buffer.get() + kHeader, req.length})) {
+    copy_.buffer = take_buffer(req.length);
+    if (!log_.read_for_replication(seg.id, r.sent, {copy_.buffer->bytes.get(), req.length})) {
       seg.in_log = false;  // cleaned (or compacted) since its state was read
       dirty_ = true;
       return;
@@ -324,19 +319,18 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
     copy_.from = r.sent;
     copy_.length = length;
   }
-  std::memcpy(copy_.buffer.get(), &req, sizeof(req));
-  const std::span<const std::byte> body(copy_.buffer.get(), body_bytes);
+  const std::span<const std::byte> data(copy_.buffer->bytes.get(), req.length);
   const uint64_t segment_id = seg.id;
   const uint64_t serial = r.serial;
   const uint64_t epoch = seg.epoch;
   const bool closing = req.close == 1;
-  client_->send(
+  client_->send_shared(
       r.locator,
       {.opcode = wire::Opcode::kBackupWrite,
        .client_id = server_id_,
        .rpc_seq = ++rpc_seq_,
        .timeout_ns = options_.rpc_timeout_ns},
-      body,
+      std::as_bytes(std::span(&req, 1)), data, copy_.buffer,
       [this, segment_id, serial, length, epoch, closing](
           Status transport, const wire::MessageHeader& h, std::span<const std::byte> response) {
         Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
@@ -350,6 +344,34 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
   ++r.rpcs_in_flight;
   ++stats_.write_rpcs;
   stats_.bytes_sent += req.length;
+}
+
+std::shared_ptr<ReplicaManager::Buffer> ReplicaManager::take_buffer(size_t bytes) {
+  // Reused: the current one once the transport let it go, else a spare one that is free.
+  if (copy_.buffer != nullptr && copy_.buffer.use_count() == 1 && copy_.buffer->capacity >= bytes) {
+    return std::move(copy_.buffer);
+  }
+  if (copy_.buffer != nullptr) spare_.push_back(std::move(copy_.buffer));
+  std::shared_ptr<Buffer> found;
+  for (auto it = spare_.begin(); it != spare_.end(); ++it) {
+    if (it->use_count() == 1 && (*it)->capacity >= bytes) {
+      found = std::move(*it);
+      spare_.erase(it);
+      break;
+    }
+  }
+  // Spares the transport is done with are kept, a few at most, unless too small.
+  constexpr size_t kMaxFreeSpares = 4;
+  size_t free_kept = 0;
+  std::erase_if(spare_, [&](const std::shared_ptr<Buffer>& b) {
+    if (b.use_count() > 1) return false;
+    return b->capacity < bytes || ++free_kept > kMaxFreeSpares;
+  });
+  if (found != nullptr) return found;
+  auto b = std::make_shared<Buffer>();
+  b->capacity = std::max<size_t>(bytes, 1u << 20);
+  b->bytes.reset(new std::byte[b->capacity]);  // not zero-filled
+  return b;
 }
 
 void ReplicaManager::send_remote(Seg& seg, Replica& r, uint32_t length, const Certificate& cert) {

@@ -211,17 +211,25 @@ class ReplicaManager final : public LoopTask {
   std::vector<std::span<const std::byte>> views_;            // reused by send_remote()
   std::vector<ClientTransport::RemoteWrite> remote_writes_;  // reused by send_remote()
   uint64_t rpc_seq_ = 0;
-  // The body of the last replication write: header, then segment bytes copied once for
-  // every replica that needs the same range in one pass (send_writes()), in a buffer
-  // reused without zero-filling.
-  struct WriteCopy {
-    std::unique_ptr<std::byte[]> buffer;
+  // Segment bytes of the last replication write, copied out of the log once for every
+  // replica that needs the same range in one pass (send_writes()). The transport holds a
+  // buffer until it has sent it (ClientTransport::send_shared), so what a socket does not
+  // take at once is not copied again; buffers come back to `spare_` and are reused
+  // without zero-filling (memory touched before is cheaper, on virtual machines much).
+  struct Buffer {
+    std::unique_ptr<std::byte[]> bytes;
     size_t capacity = 0;
+  };
+  struct WriteCopy {
+    std::shared_ptr<Buffer> buffer;
     uint64_t segment_id = 0;  // 0: nothing valid
     uint32_t from = 0;
     uint32_t length = 0;
   };
+  // A buffer of at least `bytes` that no transport holds any more.
+  std::shared_ptr<Buffer> take_buffer(size_t bytes);
   WriteCopy copy_;
+  std::vector<std::shared_ptr<Buffer>> spare_;
   std::mt19937_64 random_;
   ReplicationStats stats_;
   std::vector<std::byte> scratch_;

@@ -186,6 +186,44 @@ TEST_CASE("tcp transport: large messages queued behind each other arrive whole a
   CHECK(order == expected);
 }
 
+TEST_CASE("tcp transport: shared tails are sent from the caller's buffer, then let go",
+          "[common][tcp]") {
+  // send_shared: a head copied as a body is, and a tail the transport keeps (by its
+  // shared_ptr) while the socket has not taken it. Several messages share one tail
+  // buffer, as replication writes of one segment to several backups do; sent without
+  // polling, most of them wait in the queue, from the shared buffer.
+  EchoServer server;
+  auto client = make_tcp_client_transport({});
+  auto tail = std::make_shared<std::vector<std::byte>>(size_t{3} << 20);
+  for (size_t j = 0; j < tail->size(); ++j) tail->at(j) = static_cast<std::byte>((j * 11) % 253);
+  constexpr int kMessages = 6;
+  std::vector<int> order;
+  for (int i = 0; i < kMessages; ++i) {
+    const std::byte head[3] = {std::byte{0xAB}, static_cast<std::byte>(i), std::byte{0xCD}};
+    // Each message sends a different part of the buffer.
+    auto part = std::span<const std::byte>(*tail).subspan(static_cast<size_t>(i) * 1000);
+    client->send_shared(
+        server.locator(), {.opcode = wire::Opcode::kEcho, .timeout_ns = 30'000'000'000}, head, part,
+        tail, [&, i, part](Status s, const wire::MessageHeader&, std::span<const std::byte> b) {
+          REQUIRE(s == Status::kOk);
+          REQUIRE(b.size() == 3 + part.size());
+          CHECK(b[0] == std::byte{0xAB});
+          CHECK(b[1] == static_cast<std::byte>(i));
+          CHECK(b[2] == std::byte{0xCD});
+          CHECK(std::equal(b.begin() + 3, b.end(), part.begin(), part.end()));
+          order.push_back(i);
+        });
+  }
+  // The head was copied (it lived on the stack); the tails wait in the queue, held.
+  CHECK(tail.use_count() > 1);
+  for (int rounds = 0; client->outstanding() > 0 && rounds < 10000; ++rounds) {
+    client->poll(100'000'000);
+  }
+  CHECK(client->outstanding() == 0);
+  CHECK(order == std::vector<int>{0, 1, 2, 3, 4, 5});
+  CHECK(tail.use_count() == 1);  // all sent: the transport holds none of it any more
+}
+
 TEST_CASE(
     "tcp transport: a server out of file descriptors closes new connections, then "
     "serves again",
