@@ -349,6 +349,11 @@ Status BackupService::start_chain(Entry& entry) {
 
   if (!r.flushing) {
     if (r.file.get() < 0) {
+      // Created through the ring (begin_open); this chain starts once it is open.
+      if (r.open_failure != Status::kOk) return std::exchange(r.open_failure, Status::kOk);
+      if (!r.opening) begin_open(entry);
+      if (r.opening) return Status::kRetry;  // its completion comes through run()
+      // The ring had no room for the open, or the directory could not be made: here.
       if (Status s = open_file(key, r); s != Status::kOk) return s;
     }
     r.flushing = true;
@@ -395,14 +400,52 @@ Status BackupService::start_chain(Entry& entry) {
   return Status::kOk;
 }
 
-Status BackupService::open_file(const Key& key, Replica& r) {
+Status BackupService::make_master_dir(uint64_t master_id) {
+  if (master_dirs_.contains(master_id)) return Status::kOk;
   std::error_code ec;
-  std::string dir = options_.data_dir + "/" + std::to_string(key.first);
+  std::string dir = options_.data_dir + "/" + std::to_string(master_id);
   std::filesystem::create_directories(dir, ec);
   if (ec) {
     LOG_ERROR("cannot create {}: {}", dir, ec.message());
     return ec == std::errc::no_space_on_device ? Status::kNoSpace : Status::kIoError;
   }
+  master_dirs_.insert(master_id);
+  return Status::kOk;
+}
+
+void BackupService::begin_open(Entry& entry) {
+  const Key& key = entry.first;
+  Replica& r = entry.second;
+  if (r.opening || r.has_file || r.file.get() >= 0 || r.found_on_disk) return;
+  if (make_master_dir(key.first) != Status::kOk) return;  // start_chain says why
+  r.open_path = replica_path(options_.data_dir, key.first, key.second);
+  const auto tag = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(&entry));
+  RAMKV_CHECK((tag & 3) == 0);
+  if (ring_->submit_open(r.open_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC,
+                         0644, tag | kOpen) != Status::kOk) {
+    return;  // no room in the ring: the flush opens the file itself
+  }
+  r.opening = true;
+}
+
+void BackupService::complete_open(Entry& entry, int32_t result) {
+  Replica& r = entry.second;
+  RAMKV_CHECK(r.opening);
+  r.opening = false;
+  if (result >= 0) {
+    r.file = File(result);
+  } else {
+    LOG_ERROR("cannot open replica file {}: {}", r.open_path, std::strerror(-result));
+    r.open_failure = errno_status(-result);
+  }
+  r.open_path.clear();
+  r.open_path.shrink_to_fit();
+  auto it = replicas_.find(entry.first);
+  if (r.free_pending && removable(r)) complete_free(it);
+}
+
+Status BackupService::open_file(const Key& key, Replica& r) {
+  if (Status s = make_master_dir(key.first); s != Status::kOk) return s;
   std::string path = replica_path(options_.data_dir, key.first, key.second);
   int flags = O_WRONLY | O_CREAT | O_DIRECT | O_CLOEXEC | (r.has_file ? 0 : O_TRUNC);
   int fd = ::open(path.c_str(), flags, 0644);
@@ -417,6 +460,7 @@ Status BackupService::open_file(const Key& key, Replica& r) {
 
 void BackupService::complete(const Uring::Completion& c) {
   auto* entry = reinterpret_cast<Entry*>(static_cast<uintptr_t>(c.user_data & ~uint64_t{3}));
+  if ((c.user_data & 3) == kOpen) return complete_open(*entry, c.result);
   Flush& f = entry->second.flush;
   RAMKV_CHECK(entry->second.flushing && f.ops_in_flight > 0);
   f.results[c.user_data & 3] = c.result;
@@ -499,7 +543,7 @@ void BackupService::finish_flush(Entry& entry, Status status) {
   }
   auto it = replicas_.find(key);
   if (r.free_pending) {
-    if (idle(r)) complete_free(it);
+    if (removable(r)) complete_free(it);
   } else if (status != Status::kOk && r.durable_seq == 0) {
     forget(it);  // an open never acknowledged: nothing remains (invariant 4)
   }
@@ -525,7 +569,7 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
   auto it = replicas_.find({req.master_id, req.segment_id});
   if (it == replicas_.end()) return Status::kOk;  // already freed: a resent free is fine
   if (it->second.remote) withdraw(it->first, it->second);
-  if (!idle(it->second)) {
+  if (!removable(it->second)) {
     // Not under a write in flight (invariant 6): once the flushes are done.
     if (deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;
     it->second.free_pending = true;
@@ -536,7 +580,8 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
 }
 
 Status BackupService::remove(std::map<Key, Replica>::iterator it) {
-  if (it->second.has_file) {
+  // A file created ahead of its first flush (begin_open) goes too.
+  if (it->second.has_file || it->second.file.get() >= 0) {
     std::string path = replica_path(options_.data_dir, it->first.first, it->first.second);
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
       LOG_ERROR("cannot remove replica file {}: {}", path, std::strerror(errno));
@@ -549,8 +594,8 @@ Status BackupService::remove(std::map<Key, Replica>::iterator it) {
 
 void BackupService::forget(std::map<Key, Replica>::iterator it) {
   Replica& r = it->second;
-  RAMKV_CHECK(idle(r) && r.waiters.empty());  // invariant 6; no reply left behind
-  if (r.remote) withdraw(it->first, r);       // before the buffer can go to another replica
+  RAMKV_CHECK(removable(r) && r.waiters.empty());  // invariant 6; no reply left behind
+  if (r.remote) withdraw(it->first, r);            // before the buffer can go to another replica
   if (r.buffer.size() != 0) release_buffer(std::move(r.buffer));
   replicas_.erase(it);
 }
@@ -664,8 +709,8 @@ void BackupService::free_master(uint64_t master_id) {
   for (auto it = replicas_.lower_bound({master_id, 0});
        it != replicas_.end() && it->first.first == master_id;) {
     auto next = std::next(it);
-    if (!idle(it->second)) {
-      it->second.free_pending = true;  // removed once its flush is done
+    if (!removable(it->second)) {
+      it->second.free_pending = true;  // removed once its flush (or open) is done
     } else if (remove(it) == Status::kOk) {
       ++freed;
     }

@@ -12,15 +12,19 @@
 //              acknowledged.
 //
 // Writing to disk is a state machine advanced by the dispatch loop; handle() never waits
-// for the disk. A write that must reach it (every write in kDisk, a close in both modes)
-// is checked and staged in the replica's buffer at once, so the writes after it are
-// checked against it, and its reply is deferred (Reply::defer). The service is one of the
-// loop's tasks (attach(), LoopTask): after each batch of requests, run() starts one flush
-// per replica with staged writes, covering all of them (group commit: a batch's writes to
-// a replica share one fdatasync), as one linked io_uring chain: the new blocks, then the
-// header block, then an fdatasync (IORING_FSYNC_DATASYNC). Each link starts only once the
-// one before it completed in full, so the header is rewritten only once the blocks it
-// certifies are in (a full disk leaves the old header true), and the fdatasync covers
+// for the disk. Nor does it create files: a replica's file is created through the ring
+// (begin_open) when its first flush needs it, and the flush's chain starts on the open's
+// completion, since creating a file can wait behind the filesystem's journal (other
+// replicas' fdatasyncs), and a dispatch thread that waits there stops serving every RPC
+// meanwhile (it did, 12% of the time, while recovery masters closed their replicas). A write that
+// must reach it (every write in kDisk, a close in both modes) is checked and staged in the
+// replica's buffer at once, so the writes after it are checked against it, and its reply is
+// deferred (Reply::defer). The service is one of the loop's tasks (attach(), LoopTask): after each
+// batch of requests, run() starts one flush per replica with staged writes, covering all of them
+// (group commit: a batch's writes to a replica share one fdatasync), as one linked io_uring chain:
+// the new blocks, then the header block, then an fdatasync (IORING_FSYNC_DATASYNC). Each link
+// starts only once the one before it completed in full, so the header is rewritten only once the
+// blocks it certifies are in (a full disk leaves the old header true), and the fdatasync covers
 // both. Completions wake the loop through the ring's eventfd (wait_fd()); once a chain's
 // last one is in, run() answers every write the flush covered. A short write resumes
 // where it stopped with a new chain, so that the error which stopped it decides the
@@ -206,7 +210,7 @@ class BackupService final : public LoopTask {
     uint64_t seq = 0;
   };
   // The operations of one io_uring chain: [data write] -> [header write] -> fdatasync.
-  enum Op : uint64_t { kData = 0, kHeader = 1, kSync = 2 };
+  enum Op : uint64_t { kData = 0, kHeader = 1, kSync = 2, kOpen = 3 };
   // One flush: makes the staged state of `seq` durable, in one or more chains (a short
   // write resumes from next_offset).
   struct Flush {
@@ -248,6 +252,12 @@ class BackupService final : public LoopTask {
     Flush flush;
     std::vector<Waiter> waiters;  // in seq order, frees last
     File file;                    // open from the first flush until closed or freed
+    // The file is being created through the ring (begin_open), off the dispatch thread.
+    // `open_path` lives until the completion; a failure waits in `open_failure` for the
+    // flush that asked for the file, which fails with it.
+    bool opening = false;
+    std::string open_path;
+    Status open_failure = Status::kOk;
     // Header block, then segment bytes; empty once closed or for replicas found on disk.
     AlignedBuffer buffer;
     // One-sided appends (see "One-sided mirroring" above): the buffer is exposed to the
@@ -297,6 +307,15 @@ class BackupService final : public LoopTask {
   static bool idle(const Replica& r) {
     return !r.flushing && !r.queued && r.staged_seq == r.durable_seq;
   }
+  // Idle, and no operation of the ring names it: it may be removed.
+  static bool removable(const Replica& r) { return idle(r) && !r.opening; }
+  // Starts creating a replica's file through the ring, for its first flush (start_chain
+  // opens it itself when this could not start: no room, no directory).
+  void begin_open(Entry& entry);
+  // Creates <data-dir>/<master id> the first time a replica of that master needs it.
+  Status make_master_dir(uint64_t master_id);
+  // A begin_open's completion.
+  void complete_open(Entry& entry, int32_t result);
   // Starts the flushes (or next chains) in to_flush_ that the ring has room for.
   void start_flushes();
   // Queues the next chain of the replica's flush, starting the flush (and opening the
@@ -340,6 +359,7 @@ class BackupService final : public LoopTask {
   uint64_t remote_appends_ = 0;
   bool event_may_be_set_ = false;  // completions were collected after the eventfd's clear
   std::set<uint64_t> fenced_;
+  std::set<uint64_t> master_dirs_;                  // masters whose replica directory exists
   std::map<uint32_t, uint32_t> newest_generation_;  // server index -> newest generation
   // Shared with the recoveries' reading threads; outlives recoveries_ (declared first).
   std::shared_ptr<BufferPool> pool_;

@@ -1,5 +1,7 @@
 #include "backup/uring.h"
 
+#include <fcntl.h>
+
 #include <liburing.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -88,6 +90,16 @@ Status Uring::submit_read(int fd, std::span<std::byte> buffer, uint64_t offset,
 
 Status Uring::submit_datasync(int fd, uint64_t user_data) {
   return queue(fd, nullptr, 0, 0, user_data, 2, false);
+}
+
+Status Uring::submit_open(const char* path, int flags, uint32_t mode, uint64_t user_data) {
+  if (in_flight_ >= depth_) return Status::kRetry;
+  io_uring_sqe* sqe = io_uring_get_sqe(ring_.get());
+  if (sqe == nullptr) return Status::kRetry;
+  io_uring_prep_openat(sqe, AT_FDCWD, path, flags, mode);
+  io_uring_sqe_set_data64(sqe, user_data);
+  ++in_flight_;
+  return Status::kOk;
 }
 
 Status Uring::wait(uint32_t min_completions, std::vector<Completion>* out) {

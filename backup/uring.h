@@ -48,6 +48,9 @@ class Uring {
   // after their completions, or linked behind them (operations in flight together, and
   // not linked, run in any order).
   Status submit_datasync(int fd, uint64_t user_data);
+  // openat(AT_FDCWD, path, flags, mode): the completion's result is the descriptor (the
+  // caller owns it) or -errno. `path` must stay valid until the completion.
+  Status submit_open(const char* path, int flags, uint32_t mode, uint64_t user_data);
 
   struct Completion {
     uint64_t user_data = 0;

@@ -315,6 +315,31 @@ TEST_CASE("backup service: an I/O error on close fails it and leaves the replica
   check_file_valid(dir.path, 7, 10, image);
 }
 
+TEST_CASE(
+    "backup service: a replica file the ring cannot create fails the close, which works "
+    "once it can",
+    "[backup][service]") {
+  // The file is created through the ring (begin_open) when the close's flush needs it;
+  // here a directory sits where it should go, so that open fails and the close says so.
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto image = make_segment(10, 5);
+  std::span<const std::byte> all(image.bytes);
+  std::filesystem::create_directories(dir.path + "/7/10/in-the-way");
+  REQUIRE(write(*service, {.master_id = 7, .data = all, .open = true}) == Status::kOk);
+  WriteArgs close{.master_id = 7,
+                  .offset = static_cast<uint32_t>(all.size()),
+                  .certificate = image.certificate,
+                  .close = true};
+  CHECK(write(*service, close) == Status::kIoError);
+  auto replicas = list(*service);
+  REQUIRE(replicas.size() == 1);
+  CHECK(replicas[0].closed == 0);
+  std::filesystem::remove_all(dir.path + "/7/10");
+  CHECK(write(*service, close) == Status::kOk);
+  check_file_valid(dir.path, 7, 10, image);
+}
+
 TEST_CASE("backup service: a restarted backup lists its replicas, torn ones flagged",
           "[backup][service]") {
   test::TempDir dir("/var/tmp");

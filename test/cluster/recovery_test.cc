@@ -297,6 +297,46 @@ TEST_CASE("recovery: a recovery master killed during recovery does not lose the 
   REQUIRE(client->write(*table, "after", "both recoveries").ok());
 }
 
+TEST_CASE("recovery: what a recovery master re-replicated comes back when it crashes too",
+          "[cluster][recovery]") {
+  // A recovery master's replay closes segments faster than they reach its backups, which
+  // then catch up; the recovery ends only once all of it is durable there. Those replicas
+  // must be whole: the recovery master is killed in turn and recovered from them.
+  LocalCluster cluster(ClusterShape{.servers = 4, .replicas = 3, .segment_bytes = "4M"});
+  auto client = cluster.client(60'000);
+  auto table = client->create_table("twice over", 1);  // one tablet: one master holds it
+  REQUIRE(table.ok());
+  auto acked = fill(*client, *table, 800);  // about 16 MB: four segments and more
+  auto servers = client->servers();
+  REQUIRE(servers.ok());
+  auto tablets = client->tablets(*table);
+  REQUIRE(tablets.ok());
+  REQUIRE(tablets->size() == 1);
+  const uint64_t victim = (*tablets)[0].server_id;
+  auto process_of = [&](uint64_t id) -> test::Process& {
+    for (const auto& s : *servers) {
+      if (s.server_id != id) continue;
+      for (size_t n = 0; n < cluster.server_count(); ++n) {
+        if (cluster.locator_of(n) == s.locator) return cluster.server(n);
+      }
+    }
+    FAIL("no process for server " << id);
+    return cluster.server(0);
+  };
+  process_of(victim).kill9();
+  auto first = wait_for_recovery(cluster.coordinator(), victim, 90, wire::kRecoveryDone);
+  REQUIRE(first.has_value());
+  REQUIRE(!first->partitions.empty());
+  const uint64_t recovery_master = first->partitions[0].recovery_master_id;
+  check_all(*client, *table, acked);
+
+  process_of(recovery_master).kill9();
+  REQUIRE(wait_for_recovery(cluster.coordinator(), recovery_master, 90, wire::kRecoveryDone)
+              .has_value());
+  check_all(*client, *table, acked);
+  REQUIRE(client->write(*table, "after", "both recoveries").ok());
+}
+
 TEST_CASE("recovery: a backup killed during recovery does not lose the recovery",
           "[cluster][recovery]") {
   LocalCluster cluster(ClusterShape{.masters = 3,
