@@ -208,6 +208,14 @@ void ReplicaManager::choose_backups(Seg& seg) {
   }
 }
 
+size_t ReplicaManager::writes_in_flight() const {
+  size_t n = 0;
+  for (const auto& [id, seg] : segments_) {
+    for (const auto& r : seg.replicas) n += r.in_flight;
+  }
+  return n;
+}
+
 bool ReplicaManager::segment_whole(const Seg& seg) const {
   if (seg.replicas.size() < target()) return false;
   return std::all_of(seg.replicas.begin(), seg.replicas.end(), [&](const Replica& r) {

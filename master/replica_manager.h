@@ -116,6 +116,9 @@ class ReplicaManager final : public LoopTask {
   bool durable_through(uint64_t segment_id, uint32_t offset) const;
   const ReplicationStats& stats() const { return stats_; }
   size_t held_replies() const { return held_.size(); }
+  // Replication writes sent and not yet answered (closes included): 0 once every backup
+  // has what it was sent, and every close is in its file.
+  size_t writes_in_flight() const;
 
   // LoopTask
   int wait_fd() const override { return client_->wait_fd(); }

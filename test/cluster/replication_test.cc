@@ -52,13 +52,17 @@ std::map<std::string, uint64_t> objects_on_backup(const std::string& data_dir, u
 }
 
 // Waits until no master holds a reply for its backups (bounded).
+// Until every master holds no reply and has no replication write in flight: closes
+// included, so that every closed replica's file is written (a test that reads the files
+// meanwhile could find one just created and still empty).
 void wait_until_replicated(Client& client, const std::vector<ServerInfo>& servers) {
   for (int i = 0; i < 200; ++i) {
     bool idle = true;
     for (const auto& s : servers) {
       if (!s.master) continue;
       auto stats = client.server_stats(s.locator);
-      if (stats.ok() && stats->find("replication_replies_held 0\n") == std::string::npos) {
+      if (stats.ok() && (stats->find("replication_replies_held 0\n") == std::string::npos ||
+                         stats->find("replication_writes_in_flight 0\n") == std::string::npos)) {
         idle = false;
       }
     }
