@@ -212,6 +212,20 @@ TEST_CASE("recovery: a log with a segment missing everywhere stops with an error
 namespace {
 
 // Fills `table` with `count` objects of about 20 KB, every write acknowledged.
+// The process of server `id`. The fixture numbers its servers from 0 in start order; the
+// coordinator's ids follow enlistment, so the process is found by locator.
+test::Process& process_of(LocalCluster& cluster, const std::vector<ServerInfo>& servers,
+                          uint64_t id) {
+  for (const auto& s : servers) {
+    if (s.server_id != id) continue;
+    for (size_t n = 0; n < cluster.server_count(); ++n) {
+      if (cluster.locator_of(n) == s.locator) return cluster.server(n);
+    }
+  }
+  FAIL("no process for server " << id);
+  return cluster.server(0);
+}
+
 std::map<std::string, std::string> fill(Client& client, uint64_t table, int count) {
   std::map<std::string, std::string> acked;
   for (int k = 0; k < count; ++k) {
@@ -272,22 +286,10 @@ TEST_CASE("recovery: a recovery master killed during recovery does not lose the 
   for (const auto& s : *servers) {
     if (s.master && victim == 0) victim = s.server_id;
   }
-  // The fixture's servers are numbered from 0 in start order, masters first here; the
-  // coordinator's indexes follow enlistment, so find the process by id.
-  auto process_of = [&](uint64_t id) -> test::Process& {
-    for (const auto& s : *servers) {
-      if (s.server_id != id) continue;
-      for (size_t n = 0; n < cluster.server_count(); ++n) {
-        if (cluster.locator_of(n) == s.locator) return cluster.server(n);
-      }
-    }
-    FAIL("no process for server " << id);
-    return cluster.server(0);
-  };
-  process_of(victim).kill9();
+  process_of(cluster, *servers, victim).kill9();
   const uint64_t recovery_master = wait_for_recovery_master(cluster.coordinator(), victim);
   REQUIRE(recovery_master != 0);
-  process_of(recovery_master).kill9();
+  process_of(cluster, *servers, recovery_master).kill9();
   // Both are recovered: the first master's partition goes to another master, and the
   // killed recovery master's own data too.
   REQUIRE(wait_for_recovery(cluster.coordinator(), victim, 90, wire::kRecoveryDone).has_value());
@@ -313,24 +315,14 @@ TEST_CASE("recovery: what a recovery master re-replicated comes back when it cra
   REQUIRE(tablets.ok());
   REQUIRE(tablets->size() == 1);
   const uint64_t victim = (*tablets)[0].server_id;
-  auto process_of = [&](uint64_t id) -> test::Process& {
-    for (const auto& s : *servers) {
-      if (s.server_id != id) continue;
-      for (size_t n = 0; n < cluster.server_count(); ++n) {
-        if (cluster.locator_of(n) == s.locator) return cluster.server(n);
-      }
-    }
-    FAIL("no process for server " << id);
-    return cluster.server(0);
-  };
-  process_of(victim).kill9();
+  process_of(cluster, *servers, victim).kill9();
   auto first = wait_for_recovery(cluster.coordinator(), victim, 90, wire::kRecoveryDone);
   REQUIRE(first.has_value());
   REQUIRE(!first->partitions.empty());
   const uint64_t recovery_master = first->partitions[0].recovery_master_id;
   check_all(*client, *table, acked);
 
-  process_of(recovery_master).kill9();
+  process_of(cluster, *servers, recovery_master).kill9();
   REQUIRE(wait_for_recovery(cluster.coordinator(), recovery_master, 90, wire::kRecoveryDone)
               .has_value());
   check_all(*client, *table, acked);
