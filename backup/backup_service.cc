@@ -580,7 +580,7 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
 }
 
 Status BackupService::remove(std::map<Key, Replica>::iterator it) {
-  // A file created ahead of its first flush (begin_open) goes too.
+  // A file opened for a first flush that did not complete goes too.
   if (it->second.has_file || it->second.file.get() >= 0) {
     std::string path = replica_path(options_.data_dir, it->first.first, it->first.second);
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
