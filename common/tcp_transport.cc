@@ -190,8 +190,8 @@ struct Connection {
   ByteQueue in;         // consumed as messages are parsed
   OutQueue out;
   bool want_write = false;
-  bool want_read = true;  // server: false while the peer does not read its replies
-  size_t complete_ = 0;   // bytes of `in` known to be whole messages (skip_complete)
+  bool want_read = true;   // server: false while the peer does not read its replies
+  size_t whole_bytes = 0;  // bytes of `in` known to be whole messages (skip_complete)
 
   // Appends whatever read() gives until EAGAIN, or until `max_buffered` bytes are held
   // (the rest stays in the socket; epoll is level-triggered, so it is read later). The
@@ -230,17 +230,17 @@ struct Connection {
   }
 
   // Where the first message not wholly buffered begins (in.size() when every buffered
-  // message is whole), from `complete_`, which remembers how far earlier calls got.
+  // message is whole), from `whole_bytes`, which remembers how far earlier calls got.
   // Framing is not checked here (next() does), only lengths are followed.
   size_t skip_complete() {
-    while (in.size() - complete_ >= kHeaderBytes) {
+    while (in.size() - whole_bytes >= kHeaderBytes) {
       wire::MessageHeader h;
-      std::memcpy(&h, in.data() + complete_, kHeaderBytes);
+      std::memcpy(&h, in.data() + whole_bytes, kHeaderBytes);
       const size_t whole = kHeaderBytes + size_t{h.body_bytes};
-      if (in.size() - complete_ < whole) break;
-      complete_ += whole;
+      if (in.size() - whole_bytes < whole) break;
+      whole_bytes += whole;
     }
-    return complete_;
+    return whole_bytes;
   }
 
   // The next whole message, if one is buffered. kBadRequest when framing is broken.
@@ -255,7 +255,7 @@ struct Connection {
     *body = {in.data() + kHeaderBytes, h->body_bytes};
     const size_t whole = kHeaderBytes + h->body_bytes;
     in.consume(whole);
-    complete_ = complete_ > whole ? complete_ - whole : 0;
+    whole_bytes = whole_bytes > whole ? whole_bytes - whole : 0;
     return Status::kOk;
   }
 
