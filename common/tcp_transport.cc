@@ -21,9 +21,11 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 
 #include "common/acceptor.h"
+#include "common/assert.h"
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/transport.h"
@@ -97,6 +99,8 @@ class ByteQueue {
     return buf_.get() + end_;
   }
   void commit(size_t n) { end_ += n; }
+  // Keeps the first `n` bytes held, drops the rest.
+  void truncate(size_t n) { end_ = start_ + std::min(n, size()); }
   void consume(size_t n) {
     start_ += n;
     if (start_ == end_) start_ = end_ = 0;
@@ -183,6 +187,14 @@ class OutQueue {
   size_t bytes_ = 0;
 };
 
+// A server's placer (ServerTransport::set_placer) with its limits.
+struct PlacerConfig {
+  size_t prefix_bytes = 0;
+  size_t min_body_bytes = 0;
+  size_t max_message_bytes = 0;
+  ServerTransport::Placer placer;
+};
+
 // Bytes received but not yet parsed, and bytes to send that the socket did not take.
 struct Connection {
   int fd = -1;
@@ -192,6 +204,19 @@ struct Connection {
   bool want_write = false;
   bool want_read = true;   // server: false while the peer does not read its replies
   size_t whole_bytes = 0;  // bytes of `in` known to be whole messages (skip_complete)
+  // Server connections of a transport with a placer: the rest of the last message's body
+  // is received into `placing->rest` (then `in` ends with that message's prefix, and
+  // nothing more is read until it has been handled).
+  const PlacerConfig* placer = nullptr;
+  struct Placing {
+    std::span<std::byte> rest;
+    size_t got = 0;  // bytes of `rest` received
+    size_t prefix_bytes = 0;
+    std::shared_ptr<void> keep;
+    bool whole() const { return got == rest.size(); }
+  };
+  std::optional<Placing> placing;
+  bool placer_asked = false;  // about the last, incomplete message of `in`
 
   // Appends whatever read() gives until EAGAIN, or until `max_buffered` bytes are held
   // (the rest stays in the socket; epoll is level-triggered, so it is read later). The
@@ -200,6 +225,19 @@ struct Connection {
   // completion), so the buffer may move. false on EOF or error.
   bool fill(size_t max_buffered) {
     while (in.size() < max_buffered) {
+      if (placing) {
+        // A placed body: straight into its memory; once whole, it is handled first.
+        if (placing->whole()) return true;
+        const size_t want = placing->rest.size() - placing->got;
+        ssize_t n = ::read(fd, placing->rest.data() + placing->got, want);
+        if (n > 0) {
+          placing->got += static_cast<size_t>(n);
+          if (placing->whole() || static_cast<size_t>(n) < want) return true;
+          continue;
+        }
+        if (n == 0) return false;
+        return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+      }
       // The rest of the last, incomplete message is read in one go when its header says
       // how much, into room reserved for all of it: sized from the first message instead,
       // reads went on in 64 KiB pieces past it, and the megabytes of a large message that
@@ -211,7 +249,17 @@ struct Connection {
         std::memcpy(&h, in.data() + incomplete, kHeaderBytes);
         const size_t whole = kHeaderBytes + size_t{h.body_bytes};
         const size_t have = in.size() - incomplete;
-        if (whole <= max_buffered && whole > have) want = std::max(want, whole - have);
+        if (placeable(h)) {
+          const size_t asked_at = kHeaderBytes + placer->prefix_bytes;
+          if (have < asked_at) {
+            want = asked_at - have;  // only up to the prefix: the placer says where the rest goes
+          } else {
+            if (place(incomplete, h)) continue;
+            if (whole > have) want = std::max(want, whole - have);
+          }
+        } else if (whole <= max_buffered && whole > have) {
+          want = std::max(want, whole - have);
+        }
       }
       std::byte* at = in.reserve_tail(want);
       ssize_t n = ::read(fd, at, want);
@@ -239,19 +287,58 @@ struct Connection {
       const size_t whole = kHeaderBytes + size_t{h.body_bytes};
       if (in.size() - whole_bytes < whole) break;
       whole_bytes += whole;
+      placer_asked = false;  // a new message is the last one
     }
     return whole_bytes;
   }
 
-  // The next whole message, if one is buffered. kBadRequest when framing is broken.
-  Status next(const TransportOptions& o, wire::MessageHeader* h, std::span<const std::byte>* body) {
+  // Whether the placer is to be asked about a message with this header (well framed: one
+  // that is not goes to next(), which closes the connection).
+  bool placeable(const wire::MessageHeader& h) const {
+    return placer != nullptr && !placer_asked && !placing &&
+           h.body_bytes >= placer->min_body_bytes && h.body_bytes > placer->prefix_bytes &&
+           (h.flags & wire::kFlagResponse) == 0 && wire::check_header(h) == Status::kOk &&
+           kHeaderBytes + size_t{h.body_bytes} <= placer->max_message_bytes;
+  }
+
+  // Asks the placer about the last message (at `at`, its prefix buffered); when it names
+  // memory, moves the body bytes already read past the prefix there. Whether it did.
+  bool place(size_t at, const wire::MessageHeader& h) {
+    placer_asked = true;
+    const size_t prefix = placer->prefix_bytes;
+    const std::byte* start = in.data() + at + kHeaderBytes;
+    Placement p = placer->placer(h, {start, prefix});
+    if (p.rest.empty() || p.rest.size() != h.body_bytes - prefix) return false;
+    const size_t extra = in.size() - at - kHeaderBytes - prefix;  // < the rest: incomplete
+    if (extra > 0) std::memcpy(p.rest.data(), start + prefix, extra);
+    in.truncate(at + kHeaderBytes + prefix);
+    placing =
+        Placing{.rest = p.rest, .got = extra, .prefix_bytes = prefix, .keep = std::move(p.keep)};
+    return true;
+  }
+
+  // The next whole message, if one is buffered. kBadRequest when framing is broken. A
+  // placed message comes with `body` its prefix and `placed` the rest (placing stays
+  // until the caller has handled it and resets it).
+  Status next(const TransportOptions& o, wire::MessageHeader* h, std::span<const std::byte>* body,
+              std::span<const std::byte>* placed = nullptr) {
     if (in.size() < kHeaderBytes) return Status::kRetry;
     std::memcpy(h, in.data(), kHeaderBytes);
     if (wire::check_header(*h) != Status::kOk ||
         h->body_bytes + kHeaderBytes > o.max_message_bytes) {
       return Status::kBadRequest;
     }
-    if (in.size() < kHeaderBytes + h->body_bytes) return Status::kRetry;
+    if (in.size() < kHeaderBytes + h->body_bytes) {
+      // Every message before a placed one is whole: an incomplete first one is it.
+      if (!placing || !placing->whole() || placed == nullptr) return Status::kRetry;
+      RAMKV_CHECK(in.size() == kHeaderBytes + placing->prefix_bytes);
+      *body = {in.data() + kHeaderBytes, placing->prefix_bytes};
+      *placed = placing->rest;
+      in.consume(in.size());
+      whole_bytes = 0;
+      placer_asked = false;
+      return Status::kOk;
+    }
     *body = {in.data() + kHeaderBytes, h->body_bytes};
     const size_t whole = kHeaderBytes + h->body_bytes;
     in.consume(whole);
@@ -387,6 +474,13 @@ class TcpServerTransport final : public ServerTransport {
 
   void add_loop_task(LoopTask* task) override { tasks_.push_back(task); }
 
+  void set_placer(size_t prefix_bytes, size_t min_body_bytes, Placer placer) override {
+    placer_ = {.prefix_bytes = prefix_bytes,
+               .min_body_bytes = min_body_bytes,
+               .max_message_bytes = options_.max_message_bytes,
+               .placer = std::move(placer)};
+  }
+
   bool send_deferred(const ReplyToken& token, const Reply& reply) override {
     auto it = connections_.find(token.connection);
     if (it == connections_.end() || it->second.serial != token.serial) return false;
@@ -418,6 +512,7 @@ class TcpServerTransport final : public ServerTransport {
       set_socket_options(fd, options_);
       connections_[fd].fd = fd;
       connections_[fd].serial = ++next_serial_;
+      if (placer_.placer) connections_[fd].placer = &placer_;
       add(fd, EPOLLIN | EPOLLRDHUP);
     }
   }
@@ -446,8 +541,10 @@ class TcpServerTransport final : public ServerTransport {
     }
     wire::MessageHeader h;
     std::span<const std::byte> body;
+    std::span<const std::byte> placed;
     while (c.out.size() < max_queued) {
-      Status s = c.next(options_, &h, &body);
+      placed = {};
+      Status s = c.next(options_, &h, &body, &placed);
       if (s == Status::kRetry) break;
       if (s != Status::kOk) {
         LOG_WARNING("closing a connection that sent a malformed message header");
@@ -456,11 +553,14 @@ class TcpServerTransport final : public ServerTransport {
       if (h.flags & wire::kFlagResponse) continue;  // not a request: ignore
       reply.clear();
       reply.set_token({.connection = fd, .serial = c.serial, .request = h});
+      reply.set_placed(placed);
       if (!wire::opcode_known(h.opcode)) {
         reply.set_status(Status::kBadRequest);
       } else {
         handler(h, body, reply);
       }
+      if (!placed.empty()) c.placing.reset();  // the placer's memory is its own again
+      reply.set_placed({});
       if (reply.deferred()) continue;
       if (!send_reply(c, h, reply)) return close_connection(fd, "send failed");
     }
@@ -506,6 +606,7 @@ class TcpServerTransport final : public ServerTransport {
   Acceptor acceptor_;
   uint64_t next_serial_ = 0;
   std::vector<LoopTask*> tasks_;
+  PlacerConfig placer_;
 };
 
 // ---------------------------------------------------------------------------------------

@@ -56,7 +56,13 @@ class Reply {
     body_.clear();
     external_.clear();
     deferred_ = false;
+    placed_ = {};
   }
+  // The rest of the request's body, when the transport received it into memory a placer
+  // named (ServerTransport::set_placer); the handler's `body` is then only the prefix the
+  // placer saw. Empty otherwise. Valid while the handler runs.
+  std::span<const std::byte> placed() const { return placed_; }
+  void set_placed(std::span<const std::byte> rest) { placed_ = rest; }
   // The handler answers later, through ServerTransport::send_deferred(token()): nothing is
   // sent when it returns. Used by a master whose writes wait for their backups.
   void defer() { deferred_ = true; }
@@ -66,6 +72,7 @@ class Reply {
 
  private:
   bool deferred_ = false;
+  std::span<const std::byte> placed_;
   ReplyToken token_;
   Status status_ = Status::kOk;
   std::vector<std::byte> body_;
@@ -105,10 +112,20 @@ struct RemoteRegion {
   uint32_t key = 0;  // RDMA: the memory region's rkey
 };
 
+// Where a placer wants the rest of a request's body received (ServerTransport::set_placer).
+struct Placement {
+  std::span<std::byte> rest;  // exactly the body's length past the prefix, or empty: no
+  // Held while the transport may write into `rest`: until the request's handler has run,
+  // or its connection closed first. Its release is how the placer learns the end.
+  std::shared_ptr<void> keep;
+};
+
 class ServerTransport {
  public:
   using Handler = std::function<void(const wire::MessageHeader& request,
                                      std::span<const std::byte> body, Reply& reply)>;
+  using Placer = std::function<Placement(const wire::MessageHeader& request,
+                                         std::span<const std::byte> prefix)>;
   virtual ~ServerTransport() = default;
   // Binds and listens; "127.0.0.1:0" picks a free port (see locator()).
   virtual Status listen(const std::string& locator) = 0;
@@ -139,6 +156,18 @@ class ServerTransport {
   // (the writer's queue pair fails instead), so its memory may be read as final or
   // reused. Regions still exposed when the transport is destroyed are withdrawn then.
   virtual void withdraw_memory(const RemoteRegion& region) { (void)region; }
+  // Receiving large bodies in place (a backup's replica buffers: the bytes a master
+  // replicates are then not copied again out of a receive buffer). For a request whose
+  // body is at least `min_body_bytes` (and longer than `prefix_bytes`), once its header
+  // and the first `prefix_bytes` of its body are in, `placer` is asked, on the dispatch
+  // thread, where the rest goes; the transport receives it there, and the handler gets
+  // the prefix as `body` and the rest as Reply::placed(). A placement with no memory
+  // leaves the request as it is. Before run(). Transports that cannot (RDMA) ignore it.
+  virtual void set_placer(size_t prefix_bytes, size_t min_body_bytes, Placer placer) {
+    (void)prefix_bytes;
+    (void)min_body_bytes;
+    (void)placer;
+  }
   // Sends a reply a handler deferred. Dispatch thread only. Dropped (and false) when the
   // connection has closed since the request arrived.
   virtual bool send_deferred(const ReplyToken& token, const Reply& reply) = 0;
