@@ -70,9 +70,75 @@ BackupService::File& BackupService::File::operator=(File&& other) noexcept {
   return *this;
 }
 
+// Writes smaller than this are copied as before: placing them would cost a read more.
+constexpr size_t kMinPlacedBytes = 64 * 1024;
+
 void BackupService::attach(ServerTransport& transport) {
   transport_ = &transport;
   transport.add_loop_task(this);
+  transport.set_placer(sizeof(wire::BackupWriteRequest),
+                       sizeof(wire::BackupWriteRequest) + kMinPlacedBytes,
+                       [this](const wire::MessageHeader& h, std::span<const std::byte> prefix) {
+                         return place(h, prefix);
+                       });
+}
+
+Placement BackupService::place(const wire::MessageHeader& h, std::span<const std::byte> prefix) {
+  if (static_cast<Opcode>(h.opcode) != Opcode::kBackupWrite) return {};
+  wire::BodyReader in(prefix);
+  wire::BackupWriteRequest req;
+  if (!in.get(&req) || uint64_t{req.length} + sizeof(req) != h.body_bytes) return {};
+  if (req.open > 1 || req.close > 1 || req.remote != 0 || is_fenced(req.master_id)) return {};
+  if (uint64_t{req.offset} + req.length > options_.segment_bytes) return {};
+  const Key key{req.master_id, req.segment_id};
+  auto it = replicas_.find(key);
+  std::weak_ptr<bool> alive = alive_;
+  if (it == replicas_.end()) {
+    // An open: into a buffer taken now, which the write takes over if it succeeds.
+    if (req.open != 1 || req.offset != 0) return {};
+    auto buffer = acquire_buffer();
+    if (!buffer.ok()) return {};  // write() answers kRetry
+    std::byte* base = buffer->data();
+    placements_.emplace(base, Placed{.buffer = std::move(*buffer), .counted = true});
+    bytes_placed_ += req.length;
+    std::shared_ptr<void> keep(nullptr, [this, alive, key, base](void*) {
+      if (alive.lock()) end_placement(key, base);
+    });
+    return {.rest = {base + kReplicaHeaderBlock, req.length}, .keep = std::move(keep)};
+  }
+  Replica& r = it->second;
+  // Only an append at exactly the held length of a replica that can take it: anything
+  // else is decided by write(), on bytes received as usual.
+  if (r.found_on_disk || r.free_pending || r.remote || r.placing || r.buffer.size() == 0 ||
+      r.staged.closed || req.offset != r.staged.held_bytes) {
+    return {};
+  }
+  std::byte* base = r.buffer.data();
+  r.placing = true;
+  placements_.emplace(base, Placed{});
+  bytes_placed_ += req.length;
+  std::shared_ptr<void> keep(nullptr, [this, alive, key, base](void*) {
+    if (alive.lock()) end_placement(key, base);
+  });
+  return {.rest = {base + kReplicaHeaderBlock + req.offset, req.length}, .keep = std::move(keep)};
+}
+
+void BackupService::end_placement(const Key& key, const std::byte* base) {
+  auto node = placements_.extract(base);
+  RAMKV_CHECK(!node.empty());
+  Placed& placed = node.mapped();
+  if (placed.buffer.size() != 0) {
+    // Taken for an open whose write did not succeed, or its replica freed meanwhile.
+    if (placed.counted) {
+      release_buffer(std::move(placed.buffer));
+    } else {
+      pool_->give(std::move(placed.buffer));
+    }
+  }
+  auto it = replicas_.find(key);
+  if (it != replicas_.end() && it->second.buffer.data() == base) {
+    it->second.placing = false;  // a flush it held back starts with the loop's next run()
+  }
 }
 
 Status BackupService::load_existing() {
@@ -133,7 +199,14 @@ Status BackupService::write(std::span<const std::byte> body, Reply& reply) {
   wire::BodyReader in(body);
   wire::BackupWriteRequest req;
   std::string_view data;
-  if (!in.get(&req) || !in.get_string(req.length, &data) || !in.at_end()) {
+  if (!in.get(&req)) return Status::kBadRequest;
+  // A placed body (place()) arrived where reply.placed() says; usually past the held
+  // bytes of the replica it is for, where append() then has nothing to copy.
+  const std::span<const std::byte> placed = reply.placed();
+  if (!placed.empty()) {
+    if (!in.at_end() || placed.size() != req.length) return Status::kBadRequest;
+    data = {reinterpret_cast<const char*>(placed.data()), placed.size()};
+  } else if (!in.get_string(req.length, &data) || !in.at_end()) {
     return Status::kBadRequest;
   }
   if (req.open > 1 || req.close > 1 || req.remote > 1) return Status::kBadRequest;
@@ -148,10 +221,14 @@ Status BackupService::write(std::span<const std::byte> body, Reply& reply) {
   auto it = replicas_.find(key);
   if (it == replicas_.end()) {
     if (req.open == 0) return Status::kBadRequest;  // unknown replica
-    auto buffer = acquire_buffer();
-    if (!buffer.ok()) return buffer.status();
+    auto buffer = take_placed(bytes, req.offset);
+    if (buffer.size() == 0) {
+      auto acquired = acquire_buffer();
+      if (!acquired.ok()) return acquired.status();
+      buffer = std::move(*acquired);
+    }
     Replica r;
-    r.buffer = std::move(*buffer);
+    r.buffer = std::move(buffer);
     it = replicas_.emplace(key, std::move(r)).first;
     Status s = append(it, req, bytes, /*created=*/true, reply);
     if (s == Status::kOk && req.remote == 1) {
@@ -162,6 +239,10 @@ Status BackupService::write(std::span<const std::byte> body, Reply& reply) {
   Replica& r = it->second;
   if (r.found_on_disk) return Status::kBadRequest;  // see the class comment
   if (r.free_pending) return Status::kRetry;        // gone once the free is done
+  // Another write's body is being received into this replica's buffer.
+  if (r.placing && bytes.data() != r.buffer.data() + kReplicaHeaderBlock + req.offset) {
+    return Status::kRetry;
+  }
   if (r.remote) {
     // What the master appended one-sided comes first; a close ends the exposure.
     if (req.close == 1) {
@@ -237,9 +318,9 @@ Status BackupService::append(std::map<Key, Replica>::iterator it,
   // or the zeros it put there, past the length its header certifies, and the next flush
   // rewrites that block.
   auto tail = data.subspan(staged.held_bytes - req.offset);
-  if (!tail.empty()) {
-    std::memcpy(r.buffer.data() + kReplicaHeaderBlock + staged.held_bytes, tail.data(),
-                tail.size());
+  std::byte* to = r.buffer.data() + kReplicaHeaderBlock + staged.held_bytes;
+  if (!tail.empty() && tail.data() != to) {  // else received there (place())
+    std::memcpy(to, tail.data(), tail.size());
   }
   staged = {.epoch = req.epoch,
             .held_bytes = static_cast<uint32_t>(end),
@@ -348,6 +429,9 @@ Status BackupService::start_chain(Entry& entry) {
   if (ring_->room() < ops) return Status::kRetry;  // a completion makes room
 
   if (!r.flushing) {
+    // A write's body is being received past the held bytes (place()), and a new flush
+    // zeroes the block they start in: it waits (start_flushes keeps it queued).
+    if (r.placing) return Status::kRetry;
     if (r.file.get() < 0) {
       // Created through the ring (begin_open); this chain starts once it is open.
       if (r.open_failure != Status::kOk) return std::exchange(r.open_failure, Status::kOk);
@@ -718,10 +802,11 @@ void BackupService::free_master(uint64_t master_id) {
   }
   if (freed > 0) {
     LOG_INFO(
-        "freed {} replicas of master {}: its recovery is over ({} buffers in use, {} free, {} "
-        "allocated since start because none was free)",
-        freed, wire::server_id_text(master_id), buffers_in_use_, pool_->free_count(),
-        pool_->allocated_late());
+        "freed {} replicas of master {}: its recovery is over ({} buffers in use, at most {} so "
+        "far, {} free, {} allocated since start because none was free, {} opens refused "
+        "for want of one)",
+        freed, wire::server_id_text(master_id), buffers_in_use_, peak_buffers_in_use_,
+        pool_->free_count(), pool_->allocated_late(), opens_refused_for_buffers_);
     std::error_code ec;
     std::filesystem::remove(options_.data_dir + "/" + std::to_string(master_id), ec);
   }
@@ -857,15 +942,33 @@ void BackupService::withdraw(const Key& key, Replica& r) {
 }
 
 Result<AlignedBuffer> BackupService::acquire_buffer() {
-  if (buffers_in_use_ >= options_.max_buffers) return Status::kRetry;  // invariant 1
+  if (buffers_in_use_ >= options_.max_buffers) {
+    ++opens_refused_for_buffers_;
+    return Status::kRetry;  // invariant 1
+  }
   ++buffers_in_use_;
+  peak_buffers_in_use_ = std::max(peak_buffers_in_use_, buffers_in_use_);
   return pool_->take_or_allocate();
 }
 
 void BackupService::release_buffer(AlignedBuffer buffer) {
   RAMKV_CHECK(buffer.size() != 0 && buffers_in_use_ > 0);
   --buffers_in_use_;
+  if (auto parked = placements_.find(buffer.data()); parked != placements_.end()) {
+    parked->second = {.buffer = std::move(buffer), .counted = false};  // still written into
+    return;
+  }
   pool_->give(std::move(buffer));
+}
+
+AlignedBuffer BackupService::take_placed(std::span<const std::byte> data, uint32_t offset) {
+  if (data.empty()) return {};
+  const auto* base = reinterpret_cast<const std::byte*>(reinterpret_cast<uintptr_t>(data.data()) -
+                                                        kReplicaHeaderBlock - offset);
+  auto it = placements_.find(base);
+  if (it == placements_.end() || !it->second.counted || it->second.buffer.size() == 0) return {};
+  it->second.counted = false;
+  return std::move(it->second.buffer);
 }
 
 }  // namespace ramkv::backup

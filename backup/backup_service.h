@@ -78,6 +78,18 @@
 // then on the zombie's WRITEs fail at its adapter, so what recovery reads is final), then
 // absorbed one last time.
 //
+// Writes received in place (attach(), ServerTransport::set_placer): the body of a large
+// write that appends at exactly the length a replica holds is received by the transport
+// straight into the replica's buffer, past the held bytes, instead of into a receive
+// buffer it would be copied out of (for a recovery's re-replication, 2 GiB of copies per
+// GiB recovered). The write is checked when it has all arrived, as any other; bytes past
+// the held length are never trusted (invariant 2 holds: nothing held changes). While one
+// is being received, other writes to that replica get kRetry (a master sends a replica's
+// writes on one connection, in order: only a resend on a new connection meets this), no
+// flush of it starts (a flush zeroes the block the new bytes start in), and a buffer
+// released meanwhile (the replica freed) is parked, not reused, until the transport is
+// done with it.
+//
 // Owner: the server's dispatch thread, which calls handle() and run(). Not thread-safe.
 // Invariants:
 //   1. At most max_buffers open replicas hold a buffer; beyond that, opens get kRetry.
@@ -193,6 +205,7 @@ class BackupService final : public LoopTask {
   uint64_t flushes() const { return flushes_; }                // started so far
   size_t regions_exposed() const { return regions_exposed_; }  // one-sided, now
   uint64_t remote_appends() const { return remote_appends_; }  // slots absorbed so far
+  uint64_t bytes_placed() const { return bytes_placed_; }      // received in place so far
 
  private:
   // What a replica holds (or will, once its staged writes are durable).
@@ -264,6 +277,7 @@ class BackupService final : public LoopTask {
     // master's RDMA WRITEs while this is set; the slot is the header block's first bytes.
     std::optional<RemoteRegion> remote;
     uint64_t remote_sequence = 0;  // of the last RemoteCertificate absorbed
+    bool placing = false;          // a write's body is being received into the buffer
   };
   using Key = std::pair<uint64_t, uint64_t>;  // master id, segment id
   using Entry = std::map<Key, Replica>::value_type;
@@ -345,6 +359,14 @@ class BackupService final : public LoopTask {
   void withdraw(const Key& key, Replica& replica);
   Result<AlignedBuffer> acquire_buffer();
   void release_buffer(AlignedBuffer buffer);
+  // The transport's placer: where the rest of a write's body goes (see "Writes received
+  // in place"), or nowhere.
+  Placement place(const wire::MessageHeader& request, std::span<const std::byte> prefix);
+  // The transport is done with the placement into the buffer at `base`.
+  void end_placement(const Key& key, const std::byte* base);
+  // The buffer place() took for an open whose body `data` (at `offset`) was received into
+  // it; empty if it was not.
+  AlignedBuffer take_placed(std::span<const std::byte> data, uint32_t offset);
 
   // Teardown runs in reverse: ring_ (declared last) goes first, waiting for the operations
   // still in flight, while the buffers and files they use are still alive.
@@ -357,6 +379,16 @@ class BackupService final : public LoopTask {
   uint64_t flushes_ = 0;
   size_t regions_exposed_ = 0;
   uint64_t remote_appends_ = 0;
+  uint64_t bytes_placed_ = 0;
+  // Placements under way, by buffer: the buffer taken for an open (counted in
+  // buffers_in_use_ until the write takes it over), or one released meanwhile (parked).
+  struct Placed {
+    AlignedBuffer buffer;
+    bool counted = false;
+  };
+  std::map<const std::byte*, Placed> placements_;
+  // Placements hold a weak reference: one ended after the service is gone does nothing.
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   bool event_may_be_set_ = false;  // completions were collected after the eventfd's clear
   std::set<uint64_t> fenced_;
   std::set<uint64_t> master_dirs_;                  // masters whose replica directory exists
@@ -364,6 +396,8 @@ class BackupService final : public LoopTask {
   // Shared with the recoveries' reading threads; outlives recoveries_ (declared first).
   std::shared_ptr<BufferPool> pool_;
   size_t buffers_in_use_ = 0;  // by replicas: at most max_buffers (invariant 1)
+  size_t peak_buffers_in_use_ = 0;
+  uint64_t opens_refused_for_buffers_ = 0;
   // Crashed masters being recovered: master id -> what we read of it. Its reads run on
   // its own thread, from copies and files (into buffers of pool_, given back when it is
   // destroyed), never from the replicas' buffers.

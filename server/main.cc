@@ -278,10 +278,11 @@ std::string backup_stats(const ramkv::backup::BackupService& backup) {
   return fmt::format(
       "backup_replicas {}\nbackup_buffers_in_use {}\nbackup_buffers_free {}\n"
       "backup_buffers_allocated_late {}\nbackup_recovery_read_bytes {}\n"
-      "backup_recovery_read_ns {}\nbackup_regions_exposed {}\nbackup_remote_appends {}\n",
+      "backup_recovery_read_ns {}\nbackup_regions_exposed {}\nbackup_remote_appends {}\n"
+      "backup_bytes_placed {}\n",
       backup.replica_count(), backup.buffers_in_use(), backup.buffers_free(),
       backup.buffers_allocated_late(), backup.recovery_bytes_read(), backup.recovery_read_ns(),
-      backup.regions_exposed(), backup.remote_appends());
+      backup.regions_exposed(), backup.remote_appends(), backup.bytes_placed());
 }
 
 // Asks the coordinator for the server list once (after enlisting: the pushed update may
