@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "common/log.h"
+#include "common/prefault.h"
 
 namespace ramkv::backup {
 
@@ -124,6 +125,9 @@ AlignedBuffer::AlignedBuffer(size_t bytes) : size_(align_up(bytes)) {
   RAMKV_CHECK_MSG(mem != nullptr, "cannot allocate an aligned I/O buffer");
   std::memset(mem, 0, size_);
   data_ = static_cast<std::byte*>(mem);
+  // Replicas are received into these buffers by the kernel (BackupService's placements):
+  // its first copy into a page costs as much again as the memset's (prefault.h).
+  touch_from_kernel({data_, size_});
 }
 
 AlignedBuffer::~AlignedBuffer() { std::free(data_); }

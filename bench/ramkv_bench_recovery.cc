@@ -99,7 +99,7 @@ class LocalCluster {
     // segments) into buffers touched at start, with room for the replicas written
     // meanwhile (buffer_pool.h: fresh memory is slow on virtual machines).
     const std::string buffers =
-        std::to_string(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + 32);
+        std::to_string(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + 64);
     for (uint32_t i = 0; i < o.servers; ++i) {
       LocalServer s;
       s.locator = fmt::format("127.0.0.1:{}", free_port());
