@@ -133,7 +133,7 @@ void CoordinatorService::handle(const wire::MessageHeader& request, std::span<co
       s = get_backup_replicas(in, reply);
       break;
     case wire::Opcode::kRecoveryMasterFinished:
-      s = recovery_->master_finished(body);
+      s = recovery_->master_finished(body, reply);
       break;
     case wire::Opcode::kGetRecoveries:
       s = get_recoveries(in, reply);
@@ -390,14 +390,24 @@ Status CoordinatorService::get_recoveries(wire::BodyReader& in, Reply& reply) {
   return Status::kOk;
 }
 
-Status CoordinatorService::move_tablets(uint64_t from, const std::vector<Tablet>& tablets) {
+Status CoordinatorService::move_tablets(const std::vector<Move>& moves) {
   CoordinatorState next = state_;
-  for (const auto& t : tablets) {
-    if (Status s = next.move_tablet_range(from, t); s != Status::kOk) return s;
+  std::vector<Tablet> all;
+  for (const Move& m : moves) {
+    for (const auto& t : m.tablets) {
+      if (Status s = next.move_tablet_range(m.from, t); s != Status::kOk) return s;
+      all.push_back(t);
+    }
   }
   if (Status s = commit(std::move(next)); s != Status::kOk) return s;
-  send_tablets(wire::Opcode::kTakeTablets, tablets, false);
+  send_tablets(wire::Opcode::kTakeTablets, all, false);
   return Status::kOk;
+}
+
+void CoordinatorService::answer(const ReplyToken& token, Status status) {
+  Reply reply;
+  reply.set_status(status);
+  transport_->send_deferred(token, reply);  // false: the master resends its report
 }
 
 Status CoordinatorService::finish_master(uint64_t master_id) {

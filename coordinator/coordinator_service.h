@@ -106,7 +106,8 @@ class CoordinatorService final : private RecoveryHost {
   Status get_recoveries(wire::BodyReader& in, Reply& reply);
 
   // RecoveryHost
-  Status move_tablets(uint64_t from, const std::vector<Tablet>& tablets) override;
+  Status move_tablets(const std::vector<Move>& moves) override;
+  void answer(const ReplyToken& token, Status status) override;
   Status finish_master(uint64_t master_id) override;
 
   // Persists `next` and makes it current; kIoError (state unchanged) if it cannot.

@@ -354,7 +354,7 @@ void RecoveryManager::partition_failed(Recovery& r, Partition& p, Status why) {
   assign(r, p);
 }
 
-Status RecoveryManager::master_finished(std::span<const std::byte> body) {
+Status RecoveryManager::master_finished(std::span<const std::byte> body, Reply& reply) {
   wire::BodyReader in(body);
   wire::RecoveryMasterFinishedRequest req;
   if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
@@ -383,20 +383,72 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body) {
     partition_failed(*r, p, status);
     return Status::kOk;
   }
-  std::vector<Tablet> moved = p.plan.tablets;
-  for (auto& t : moved) t.server_id = p.master_id;
-  if (Status s = host_.move_tablets(r->master_id, moved); s != Status::kOk) {
-    partition_failed(*r, p, s);
-    return Status::kOk;
+  for (const Finished& f : finished_) {
+    if (f.recovery_id == req.recovery_id && f.partition_id == req.partition_id) {
+      // A resend of a report still waiting for its commit: the first one's answer says.
+      return Status::kOk;
+    }
   }
-  p.done = true;
-  p.bytes = req.bytes;
-  p.replay_ns = req.replay_ns;
-  LOG_INFO("recovery {}: partition {} is served by master {} ({} objects, {} in {:.3f} s)", r->id,
-           p.plan.id, wire::server_id_text(p.master_id), req.objects, format_bytes(req.bytes),
-           static_cast<double>(req.replay_ns) / 1e9);
-  maybe_finish(*r);
+  finished_.push_back({.recovery_id = req.recovery_id,
+                       .partition_id = req.partition_id,
+                       .master_id = req.recovery_master_id,
+                       .objects = req.objects,
+                       .bytes = req.bytes,
+                       .replay_ns = req.replay_ns,
+                       .token = reply.token()});
+  reply.defer();
   return Status::kOk;
+}
+
+void RecoveryManager::commit_finished() {
+  // Still as reported? (A master may have been declared crashed meanwhile: its partition
+  // went to another master, and its report no longer counts.)
+  std::vector<Finished> batch = std::move(finished_);
+  finished_.clear();
+  std::vector<RecoveryHost::Move> moves;
+  std::vector<const Finished*> moving;
+  for (const Finished& f : batch) {
+    Recovery* r = find(f.recovery_id);
+    if (r == nullptr || r->phase != Phase::kReplaying || f.partition_id >= r->partitions.size() ||
+        r->partitions[f.partition_id].done ||
+        r->partitions[f.partition_id].master_id != f.master_id) {
+      host_.answer(f.token, Status::kUnknownTablet);
+      continue;
+    }
+    const Partition& p = r->partitions[f.partition_id];
+    auto move = std::find_if(moves.begin(), moves.end(),
+                             [&](const RecoveryHost::Move& m) { return m.from == r->master_id; });
+    if (move == moves.end())
+      move = moves.insert(moves.end(), {.from = r->master_id, .tablets = {}});
+    for (Tablet t : p.plan.tablets) {
+      t.server_id = p.master_id;
+      move->tablets.push_back(t);
+    }
+    moving.push_back(&f);
+  }
+  if (moving.empty()) return;
+  const Status committed = host_.move_tablets(moves);
+  for (const Finished* f : moving) {
+    Recovery* r = find(f->recovery_id);
+    Partition& p = r->partitions[f->partition_id];
+    if (committed != Status::kOk) {
+      partition_failed(*r, p, committed);
+    } else {
+      p.done = true;
+      p.bytes = f->bytes;
+      p.replay_ns = f->replay_ns;
+      LOG_INFO("recovery {}: partition {} is served by master {} ({} objects, {} in {:.3f} s)",
+               r->id, p.plan.id, wire::server_id_text(p.master_id), f->objects,
+               format_bytes(f->bytes), static_cast<double>(f->replay_ns) / 1e9);
+    }
+    host_.answer(f->token, Status::kOk);
+  }
+  if (committed != Status::kOk) return;
+  for (const Finished* f : moving) {
+    if (Recovery* r = find(f->recovery_id); r != nullptr && r->phase == Phase::kReplaying) {
+      maybe_finish(*r);
+    }
+  }
 }
 
 void RecoveryManager::maybe_finish(Recovery& r) {
@@ -429,6 +481,7 @@ void RecoveryManager::fail(Recovery& r, std::string error) {
 
 uint64_t RecoveryManager::run() {
   if (client_->outstanding() > 0) client_->poll(0);
+  if (!finished_.empty()) commit_finished();
   const uint64_t now = clock_.now_ns();
   bool retry_due = false;
   uint64_t next_retry = UINT64_MAX;

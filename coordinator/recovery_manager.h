@@ -17,6 +17,11 @@
 //                  partition; each reports with `recovery master finished`. Success moves
 //                  the partition's tablets to it (RecoveryHost::move_tablets); failure, or
 //                  the master going down, gives the partition to another master.
+//                  Successes are moved together: the reports that came in one batch of
+//                  the loop's events are answered (deferred) after one commit for all of
+//                  them, from run(). A commit waits for the disk, which during a recovery
+//                  is busy with the backups' writes (hundreds of milliseconds here); one
+//                  per report kept partitions that were done waiting for the ones before.
 //   kDone          every partition moved: the crashed master is removed
 //                  (RecoveryHost::finish_master).
 //
@@ -46,8 +51,15 @@ class RecoveryHost {
   virtual ~RecoveryHost() = default;
   virtual const CoordinatorState& state() const = 0;
   // Gives each of `tablets` (a range of one of `from`'s tablets; server_id = the new
-  // owner) to its new owner: persisted, take tablets sent. kIoError if not persisted.
-  virtual Status move_tablets(uint64_t from, const std::vector<Tablet>& tablets) = 0;
+  // owner) to its new owner, for every `from` in `moves`: persisted in one commit, take
+  // tablets sent. kIoError if not persisted (then nothing moved).
+  struct Move {
+    uint64_t from = 0;
+    std::vector<Tablet> tablets;
+  };
+  virtual Status move_tablets(const std::vector<Move>& moves) = 0;
+  // Answers a request whose reply was deferred (a report waiting for its commit).
+  virtual void answer(const ReplyToken& token, Status status) = 0;
   // `master_id` has nothing left to recover: mark it removed, tell the servers (backups
   // free its replicas).
   virtual Status finish_master(uint64_t master_id) = 0;
@@ -72,8 +84,9 @@ class RecoveryManager final : public LoopTask {
   // recovery masters that went down. Call after every change to the server list.
   void check();
   // kRecoveryMasterFinished. kBadRequest for a malformed body; an unknown recovery or a
-  // partition given to someone else since is answered kOk and ignored.
-  Status master_finished(std::span<const std::byte> body);
+  // partition given to someone else since is answered kOk and ignored. A success defers
+  // `reply`: run() answers it once the partition's move is committed.
+  Status master_finished(std::span<const std::byte> body, Reply& reply);
   // kGetRecoveries response body.
   void encode(std::vector<std::byte>* body) const;
   size_t running() const;
@@ -117,6 +130,8 @@ class RecoveryManager final : public LoopTask {
   void partition_failed(Recovery& r, Partition& p, Status why);
   void fail(Recovery& r, std::string error);
   void maybe_finish(Recovery& r);
+  // Moves the partitions of the successful reports waiting in finished_, in one commit.
+  void commit_finished();
   Recovery* find(uint64_t recovery_id);
   uint64_t unix_ns() const;
 
@@ -128,6 +143,16 @@ class RecoveryManager final : public LoopTask {
   uint64_t next_recovery_id_;
   uint64_t next_serial_ = 0;
   bool dirty_ = false;
+  struct Finished {
+    uint64_t recovery_id = 0;
+    uint32_t partition_id = 0;
+    uint64_t master_id = 0;
+    uint64_t objects = 0;
+    uint64_t bytes = 0;
+    uint64_t replay_ns = 0;
+    ReplyToken token;
+  };
+  std::vector<Finished> finished_;  // successful reports waiting for commit_finished()
 };
 
 }  // namespace ramkv::coordinator
