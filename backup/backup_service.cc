@@ -773,14 +773,22 @@ Status BackupService::get_recovery_data(std::span<const std::byte> body, Reply& 
   wire::BodyReader in(body);
   wire::GetRecoveryDataRequest req;
   if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
-  return recovery_data(req, &reply.body());
+  // The entries go from where they lie in the replica's bytes (the transport copies only
+  // what the socket does not take at once): copied into the reply first, they cost a
+  // copy of bytes long out of the cache, 4% of a recovery's CPU.
+  wire::RecoveryDataResponse head;
+  if (Status s = recovery_data(req, &head, &pieces_); s != Status::kOk) return s;
+  reply.writer().put(head);
+  for (const auto piece : pieces_) reply.add_external(piece);
+  return Status::kOk;
 }
 
 Status BackupService::recovery_data(const wire::GetRecoveryDataRequest& req,
-                                    std::vector<std::byte>* body) {
+                                    wire::RecoveryDataResponse* head,
+                                    std::vector<std::span<const std::byte>>* pieces) {
   RecoverySegments* recovery = find_recovery(req.master_id, req.recovery_id);
   if (recovery == nullptr) return Status::kBadRequest;
-  return recovery->get_data(req.segment_id, req.partition_id, body);
+  return recovery->get_pieces(req.segment_id, req.partition_id, head, pieces);
 }
 
 void BackupService::free_master(uint64_t master_id) {

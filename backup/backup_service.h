@@ -188,7 +188,11 @@ class BackupService final : public LoopTask {
   void free_master(uint64_t master_id);
   // `backup get recovery data` for a caller in this process (a recovery master on the
   // same server, master/recovery_task.h): the status and body the RPC would answer.
-  Status recovery_data(const wire::GetRecoveryDataRequest& request, std::vector<std::byte>* body);
+  // Its fixed part and its entries where they lie (RecoverySegments::get_pieces): valid
+  // until the recovery is dropped, which only the dispatch thread does.
+  Status recovery_data(const wire::GetRecoveryDataRequest& request,
+                       wire::RecoveryDataResponse* head,
+                       std::vector<std::span<const std::byte>>* pieces);
   // Crash recovery reads (docs/recovery.md): bytes read for recoveries since start, and
   // the time those reads took.
   uint64_t recovery_bytes_read() const;
@@ -380,6 +384,7 @@ class BackupService final : public LoopTask {
   size_t regions_exposed_ = 0;
   uint64_t remote_appends_ = 0;
   uint64_t bytes_placed_ = 0;
+  std::vector<std::span<const std::byte>> pieces_;  // reused by get_recovery_data
   // Placements under way, by buffer: the buffer taken for an open (counted in
   // buffers_in_use_ until the write takes it over), or one released meanwhile (parked).
   struct Placed {

@@ -637,6 +637,20 @@ std::optional<size_t> RecoverySegments::find(uint64_t segment_id) const {
 
 Status RecoverySegments::get_data(uint64_t segment_id, uint32_t partition_id,
                                   std::vector<std::byte>* body) const {
+  wire::RecoveryDataResponse head;
+  std::vector<std::span<const std::byte>> pieces;
+  if (Status s = get_pieces(segment_id, partition_id, &head, &pieces); s != Status::kOk) return s;
+  body->clear();
+  body->reserve(sizeof(head) + head.entry_bytes);
+  wire::BodyWriter w(body);
+  w.put(head);
+  for (const auto piece : pieces) w.put_bytes(piece);
+  return Status::kOk;
+}
+
+Status RecoverySegments::get_pieces(uint64_t segment_id, uint32_t partition_id,
+                                    wire::RecoveryDataResponse* head,
+                                    std::vector<std::span<const std::byte>>* pieces) const {
   std::unique_lock lock(mutex_);
   const auto at = find(segment_id);
   if (!at) return Status::kBadRequest;
@@ -656,14 +670,14 @@ Status RecoverySegments::get_data(uint64_t segment_id, uint32_t partition_id,
   }
   if (r->state != Replica::State::kSplit) return Status::kRetry;
   const PartitionEntries& p = r->partitions[*index];
-  body->clear();
-  body->reserve(sizeof(wire::RecoveryDataResponse) + p.entry_bytes);
-  wire::BodyWriter w(body);
-  w.put(wire::RecoveryDataResponse{.epoch = r->entry.epoch,
-                                   .entry_bytes = p.entry_bytes,
-                                   .entry_count = p.entry_count,
-                                   .closed = r->entry.closed});
-  for (const Range& range : p.ranges) w.put_bytes(r->segment.subspan(range.offset, range.bytes));
+  *head = wire::RecoveryDataResponse{.epoch = r->entry.epoch,
+                                     .entry_bytes = p.entry_bytes,
+                                     .entry_count = p.entry_count,
+                                     .closed = r->entry.closed};
+  pieces->clear();
+  pieces->reserve(p.ranges.size());
+  for (const Range& range : p.ranges)
+    pieces->push_back(r->segment.subspan(range.offset, range.bytes));
   return Status::kOk;
 }
 

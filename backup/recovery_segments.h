@@ -22,7 +22,8 @@
 //     tombstone entries by partition: an index of byte ranges into the replica's bytes, in
 //     log order, per partition. When the map is there before a replica is read, checking
 //     and splitting are one pass.
-//   - get_data() copies one (segment, partition)'s entries, byte for byte, into a reply.
+//   - get_data() copies one (segment, partition)'s entries, byte for byte, into a reply;
+//     get_pieces() names them where they lie, for a reply sent without that copy.
 //
 // Memory: a replica's bytes are held once (the file's blocks as read, in a buffer of the
 // backup's pool when one is free, or the RAM source's
@@ -126,6 +127,11 @@ class RecoverySegments {
   //                secondary not read yet is queued for reading, first in line).
   // *body is changed only on kOk.
   Status get_data(uint64_t segment_id, uint32_t partition_id, std::vector<std::byte>* body) const;
+  // The same without the copy: *head is the response's fixed part, *pieces the runs of
+  // entries in the replica's bytes (head.entry_bytes in all), which stay valid and
+  // unchanged while this object lives (invariant 2). Changed only on kOk.
+  Status get_pieces(uint64_t segment_id, uint32_t partition_id, wire::RecoveryDataResponse* head,
+                    std::vector<std::span<const std::byte>>* pieces) const;
 
   // For stats: bytes read from disk (replica header blocks included) or taken from RAM so
   // far, and the time the reads took, from the first one's start to the last one's end

@@ -354,21 +354,30 @@ struct Connection {
     for (auto p : pieces) total += p.size();
     size_t sent = 0;
     if (out.empty()) {
-      iovec iov[16];
-      size_t n = 0;
-      for (auto p : pieces) {
-        if (n == 16) break;
-        if (p.empty()) continue;
-        iov[n++] = {const_cast<std::byte*>(p.data()), p.size()};
+      // Many pieces (a backup's recovery data: thousands of runs of entries) go in
+      // batches of up to kMaxIov, for as long as the socket takes them whole.
+      constexpr size_t kMaxIov = 1024;
+      iovec iov[kMaxIov];
+      size_t next = 0;
+      while (next < pieces.size()) {
+        size_t n = 0;
+        size_t batch = 0;
+        for (; next < pieces.size() && n < kMaxIov; ++next) {
+          if (pieces[next].empty()) continue;
+          iov[n++] = {const_cast<std::byte*>(pieces[next].data()), pieces[next].size()};
+          batch += pieces[next].size();
+        }
+        if (n == 0) break;
+        // sendmsg with MSG_NOSIGNAL, not writev: a peer that went away must give EPIPE,
+        // not a SIGPIPE that kills the process.
+        msghdr msg{};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = n;
+        ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return false;
+        sent += w > 0 ? static_cast<size_t>(w) : 0;
+        if (w < 0 || static_cast<size_t>(w) < batch) break;  // the socket is full
       }
-      // sendmsg with MSG_NOSIGNAL, not writev: a peer that went away must give EPIPE,
-      // not a SIGPIPE that kills the process.
-      msghdr msg{};
-      msg.msg_iov = iov;
-      msg.msg_iovlen = n;
-      ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
-      if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return false;
-      sent = w > 0 ? static_cast<size_t>(w) : 0;
     }
     if (sent == total) return true;
     size_t skip = sent;

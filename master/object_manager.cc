@@ -562,19 +562,29 @@ Result<StreamEntry> next_stream_entry(std::span<const std::byte> rest) {
 Status ObjectManager::replay(std::span<const std::byte> entries,
                              const std::function<bool(uint64_t, uint64_t)>& accept,
                              ReplayStats* stats) {
+  const std::span<const std::byte> one[] = {entries};
+  return replay(std::span<const std::span<const std::byte>>(one), accept, stats);
+}
+
+Status ObjectManager::replay(std::span<const std::span<const std::byte>> pieces,
+                             const std::function<bool(uint64_t, uint64_t)>& accept,
+                             ReplayStats* stats) {
   ReplayProgress progress;
   Status status = Status::kOk;
-  for (size_t offset = 0; offset < entries.size();) {
-    auto e = next_stream_entry(entries.subspan(offset));
-    if (!e.ok()) {
-      status = e.status();
-      break;
+  for (const std::span<const std::byte> entries : pieces) {
+    for (size_t offset = 0; offset < entries.size();) {
+      auto e = next_stream_entry(entries.subspan(offset));
+      if (!e.ok()) {
+        status = e.status();
+        break;
+      }
+      status = replay_entry(e->header.type, e->payload, accept, &progress);
+      if (status != Status::kOk) break;
+      ++progress.stats.entries;
+      progress.stats.bytes += e->header.total_bytes();
+      offset += e->header.total_bytes();
     }
-    status = replay_entry(e->header.type, e->payload, accept, &progress);
     if (status != Status::kOk) break;
-    ++progress.stats.entries;
-    progress.stats.bytes += e->header.total_bytes();
-    offset += e->header.total_bytes();
   }
   for (const auto& [table_id, delta] : progress.table_deltas) account(table_id, delta);
   // Versions only grow per key across remove and re-create (log-format.md, rule 4): new

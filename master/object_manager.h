@@ -200,6 +200,11 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   Status replay(std::span<const std::byte> entries,
                 const std::function<bool(uint64_t table_id, uint64_t key_hash)>& accept,
                 ReplayStats* stats);
+  // The same over pieces that each hold whole entries, in order (a backup's runs of one
+  // partition's entries in a replica, not copied into one buffer).
+  Status replay(std::span<const std::span<const std::byte>> pieces,
+                const std::function<bool(uint64_t table_id, uint64_t key_hash)>& accept,
+                ReplayStats* stats);
   // Ends a recovery's replay of `tablets`: drops the tombstone markers replay kept for them
   // and moves the version counter above `safe_version` (the crashed master's: every version
   // it issued is below it). Call it also when a replay is abandoned. Any thread.

@@ -190,13 +190,13 @@ void RecoveryTask::pull(const Key& key, Job& job, uint64_t segment_id, SegmentPu
   ++in_flight_;
   if (is_local(seg)) {
     pulled_locally_ = true;
-    local_body_.clear();
+    wire::RecoveryDataResponse head;
     const Status s = local_(wire::GetRecoveryDataRequest{.master_id = job.request.crashed_master_id,
                                                          .recovery_id = job.request.recovery_id,
                                                          .segment_id = segment_id,
                                                          .partition_id = job.request.partition_id},
-                            &local_body_);
-    on_data(key, segment_id, s, local_body_);
+                            &head, &local_pieces_);
+    on_entries(key, segment_id, s, head, local_pieces_);
     return;
   }
   client_->send(seg.locations[seg.next].second,
@@ -213,6 +213,24 @@ void RecoveryTask::pull(const Key& key, Job& job, uint64_t segment_id, SegmentPu
 
 void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
                            std::span<const std::byte> body) {
+  wire::RecoveryDataResponse head;
+  std::span<const std::byte> entries;
+  if (status == Status::kOk) {
+    wire::BodyReader in(body);
+    std::string_view bytes;
+    if (in.get(&head) && in.get_string(head.entry_bytes, &bytes) && in.at_end()) {
+      entries = std::as_bytes(std::span(bytes.data(), bytes.size()));
+    } else {
+      status = Status::kBadRequest;
+    }
+  }
+  const std::span<const std::byte> one[] = {entries};
+  on_entries(key, segment_id, status, head, one);
+}
+
+void RecoveryTask::on_entries(const Key& key, uint64_t segment_id, Status status,
+                              const wire::RecoveryDataResponse& head,
+                              std::span<const std::span<const std::byte>> pieces) {
   --in_flight_;
   auto it = jobs_.find(key);
   if (it == jobs_.end()) return;
@@ -227,24 +245,22 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
   }
   const uint64_t backup_id = seg.locations[seg.next].first;
   if (status == Status::kOk) {
-    wire::BodyReader in(body);
-    wire::RecoveryDataResponse resp;
-    std::string_view entries;
-    if (in.get(&resp) && in.get_string(resp.entry_bytes, &entries) && in.at_end()) {
+    uint64_t entry_bytes = 0;
+    for (const auto piece : pieces) entry_bytes += piece.size();
+    if (entry_bytes == head.entry_bytes) {
       if (job.first_data_ns == 0) job.first_data_ns = clock_.now_ns();
       ReplayStats stats;
-      auto bytes = std::as_bytes(std::span(entries.data(), entries.size()));
       const uint64_t replay_start = clock_.now_ns();
       status = objects_.replay(
-          bytes, [&job, this](uint64_t table, uint64_t hash) { return accepts(job, table, hash); },
+          pieces, [&job, this](uint64_t table, uint64_t hash) { return accepts(job, table, hash); },
           &stats);
       job.replay_ns += clock_.now_ns() - replay_start;
       job.replay.entries += stats.entries;
       job.replay.objects += stats.objects;
       job.replay.tombstones += stats.tombstones;
       job.replay.skipped += stats.skipped;
-      job.bytes += entries.size();
-      stats_.bytes_pulled += entries.size();
+      job.bytes += entry_bytes;
+      stats_.bytes_pulled += entry_bytes;
       stats_.objects_replayed += stats.objects;
       if (status == Status::kOk) {
         seg.done = true;
@@ -253,7 +269,7 @@ void RecoveryTask::on_data(const Key& key, uint64_t segment_id, Status status,
           ++stats_.segments_local;
         } else {
           ++stats_.segments_remote;
-          stats_.bytes_pulled_remote += entries.size();
+          stats_.bytes_pulled_remote += entry_bytes;
         }
         return;
       }

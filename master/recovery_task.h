@@ -68,9 +68,12 @@ class RecoveryTask final : public LoopTask {
   // The backup of this same server (master and backup in one process), if any: segments
   // it holds for a partition come by this call instead of an RPC over loopback (with n
   // servers, about 1/n of a recovery's data). It answers like `backup get recovery data`
-  // (the reply's status, and its body). Dispatch thread, like the task.
+  // (the reply's status, and its fixed part and entries: the runs of entries where they
+  // lie in the backup's memory, replayed from there without a copy; they must stay valid
+  // until the next call). Dispatch thread, like the task.
   using LocalData =
-      std::function<Status(const wire::GetRecoveryDataRequest&, std::vector<std::byte>* body)>;
+      std::function<Status(const wire::GetRecoveryDataRequest&, wire::RecoveryDataResponse* head,
+                           std::vector<std::span<const std::byte>>* pieces)>;
   void set_local_backup(LocalData get) { local_ = std::move(get); }
   // kRecover. kBadRequest for a malformed body or a partition already running here.
   Status start(std::span<const std::byte> body);
@@ -115,7 +118,12 @@ class RecoveryTask final : public LoopTask {
   using Key = std::pair<uint64_t, uint32_t>;  // recovery id, partition id
 
   void pull(const Key& key, Job& job, uint64_t segment_id, SegmentPull& seg);
+  // A reply's body (remote), checked, then on_entries().
   void on_data(const Key& key, uint64_t segment_id, Status status, std::span<const std::byte> body);
+  // `head` and its entries (in pieces) for one segment, or the failure to get them.
+  void on_entries(const Key& key, uint64_t segment_id, Status status,
+                  const wire::RecoveryDataResponse& head,
+                  std::span<const std::span<const std::byte>> pieces);
   void finish(Job& job);
   void report(const Key& key, Job& job);
   bool accepts(const Job& job, uint64_t table_id, uint64_t key_hash) const;
@@ -133,8 +141,8 @@ class RecoveryTask final : public LoopTask {
   std::map<Key, Job> jobs_;
   uint32_t in_flight_ = 0;
   LocalData local_;
-  std::vector<std::byte> local_body_;  // reused by local pulls
-  bool pulled_locally_ = false;        // in this run(): one local pull per loop pass
+  std::vector<std::span<const std::byte>> local_pieces_;  // reused by local pulls
+  bool pulled_locally_ = false;  // in this run(): one local pull per loop pass
   RecoveryTaskStats stats_;
 };
 

@@ -431,9 +431,11 @@ int run_server(const ServerOptions& o) {
         master->objects(), replicas.get());
     recovery->set_server_id(server_id);
     if (backup) {
-      recovery->set_local_backup(
-          [&backup](const ramkv::wire::GetRecoveryDataRequest& request,
-                    std::vector<std::byte>* body) { return backup->recovery_data(request, body); });
+      recovery->set_local_backup([&backup](const ramkv::wire::GetRecoveryDataRequest& request,
+                                           ramkv::wire::RecoveryDataResponse* head,
+                                           std::vector<std::span<const std::byte>>* pieces) {
+        return backup->recovery_data(request, head, pieces);
+      });
     }
     master->set_recovery(recovery.get());
     transport->add_loop_task(recovery.get());

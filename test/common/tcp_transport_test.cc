@@ -224,6 +224,41 @@ TEST_CASE("tcp transport: shared tails are sent from the caller's buffer, then l
   CHECK(tail.use_count() == 1);  // all sent: the transport holds none of it any more
 }
 
+TEST_CASE("tcp transport: a reply of thousands of pieces arrives whole and in order",
+          "[common][tcp]") {
+  // A backup's recovery data: runs of entries sent from where they lie, more pieces than
+  // one sendmsg takes and more bytes than the socket holds (the rest is queued).
+  std::vector<std::byte> source(size_t{6} << 20);
+  for (size_t j = 0; j < source.size(); ++j) source[j] = static_cast<std::byte>((j * 31) % 241);
+  std::vector<std::span<const std::byte>> runs;
+  std::vector<std::byte> expected = {std::byte{'h'}, std::byte{'d'}};
+  for (size_t at = 0, i = 0; at + 4000 < source.size(); ++i) {
+    const size_t n = 100 + (i * 37) % 1900;  // every other run skipped: not contiguous
+    runs.push_back(std::span<const std::byte>(source).subspan(at, n));
+    expected.insert(expected.end(), source.begin() + static_cast<ptrdiff_t>(at),
+                    source.begin() + static_cast<ptrdiff_t>(at + n));
+    at += n + 500;
+  }
+  REQUIRE(runs.size() > 3000);
+  auto server = make_tcp_server_transport({});
+  REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
+  std::thread loop([&] {
+    server->run([&](const wire::MessageHeader&, std::span<const std::byte>, Reply& reply) {
+      reply.body() = {std::byte{'h'}, std::byte{'d'}};
+      for (const auto run : runs) reply.add_external(run);
+    });
+  });
+  auto client = make_tcp_client_transport({});
+  for (int i = 0; i < 3; ++i) {
+    auto r = call(*client, server->locator(),
+                  {.opcode = wire::Opcode::kEcho, .timeout_ns = 10'000'000'000}, {});
+    REQUIRE(r.status == Status::kOk);
+    CHECK(r.body == expected);
+  }
+  server->stop();
+  loop.join();
+}
+
 // An echo server with a placer: bodies of 64 KiB or more that start with 'P' have the
 // rest (past an 8-byte prefix) received into memory of the placer's, which the handler
 // checks it got, then echoes prefix and rest back.

@@ -72,16 +72,6 @@ Bytes recover_body(const std::map<uint64_t, std::vector<uint64_t>>& segments) {
   return body;
 }
 
-// What `backup get recovery data` answers for these entries.
-Bytes data_body(const Bytes& entries, uint32_t count) {
-  Bytes body;
-  wire::BodyWriter w(&body);
-  w.put(wire::RecoveryDataResponse{
-      .epoch = 1, .entry_bytes = static_cast<uint32_t>(entries.size()), .entry_count = count});
-  w.put_bytes(std::span<const std::byte>(entries));
-  return body;
-}
-
 // Runs the task's loop until `done` or about 5 s.
 template <typename Done>
 bool run_until(RecoveryTask& task, Done done) {
@@ -102,15 +92,28 @@ TEST_CASE("recovery task: segments our own backup holds come by a call, not an R
   RecoveryTask task({.coordinator = kNowhere, .retry_ns = 1'000'000}, *objects, nullptr);
   task.set_server_id(kSelf);
   std::map<uint64_t, int> asked;  // segment -> local calls
-  std::map<uint64_t, Bytes> held = {
-      {1, concat_entries({object_entry("a", 5, "apple"), object_entry("b", 6, "bean")})},
-      {2, concat_entries({object_entry("a", 9, "apricot")})}};
-  task.set_local_backup([&](const wire::GetRecoveryDataRequest& r, Bytes* body) {
+  // Runs of entries where they lie in the backup's memory: segment 1's in two pieces.
+  std::map<uint64_t, std::vector<Bytes>> held = {
+      {1,
+       {concat_entries({object_entry("a", 5, "apple")}),
+        concat_entries({object_entry("b", 6, "bean")})}},
+      {2, {concat_entries({object_entry("a", 9, "apricot")})}}};
+  auto bytes_of = [&](uint64_t segment) {
+    size_t n = 0;
+    for (const auto& piece : held.at(segment)) n += piece.size();
+    return n;
+  };
+  task.set_local_backup([&](const wire::GetRecoveryDataRequest& r, wire::RecoveryDataResponse* head,
+                            std::vector<std::span<const std::byte>>* pieces) {
     CHECK(r.master_id == kCrashed);
     CHECK(r.recovery_id == 11);
     CHECK(r.partition_id == 0);
     if (++asked[r.segment_id] == 1 && r.segment_id == 2) return Status::kRetry;  // not read yet
-    *body = data_body(held.at(r.segment_id), r.segment_id == 1 ? 2 : 1);
+    const auto& runs = held.at(r.segment_id);
+    *head = {.epoch = 1,
+             .entry_bytes = static_cast<uint32_t>(bytes_of(r.segment_id)),
+             .entry_count = static_cast<uint32_t>(runs.size())};
+    pieces->assign(runs.begin(), runs.end());
     return Status::kOk;
   });
   // Segment 1 on us alone; segment 2 on us first, another backup second.
@@ -120,7 +123,7 @@ TEST_CASE("recovery task: segments our own backup holds come by a call, not an R
   CHECK(asked[2] == 2);  // asked again after kRetry, from us again
   CHECK(task.stats().segments_remote == 0);
   CHECK(task.stats().bytes_pulled_remote == 0);
-  CHECK(task.stats().bytes_pulled == held.at(1).size() + held.at(2).size());
+  CHECK(task.stats().bytes_pulled == bytes_of(1) + bytes_of(2));
   CHECK(task.stats().objects_replayed == 3);
   std::string value;
   auto version = objects->read(kTable, "a", &value);
@@ -137,7 +140,8 @@ TEST_CASE("recovery task: a segment our own backup fails goes to the next backup
   RecoveryTask task({.coordinator = kNowhere}, *objects, nullptr);
   task.set_server_id(kSelf);
   int calls = 0;
-  task.set_local_backup([&](const wire::GetRecoveryDataRequest&, Bytes*) {
+  task.set_local_backup([&](const wire::GetRecoveryDataRequest&, wire::RecoveryDataResponse*,
+                            std::vector<std::span<const std::byte>>*) {
     ++calls;
     return Status::kIoError;
   });
