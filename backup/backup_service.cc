@@ -432,6 +432,12 @@ Status BackupService::start_chain(Entry& entry) {
     // A write's body is being received past the held bytes (place()), and a new flush
     // zeroes the block they start in: it waits (start_flushes keeps it queued).
     if (r.placing) return Status::kRetry;
+    // Bytes on their way to the disk are bounded (Options::max_flush_bytes): behind a long
+    // queue of them every other synchronous write on the device waits.
+    const uint64_t bytes = end > next ? end - next : 0;
+    if (flush_bytes_ > 0 && flush_bytes_ + bytes > options_.max_flush_bytes) {
+      return Status::kRetry;
+    }
     if (r.file.get() < 0) {
       // Created through the ring (begin_open); this chain starts once it is open.
       if (r.open_failure != Status::kOk) return std::exchange(r.open_failure, Status::kOk);
@@ -442,11 +448,13 @@ Status BackupService::start_chain(Entry& entry) {
     }
     r.flushing = true;
     ++flushes_;
+    flush_bytes_ += end > next ? end - next : 0;
     f = Flush{.seq = r.staged_seq,
               .state = r.staged,
               .created = created,
               .next_offset = next,
-              .end_offset = end};
+              .end_offset = end,
+              .counted_bytes = end > next ? end - next : 0};
     encode_replica_header({.master_id = key.first,
                            .segment_id = key.second,
                            .epoch = f.state.epoch,
@@ -599,6 +607,7 @@ void BackupService::finish_flush(Entry& entry, Status status) {
   Replica& r = entry.second;
   const Flush& f = r.flush;
   r.flushing = false;
+  flush_bytes_ -= f.counted_bytes;
   if (status == Status::kOk) {
     r.has_file = true;
     r.file_bytes = f.state.held_bytes;

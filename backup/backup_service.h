@@ -142,7 +142,13 @@ class BackupService final : public LoopTask {
     // replicas and recovery reads (backup/buffer_pool.h). At least max_buffers are kept.
     uint32_t buffers_at_start = 0;
     Durability durability = Durability::kBuffered;
-    uint32_t ring_depth = 64;              // io_uring operations in flight (at least 3: one flush)
+    uint32_t ring_depth = 64;  // io_uring operations in flight (at least 3: one flush)
+    // Bytes of flushes started and not finished, beyond one flush: more wait their turn.
+    // The device's queue stays short, so that other synchronous writes on it (the
+    // coordinator's commits, another process's fsync) do not wait behind hundreds of
+    // megabytes: with no bound, a recovery's re-replication left 0.2-0.5 s between a
+    // recovery master's report and the commit that served its tablets.
+    uint64_t max_flush_bytes = 16u << 20;
     uint32_t max_deferred_replies = 4096;  // writes and frees waiting for the disk
   };
 
@@ -206,10 +212,11 @@ class BackupService final : public LoopTask {
   size_t buffers_allocated_late() const { return pool_->allocated_late(); }
   size_t deferred_replies() const { return deferred_replies_; }
   uint32_t operations_in_flight() const { return ring_->in_flight(); }
-  uint64_t flushes() const { return flushes_; }                // started so far
-  size_t regions_exposed() const { return regions_exposed_; }  // one-sided, now
-  uint64_t remote_appends() const { return remote_appends_; }  // slots absorbed so far
-  uint64_t bytes_placed() const { return bytes_placed_; }      // received in place so far
+  uint64_t flushes() const { return flushes_; }                    // started so far
+  uint64_t flush_bytes_in_flight() const { return flush_bytes_; }  // Options::max_flush_bytes
+  size_t regions_exposed() const { return regions_exposed_; }      // one-sided, now
+  uint64_t remote_appends() const { return remote_appends_; }      // slots absorbed so far
+  uint64_t bytes_placed() const { return bytes_placed_; }          // received in place so far
 
  private:
   // What a replica holds (or will, once its staged writes are durable).
@@ -233,11 +240,12 @@ class BackupService final : public LoopTask {
   struct Flush {
     uint64_t seq = 0;
     State state;
-    bool created = false;    // the file did not exist before: its first chain has the header
-    size_t next_offset = 0;  // file offset of the blocks still to write
-    size_t end_offset = 0;   // file offset where they end (block-aligned)
-    size_t data_bytes = 0;   // the chain in flight: its data write (0: none)
-    bool header = false;     // ... whether it has a header write
+    bool created = false;        // the file did not exist before: its first chain has the header
+    size_t next_offset = 0;      // file offset of the blocks still to write
+    size_t end_offset = 0;       // file offset where they end (block-aligned)
+    uint64_t counted_bytes = 0;  // end - next at the start: in flush_bytes_ until it ends
+    size_t data_bytes = 0;       // the chain in flight: its data write (0: none)
+    bool header = false;         // ... whether it has a header write
     uint32_t ops_in_flight = 0;
     int32_t results[3] = {};  // per Op: bytes, or -errno
   };
@@ -381,6 +389,7 @@ class BackupService final : public LoopTask {
   std::vector<Uring::Completion> done_;   // reused by run()
   size_t deferred_replies_ = 0;           // at most max_deferred_replies
   uint64_t flushes_ = 0;
+  uint64_t flush_bytes_ = 0;  // of the flushes started and not finished (counted_bytes)
   size_t regions_exposed_ = 0;
   uint64_t remote_appends_ = 0;
   uint64_t bytes_placed_ = 0;

@@ -78,6 +78,48 @@ TEST_CASE("backup service: a disk-mode write is acknowledged only once its flush
   check_file_valid(dir.path, 1, 10, image);
 }
 
+TEST_CASE("backup service: bytes on their way to the disk are bounded, beyond one flush",
+          "[backup][service][async]") {
+  // Four replicas' writes, each flush about 48 KiB: with a bound of 64 KiB they go one
+  // at a time, and all are answered; with the default bound they go together.
+  for (const uint64_t bound : {uint64_t{64} << 10, uint64_t{16} << 20}) {
+    test::TempDir dir("/var/tmp");
+    auto service = attached(BackupService::create({.data_dir = dir.path,
+                                                   .segment_bytes = kSegmentBytes,
+                                                   .max_buffers = 8,
+                                                   .durability = Durability::kDisk,
+                                                   .max_flush_bytes = bound}));
+    std::vector<SegmentImage> images;
+    std::vector<uint64_t> serials;
+    for (uint64_t id = 1; id <= 4; ++id) {
+      images.push_back(make_segment(id, 1600));
+      REQUIRE(images.back().bytes.size() > 40'000);
+      std::optional<Status> now;
+      serials.push_back(start_write(
+          *service, {.segment_id = id, .data = images.back().bytes, .open = true}, &now));
+      REQUIRE_FALSE(now.has_value());
+    }
+    uint64_t most = 0;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::any_of(serials.begin(), serials.end(), [](uint64_t s) { return !replied(s); })) {
+      REQUIRE(std::chrono::steady_clock::now() < deadline);
+      pump(*service, 1);
+      most = std::max(most, service->flush_bytes_in_flight());
+    }
+    for (uint64_t s : serials) CHECK(replied(s) == Status::kOk);
+    if (bound < (uint64_t{1} << 20)) {
+      CHECK(most > 40'000);
+      CHECK(most <= bound);  // one flush at a time
+    } else {
+      CHECK(most > 4 * 40'000);  // all four at once
+    }
+    for (uint64_t id = 1; id <= 4; ++id) {
+      auto loaded = load_replica(replica_path(dir.path, 1, id));
+      CHECK(loaded.ok());
+    }
+  }
+}
+
 TEST_CASE("backup service: in buffered mode only the close waits for the disk",
           "[backup][service][async]") {
   test::TempDir dir("/var/tmp");
