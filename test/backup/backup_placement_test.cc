@@ -65,6 +65,16 @@ Placed begin(PlacingTransport& t, const WriteArgs& a) {
   return p;
 }
 
+// The deferred reply to `serial`, running the service's loop until it comes (10 s at most).
+Status await_reply(PlacingTransport& t, BackupService& service, uint64_t serial) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!t.replies.contains(serial)) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    pump(service);
+  }
+  return t.replies.at(serial);
+}
+
 // The transport's receive: the rest of the body into the placed memory.
 void receive(Placed& p, size_t prefix) {
   REQUIRE(p.placement.rest.size() == p.body.size() - prefix);
@@ -81,12 +91,7 @@ Status finish(PlacingTransport& t, BackupService& service, Placed& p, size_t pre
   service.handle(p.header, std::span<const std::byte>(p.body).first(prefix), reply);
   p.placement = {};  // released: the transport is done with the memory
   if (!reply.deferred()) return reply.status();
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!t.replies.contains(serial)) {
-    REQUIRE(std::chrono::steady_clock::now() < deadline);
-    pump(service);
-  }
-  return t.replies.at(serial);
+  return await_reply(t, service, serial);
 }
 
 Status plain(PlacingTransport& t, BackupService& service, const WriteArgs& a) {
@@ -99,12 +104,7 @@ Status plain(PlacingTransport& t, BackupService& service, const WriteArgs& a) {
   reply.set_token({.connection = 8, .serial = serial, .request = h});
   service.handle(h, body, reply);
   if (!reply.deferred()) return reply.status();
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!t.replies.contains(serial)) {
-    REQUIRE(std::chrono::steady_clock::now() < deadline);
-    pump(service);
-  }
-  return t.replies.at(serial);
+  return await_reply(t, service, serial);
 }
 
 }  // namespace
@@ -252,12 +252,7 @@ TEST_CASE("backup service: in disk mode a flush waits for a write being received
   CHECK(service->flushes() == 0);  // held back while the bytes are being received
   CHECK(!t.replies.contains(open_serial));
   CHECK(finish(t, *service, append, t.prefix) == Status::kOk);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!t.replies.contains(open_serial)) {
-    REQUIRE(std::chrono::steady_clock::now() < deadline);
-    pump(*service);
-  }
-  CHECK(t.replies.at(open_serial) == Status::kOk);
+  CHECK(await_reply(t, *service, open_serial) == Status::kOk);
   check_file_valid(dir.path, 1, 8, image);
 }
 
