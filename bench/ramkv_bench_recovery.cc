@@ -22,6 +22,7 @@
 
 #include "common/clock.h"
 #include "common/config.h"
+#include "common/local_port.h"
 #include "common/transport.h"
 #include "common/wire_format.h"
 #include "ramkv/client.h"
@@ -133,12 +134,7 @@ class LocalCluster {
   }
 
  private:
-  static uint16_t free_port() {
-    auto server = make_tcp_server_transport({});
-    if (server->listen("127.0.0.1:0") != Status::kOk) return 0;
-    auto loc = parse_locator(server->locator());
-    return loc.ok() ? loc->port : 0;
-  }
+  static uint16_t free_port() { return unused_local_port().value_or(0); }
   static pid_t spawn(const std::vector<std::string>& argv, const std::string& log) {
     pid_t pid = ::fork();
     if (pid == 0) {

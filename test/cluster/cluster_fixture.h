@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/local_port.h"
 #include "common/transport.h"
 #include "ramkv/client.h"
 #ifdef RAMKV_HAVE_RDMA
@@ -66,6 +67,7 @@ class Process {
   ~Process() { stop(); }
 
   void start(const std::vector<std::string>& argv, const std::string& log_path) {
+    log_path_ = log_path;
     pid_ = ::fork();
     REQUIRE(pid_ >= 0);
     if (pid_ == 0) {
@@ -90,6 +92,36 @@ class Process {
     return ::waitpid(pid_, &status, WNOHANG) == 0;
   }
   pid_t pid() const { return pid_; }
+  const std::string& log_path() const { return log_path_; }
+
+  // For a test's failure message: whether the process still runs (and how it ended if
+  // not), then the last lines of its log.
+  std::string describe(size_t lines = 6) {
+    std::string out = log_path_ + ": ";
+    if (pid_ <= 0) {
+      out += "not running";
+    } else {
+      int status = 0;
+      const pid_t r = ::waitpid(pid_, &status, WNOHANG);
+      if (r == 0) {
+        out += "running (pid " + std::to_string(pid_) + ")";
+      } else if (r == pid_) {
+        pid_ = -1;
+        out += WIFEXITED(status) ? "exited with " + std::to_string(WEXITSTATUS(status))
+                                 : "killed by signal " + std::to_string(WTERMSIG(status));
+      } else {
+        out += "gone";
+      }
+    }
+    std::ifstream in(log_path_);
+    std::vector<std::string> tail;
+    for (std::string line; std::getline(in, line);) {
+      tail.push_back(line);
+      if (tail.size() > lines) tail.erase(tail.begin());
+    }
+    for (const auto& line : tail) out += "\n    " + line;
+    return out;
+  }
 
  private:
   int signal_and_wait(int sig) {
@@ -109,21 +141,14 @@ class Process {
     return -1;
   }
   pid_t pid_ = -1;
+  std::string log_path_;
 };
 
-// A free TCP port on 127.0.0.1 (bound and released: good enough on a test machine), and
-// never the same port twice in one test process: the kernel may give a port it just
-// freed to the next listen on port 0, and two servers of one cluster told the same port
-// race for it (one fails: "address already in use"; seen in CI).
+// A port for a process of a test cluster (common/local_port.h says how it is chosen).
 inline uint16_t free_port() {
-  static std::set<uint16_t> given;
-  for (;;) {
-    auto server = make_tcp_server_transport({});
-    REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
-    auto loc = parse_locator(server->locator());
-    REQUIRE(loc.ok());
-    if (given.insert(loc->port).second) return loc->port;
-  }
+  auto port = unused_local_port();
+  if (!port) FAIL("no free TCP port on 127.0.0.1 below the ephemeral range");
+  return *port;
 }
 
 // What a LocalCluster runs besides its coordinator.
@@ -205,7 +230,7 @@ class LocalCluster {
       if (r.status == Status::kOk) return;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    FAIL("the coordinator did not answer within 6 s; see " << dir_ << "/coordinator.log");
+    FAIL("the coordinator did not answer within 6 s: " << coordinator_.describe());
   }
 
   void add_master() { add_server(true, false); }
@@ -291,7 +316,9 @@ class LocalCluster {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    FAIL("servers did not enlist within a few seconds; logs in " << dir_);
+    std::string state;
+    for (auto& s : servers_) state += "\n  " + s->describe();
+    FAIL("servers did not enlist within a few seconds; logs in " << dir_ << state);
   }
   void wait_for_masters(int masters) { wait_for_servers(masters, true); }
 
