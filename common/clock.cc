@@ -22,6 +22,12 @@ uint32_t SystemClock::unix_seconds() const {
   return static_cast<uint32_t>(ts.tv_sec);
 }
 
+uint64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000 + static_cast<uint64_t>(ts.tv_nsec);
+}
+
 const SystemClock& SystemClock::instance() {
   static const SystemClock clock;
   return clock;

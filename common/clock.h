@@ -43,6 +43,10 @@ class ManualClock final : public Clock {
   std::atomic<uint32_t> unix_;
 };
 
+// CPU time the calling thread has used, in ns (CLOCK_THREAD_CPUTIME_ID): for logs that
+// say where a long task's time went (its own work or waiting).
+uint64_t thread_cpu_ns();
+
 // A small, fast, seedable generator (xoshiro256**). Not thread-safe: one per thread.
 class Random {
  public:

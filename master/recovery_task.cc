@@ -72,6 +72,7 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
     }
   }
   job.started_ns = clock_.now_ns();
+  job.started_cpu_ns = thread_cpu_ns();
   LOG_INFO("recovering partition {} of master {} (recovery {}): {} tablets from {} segments",
            req.partition_id, wire::server_id_text(req.crashed_master_id), req.recovery_id,
            req.tablet_count, job.segments.size());
@@ -315,12 +316,13 @@ void RecoveryTask::report(const Key& key, Job& job) {
         "recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s "
         "(first data after {:.3f} s, replayed after {:.3f} s of which {:.3f} s replaying, "
         "{} early asks answered retry, {} of {} segments from our own backup; durable {:.3f} s "
-        "later)",
+        "later; {:.3f} s of CPU in this thread, replication and backup work included)",
         key.second, key.first, job.replay.objects, job.replay.tombstones, format_bytes(job.bytes),
         static_cast<double>(elapsed) / 1e9, seconds(job.started_ns, first),
         seconds(job.started_ns, job.replayed_ns), static_cast<double>(job.replay_ns) / 1e9,
         job.retries, job.local_segments, job.segments.size(),
-        seconds(job.replayed_ns, clock_.now_ns()));
+        seconds(job.replayed_ns, clock_.now_ns()),
+        static_cast<double>(thread_cpu_ns() - job.started_cpu_ns) / 1e9);
   }
   if (++job.report_attempts > kMaxReportAttempts) {
     LOG_ERROR("recovery {} partition {}: the coordinator did not take our report; giving up",

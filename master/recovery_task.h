@@ -97,7 +97,8 @@ class RecoveryTask final : public LoopTask {
     std::vector<wire::TabletWire> tablets;
     std::map<uint64_t, SegmentPull> segments;
     uint64_t started_ns = 0;
-    uint64_t next_pull_ns = 0;  // Options::pull_delay_ns: no pull before
+    uint64_t started_cpu_ns = 0;  // thread_cpu_ns() then (for the log)
+    uint64_t next_pull_ns = 0;    // Options::pull_delay_ns: no pull before
     uint64_t bytes = 0;
     ReplayStats replay;
     Status failed = Status::kOk;

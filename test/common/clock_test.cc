@@ -3,8 +3,10 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <set>
+#include <thread>
 #include <vector>
 
 namespace ramkv {
@@ -45,6 +47,25 @@ TEST_CASE("clock: the system clock is monotonic", "[common][clock]") {
   // After 2023-11-14, the default start of a ManualClock.
   CHECK(clock.unix_seconds() > 1'700'000'000u);
   CHECK(&SystemClock::instance() == &SystemClock::instance());
+}
+
+TEST_CASE("clock: a thread's CPU time grows with its work, not with its sleep", "[common][clock]") {
+  const uint64_t start = thread_cpu_ns();
+  // Work until the thread has used some CPU (bounded: a few seconds at most).
+  volatile uint64_t sink = 0;
+  const uint64_t wall_start = SystemClock::instance().now_ns();
+  while (thread_cpu_ns() - start < 20'000'000 &&
+         SystemClock::instance().now_ns() - wall_start < 5'000'000'000ULL) {
+    for (int i = 0; i < 100'000; ++i) sink = sink + static_cast<uint64_t>(i);
+  }
+  const uint64_t worked = thread_cpu_ns();
+  CHECK(worked - start >= 20'000'000);
+  // Another thread's work is not ours.
+  uint64_t other = 0;
+  std::thread([&] { other = thread_cpu_ns(); }).join();
+  CHECK(other < worked - start);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(thread_cpu_ns() - worked < 50'000'000);
 }
 
 TEST_CASE("clock: random sequences are fixed by the seed", "[common][clock][random]") {
