@@ -273,12 +273,15 @@ void ReplicaManager::send_writes() {
     // named by no durable digest yet) once it is whole.
     const bool may_close =
         !is_head && seg.closed && (seg.has_digest ? newer_digest_durable[id] : segment_whole(seg));
-    for (auto& r : seg.replicas) {
-      if (r.close_sent || r.in_flight >= options_.max_in_flight) continue;
-      if (!r.opened && !may_open) continue;
-      if (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || may_close) {
+    // By index: send_write may lose the replica (erased from seg.replicas) on the spot.
+    for (size_t i = 0; i < seg.replicas.size();) {
+      Replica& r = seg.replicas[i];
+      const size_t before = seg.replicas.size();
+      if (!r.close_sent && r.in_flight < options_.max_in_flight && (r.opened || may_open) &&
+          (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || may_close)) {
         send_write(seg, r, may_close);
       }
+      if (seg.replicas.size() == before) ++i;  // else the next one moved into place i
     }
     if (is_head) record_epoch(seg);
     if (!is_head && !segment_whole(seg)) lower_whole = false;
