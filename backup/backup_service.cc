@@ -448,13 +448,13 @@ Status BackupService::start_chain(Entry& entry) {
     }
     r.flushing = true;
     ++flushes_;
-    flush_bytes_ += end > next ? end - next : 0;
+    flush_bytes_ += bytes;
     f = Flush{.seq = r.staged_seq,
               .state = r.staged,
               .created = created,
               .next_offset = next,
               .end_offset = end,
-              .counted_bytes = end > next ? end - next : 0};
+              .counted_bytes = bytes};
     encode_replica_header({.master_id = key.first,
                            .segment_id = key.second,
                            .epoch = f.state.epoch,

@@ -115,7 +115,7 @@ struct RecoverySegments::Replica {
   // Guarded by mutex_.
   State state = State::kUnread;
   bool admitted = false;                     // queued for the thread (invariant 5)
-  Status failure = Status::kOk;              // with kFailed: what get_data answers
+  Status failure = Status::kOk;              // with kFailed: what get_pieces answers
   std::vector<PartitionEntries> partitions;  // with kSplit: by PartitionMap index
 
   Certificate certificate() const { return {entry.certificate_bytes, certificate_checksum}; }
@@ -634,19 +634,6 @@ std::optional<size_t> RecoverySegments::find(uint64_t segment_id) const {
       [](const std::unique_ptr<Replica>& r, uint64_t id) { return r->entry.segment_id < id; });
   if (it == replicas_.end() || (*it)->entry.segment_id != segment_id) return std::nullopt;
   return static_cast<size_t>(it - replicas_.begin());
-}
-
-Status RecoverySegments::get_data(uint64_t segment_id, uint32_t partition_id,
-                                  std::vector<std::byte>* body) const {
-  wire::RecoveryDataResponse head;
-  std::vector<std::span<const std::byte>> pieces;
-  if (Status s = get_pieces(segment_id, partition_id, &head, &pieces); s != Status::kOk) return s;
-  body->clear();
-  body->reserve(sizeof(head) + head.entry_bytes);
-  wire::BodyWriter w(body);
-  w.put(head);
-  for (const auto piece : pieces) w.put_bytes(piece);
-  return Status::kOk;
 }
 
 Status RecoverySegments::get_pieces(uint64_t segment_id, uint32_t partition_id,

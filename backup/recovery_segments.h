@@ -17,13 +17,13 @@
 //     replicas"): without `defer_reads`, every replica, at once. With it, nothing until
 //     the partition map arrives; then the primaries the map names (all replicas when it
 //     names none), in segment order; a secondary is read when a recovery master first asks
-//     for it (get_data answers kRetry meanwhile), ahead of the primaries still queued.
+//     for it (get_pieces answers kRetry meanwhile), ahead of the primaries still queued.
 //   - Once the partition map is known, the thread splits each replica's object and
 //     tombstone entries by partition: an index of byte ranges into the replica's bytes, in
 //     log order, per partition. When the map is there before a replica is read, checking
 //     and splitting are one pass.
-//   - get_data() copies one (segment, partition)'s entries, byte for byte, into a reply;
-//     get_pieces() names them where they lie, for a reply sent without that copy.
+//   - get_pieces() names one (segment, partition)'s entries where they lie, for a reply
+//     sent without a copy.
 //
 // Memory: a replica's bytes are held once (the file's blocks as read, in a buffer of the
 // backup's pool when one is free, or the RAM source's
@@ -38,7 +38,7 @@
 //   1. A replica is served only after all of its certified bytes checked out against the
 //      certificate; bytes past the certificate (a torn tail) are never read or served.
 //   2. A replica's bytes never change once read, and never move: the split's ranges and
-//      get_data() read them without the thread's help.
+//      get_pieces() read them without the thread's help.
 //   3. The partition map, once accepted, never changes (another map is kBadRequest).
 //   4. At most kRingDepth reads are in flight, each at most kReadChunkBytes.
 //   5. A replica is read at most once; one not admitted (a secondary nobody asked for)
@@ -118,18 +118,17 @@ class RecoverySegments {
   Status start_partitioning(std::span<const wire::PartitionTablet> map,
                             std::optional<std::span<const uint64_t>> primaries = std::nullopt);
 
-  // `backup get recovery data`: replaces *body with RecoveryDataResponse and the segment's
-  // object and tombstone entries of the partition, whole and in log order. Statuses:
+  // `backup get recovery data`: *head is the response's fixed part (RecoveryDataResponse),
+  // *pieces the segment's object and tombstone entries of the partition, whole and in log
+  // order, as runs where they lie in the replica's bytes (head.entry_bytes in all), which
+  // stay valid and unchanged while this object lives (invariant 2): a reply sends them
+  // without a copy. Statuses:
   //   kBadRequest  no replica of that segment here, or a partition id not in the map;
   //   kCorrupt     the replica is torn or corrupt (listed so by the scan or found so here);
   //   kIoError     its file could not be read;
   //   kRetry       the map has not arrived, or the replica is not read and split yet (a
   //                secondary not read yet is queued for reading, first in line).
-  // *body is changed only on kOk.
-  Status get_data(uint64_t segment_id, uint32_t partition_id, std::vector<std::byte>* body) const;
-  // The same without the copy: *head is the response's fixed part, *pieces the runs of
-  // entries in the replica's bytes (head.entry_bytes in all), which stay valid and
-  // unchanged while this object lives (invariant 2). Changed only on kOk.
+  // Changed only on kOk.
   Status get_pieces(uint64_t segment_id, uint32_t partition_id, wire::RecoveryDataResponse* head,
                     std::vector<std::span<const std::byte>>* pieces) const;
 

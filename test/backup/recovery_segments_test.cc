@@ -29,6 +29,22 @@ using namespace ramkv::backup;
 
 namespace {
 
+// The body of a `backup get recovery data` reply, as its receiver sees it: the fixed
+// part, then the pieces get_pieces() names, in order. *body is changed only on kOk.
+Status get_data(const RecoverySegments& rs, uint64_t segment_id, uint32_t partition_id,
+                std::vector<std::byte>* body) {
+  wire::RecoveryDataResponse head;
+  std::vector<std::span<const std::byte>> pieces;
+  if (Status s = rs.get_pieces(segment_id, partition_id, &head, &pieces); s != Status::kOk) {
+    return s;
+  }
+  body->clear();
+  wire::BodyWriter w(body);
+  w.put(head);
+  for (const auto piece : pieces) w.put_bytes(piece);
+  return Status::kOk;
+}
+
 constexpr uint64_t kMaster = 7;
 constexpr uint64_t kRecovery = 3;
 
@@ -193,7 +209,7 @@ Status get_data_eventually(const RecoverySegments& rs, uint64_t segment_id, uint
                            std::vector<std::byte>* body) {
   Status s = Status::kRetry;
   for (int i = 0; i < 20000 && s == Status::kRetry; ++i) {
-    s = rs.get_data(segment_id, partition, body);
+    s = get_data(rs, segment_id, partition, body);
     if (s == Status::kRetry) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   return s;
@@ -405,12 +421,12 @@ TEST_CASE("recovery segments: data is retry until partitioned, then split exactl
   RecoverySegments rs(kMaster, kRecovery, std::move(sources));
 
   std::vector<std::byte> body = {std::byte{42}};
-  CHECK(rs.get_data(1, 10, &body) == Status::kRetry);
-  CHECK(rs.get_data(3, 12, &body) == Status::kRetry);
-  CHECK(rs.get_data(9, 10, &body) == Status::kBadRequest);  // not held here
+  CHECK(get_data(rs, 1, 10, &body) == Status::kRetry);
+  CHECK(get_data(rs, 3, 12, &body) == Status::kRetry);
+  CHECK(get_data(rs, 9, 10, &body) == Status::kBadRequest);  // not held here
   // Read and checked, but still no map: retry, and the body is untouched.
   wait_settled(rs);
-  CHECK(rs.get_data(2, 11, &body) == Status::kRetry);
+  CHECK(get_data(rs, 2, 11, &body) == Status::kRetry);
   CHECK(body == std::vector<std::byte>{std::byte{42}});
 
   auto map = sample_map();
@@ -418,8 +434,8 @@ TEST_CASE("recovery segments: data is retry until partitioned, then split exactl
   check_served(rs, 1, s1, map, 0, true);
   check_served(rs, 2, s2, map, 0, true);
   check_served(rs, 3, s3, map, 5, false);
-  CHECK(rs.get_data(1, 13, &body) == Status::kBadRequest);  // no such partition
-  CHECK(rs.get_data(9, 10, &body) == Status::kBadRequest);
+  CHECK(get_data(rs, 1, 13, &body) == Status::kBadRequest);  // no such partition
+  CHECK(get_data(rs, 9, 10, &body) == Status::kBadRequest);
   // The same map again (in another order) changes nothing.
   std::vector<wire::PartitionTablet> reordered(map.rbegin(), map.rend());
   CHECK(rs.start_partitioning(reordered) == Status::kOk);
@@ -602,7 +618,7 @@ TEST_CASE("recovery segments: a corrupt or torn replica is listed so and never s
   for (uint64_t segment : {uint64_t{2}, uint64_t{3}, uint64_t{4}, uint64_t{5}, uint64_t{6}}) {
     INFO("segment " << segment);
     for (uint32_t partition : {10u, 11u, 12u, 99u}) {
-      CHECK(rs.get_data(segment, partition, &body) == Status::kCorrupt);
+      CHECK(get_data(rs, segment, partition, &body) == Status::kCorrupt);
     }
   }
   CHECK(body.empty());
@@ -640,9 +656,9 @@ TEST_CASE("recovery segments: a file that is missing or holds another segment is
   REQUIRE(rs.start_partitioning(sample_map()) == Status::kOk);
   wait_settled(rs);
   std::vector<std::byte> body;
-  CHECK(rs.get_data(1, 10, &body) == Status::kOk);
-  CHECK(rs.get_data(2, 10, &body) == Status::kCorrupt);
-  CHECK(rs.get_data(3, 10, &body) == Status::kIoError);
+  CHECK(get_data(rs, 1, 10, &body) == Status::kOk);
+  CHECK(get_data(rs, 2, 10, &body) == Status::kCorrupt);
+  CHECK(get_data(rs, 3, 10, &body) == Status::kIoError);
   Response r = decode(rs.start_response());
   CHECK(listed(r, 2).status == wire::kReplicaCorrupt);
   CHECK(listed(r, 3).status != wire::kReplicaOk);
@@ -667,7 +683,7 @@ TEST_CASE("recovery segments: a malformed or different map is a bad request",
   // Nothing was accepted: still no map.
   std::vector<std::byte> body;
   wait_settled(rs);
-  CHECK(rs.get_data(1, 0, &body) == Status::kRetry);
+  CHECK(get_data(rs, 1, 0, &body) == Status::kRetry);
 
   // The same ranges in different tables do not overlap; a one-hash range is fine.
   std::vector<T> good = {
@@ -681,7 +697,7 @@ TEST_CASE("recovery segments: a malformed or different map is a bad request",
   CHECK(rs.start_partitioning(other) == Status::kBadRequest);
   CHECK(rs.start_partitioning(sample_map()) == Status::kBadRequest);
   CHECK(get_data_eventually(rs, 1, 0, &body) == Status::kOk);
-  CHECK(rs.get_data(1, 2, &body) == Status::kBadRequest);
+  CHECK(get_data(rs, 1, 2, &body) == Status::kBadRequest);
 }
 
 TEST_CASE("recovery segments: an empty map is accepted and serves nothing",
@@ -694,7 +710,7 @@ TEST_CASE("recovery segments: an empty map is accepted and serves nothing",
   CHECK(rs.start_partitioning({}) == Status::kOk);
   wait_settled(rs);
   std::vector<std::byte> body;
-  CHECK(rs.get_data(1, 0, &body) == Status::kBadRequest);
+  CHECK(get_data(rs, 1, 0, &body) == Status::kBadRequest);
 }
 
 TEST_CASE(
@@ -722,7 +738,7 @@ TEST_CASE(
   CHECK(rs.replicas_admitted() == 0);
   CHECK(rs.bytes_read() == 0);
   std::vector<std::byte> body;
-  CHECK(rs.get_data(2, 10, &body) == Status::kRetry);  // no map yet: not admitted either
+  CHECK(get_data(rs, 2, 10, &body) == Status::kRetry);  // no map yet: not admitted either
   CHECK(rs.replicas_admitted() == 0);
 
   // Primaries 1 and 3 (and an id it does not hold, ignored).
@@ -739,7 +755,7 @@ TEST_CASE(
   check_served(rs, 3, s3, map, 5, false);
 
   // A recovery master whose primary for segment 2 failed asks here: retry, then the data.
-  CHECK(rs.get_data(2, 11, &body) == Status::kRetry);
+  CHECK(get_data(rs, 2, 11, &body) == Status::kRetry);
   CHECK(rs.replicas_admitted() == 3);
   check_served(rs, 2, s2, map, 0, true);
   wait_settled(rs);
@@ -808,7 +824,7 @@ TEST_CASE("recovery segments: destroying it while it reads is safe",
     if (round % 2 == 1) REQUIRE(rs.start_partitioning(sample_map()) == Status::kOk);
     std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
     std::vector<std::byte> body;
-    Status s = rs.get_data(1, 10, &body);
+    Status s = get_data(rs, 1, 10, &body);
     CHECK((s == Status::kOk || s == Status::kRetry));
   }
   // Once done, nothing is left running: a last full run still serves everything.
@@ -869,7 +885,7 @@ TEST_CASE("recovery segments: read and split throughput", "[.][recovery_bench]")
   uint64_t served = 0;
   for (int s = 1; s <= segments; ++s) {
     for (uint32_t p = 0; p < 8; ++p) {
-      REQUIRE(rs.get_data(static_cast<uint64_t>(s), p, &body) == Status::kOk);
+      REQUIRE(get_data(rs, static_cast<uint64_t>(s), p, &body) == Status::kOk);
       served += body.size() - sizeof(wire::RecoveryDataResponse);
     }
   }
