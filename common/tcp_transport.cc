@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <charconv>
@@ -347,9 +348,10 @@ struct Connection {
   }
 
   // Sends pieces now as far as the socket takes them; the rest is queued: copied, but for
-  // the last piece when `keep_last` holds it (OutQueue::append_shared). false on error.
+  // the pieces from `shared_from` on, which `keep` holds (OutQueue::append_shared). false
+  // on error.
   bool send(std::span<const std::span<const std::byte>> pieces,
-            std::shared_ptr<const void> keep_last = nullptr) {
+            std::shared_ptr<const void> keep = nullptr, size_t shared_from = SIZE_MAX) {
     size_t total = 0;
     for (auto p : pieces) total += p.size();
     size_t sent = 0;
@@ -380,26 +382,31 @@ struct Connection {
       }
     }
     if (sent == total) return true;
+    if (keep == nullptr) shared_from = SIZE_MAX;
+    // What the socket did not take: copied pieces gathered into one chunk, each shared
+    // piece queued where it lies.
     size_t skip = sent;
-    std::vector<std::span<const std::byte>> rest;
-    rest.reserve(pieces.size());
-    for (auto p : pieces) {
+    std::vector<std::span<const std::byte>> copied;
+    copied.reserve(std::min(pieces.size(), shared_from));
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      std::span<const std::byte> p = pieces[i];
       if (skip >= p.size()) {
         skip -= p.size();
         continue;
       }
-      rest.push_back(p.subspan(skip));
+      p = p.subspan(skip);
       skip = 0;
+      if (i < shared_from) {
+        copied.push_back(p);
+        continue;
+      }
+      if (!copied.empty()) {
+        out.append(copied);
+        copied.clear();
+      }
+      out.append_shared(p, keep);
     }
-    if (keep_last != nullptr && !rest.empty() && !pieces.empty() &&
-        rest.back().data() + rest.back().size() == pieces.back().data() + pieces.back().size()) {
-      const std::span<const std::byte> last = rest.back();
-      rest.pop_back();
-      out.append(rest);
-      out.append_shared(last, std::move(keep_last));
-      return true;
-    }
-    out.append(rest);
+    if (!copied.empty()) out.append(copied);
     return true;
   }
 
@@ -631,11 +638,12 @@ class TcpClientTransport final : public ClientTransport {
 
   void send(const std::string& locator, const Request& request, std::span<const std::byte> body,
             Callback callback) override {
-    send_shared(locator, request, body, {}, nullptr, std::move(callback));
+    send_pieces(locator, request, body, {}, nullptr, std::move(callback));
   }
 
-  void send_shared(const std::string& locator, const Request& request,
-                   std::span<const std::byte> head, std::span<const std::byte> tail,
+  void send_pieces(const std::string& locator, const Request& request,
+                   std::span<const std::byte> head,
+                   std::span<const std::span<const std::byte>> tail,
                    std::shared_ptr<const void> keep, Callback callback) override {
     uint64_t id = next_request_id_++;
     // Saturating: a huge timeout must mean "far away", not wrap into the past.
@@ -647,17 +655,32 @@ class TcpClientTransport final : public ClientTransport {
       failed_.push_back({std::move(callback), Status::kUnavailable});
       return;
     }
+    size_t body_bytes = head.size();
+    for (const auto piece : tail) body_bytes += piece.size();
     wire::MessageHeader h;
     h.opcode = static_cast<uint16_t>(request.opcode);
     h.request_id = id;
-    h.body_bytes = static_cast<uint32_t>(head.size() + tail.size());
+    h.body_bytes = static_cast<uint32_t>(body_bytes);
     h.client_id = request.client_id;
     h.rpc_seq = request.rpc_seq;
     h.ack_seq = request.ack_seq;
-    std::span<const std::byte> pieces[] = {
-        {reinterpret_cast<const std::byte*>(&h), kHeaderBytes}, head, tail};
+    // Header, head, then the tail: on the stack for a plain request (no heap allocation on
+    // a client's path), in a vector for a replication write from a segment's seglets.
+    constexpr size_t kInline = 8;
+    std::array<std::span<const std::byte>, kInline> inline_pieces;
+    std::vector<std::span<const std::byte>> many;
+    std::span<std::span<const std::byte>> pieces;
+    if (2 + tail.size() <= kInline) {
+      pieces = std::span(inline_pieces).first(2 + tail.size());
+    } else {
+      many.resize(2 + tail.size());
+      pieces = many;
+    }
+    pieces[0] = {reinterpret_cast<const std::byte*>(&h), kHeaderBytes};
+    pieces[1] = head;
+    std::copy(tail.begin(), tail.end(), pieces.begin() + 2);
     s->pending[id] = {std::move(callback), deadline};
-    if (!s->conn.send(pieces, tail.empty() ? nullptr : std::move(keep))) {
+    if (!s->conn.send(pieces, std::move(keep), 2)) {
       fail_session(locator, Status::kUnavailable);
       return;
     }

@@ -195,19 +195,20 @@ class ClientTransport {
   // poll(): the body it is given lives in the connection's receive buffer.
   virtual void send(const std::string& locator, const Request& request,
                     std::span<const std::byte> body, Callback callback) = 0;
-  // send() with the body in two parts: `head`, copied as a body is, then `tail`, which is
-  // not copied: its bytes must not change while `keep` lives, and the transport holds
-  // `keep` until it no longer needs them (what the socket does not take at once is sent
-  // from there later). A caller that fills one buffer and sends it to several servers
-  // (replication) saves a copy per server. The default copies both parts.
-  virtual void send_shared(const std::string& locator, const Request& request,
-                           std::span<const std::byte> head, std::span<const std::byte> tail,
+  // send() with the body in parts: `head`, copied as a body is, then the pieces of
+  // `tail`, which are not copied: their bytes must not change while `keep` lives, and the
+  // transport holds `keep` until it no longer needs them (what the socket does not take
+  // at once is sent from there later). A caller that fills one buffer and sends it to
+  // several servers (replication) saves a copy per server; one whose bytes already lie in
+  // memory that stays put (a master's log, in seglets) saves the copy into a buffer too.
+  // The default copies all of it.
+  virtual void send_pieces(const std::string& locator, const Request& request,
+                           std::span<const std::byte> head,
+                           std::span<const std::span<const std::byte>> tail,
                            std::shared_ptr<const void> keep, Callback callback) {
     (void)keep;
-    std::vector<std::byte> body;
-    body.reserve(head.size() + tail.size());
-    body.insert(body.end(), head.begin(), head.end());
-    body.insert(body.end(), tail.begin(), tail.end());
+    std::vector<std::byte> body(head.begin(), head.end());
+    for (const auto piece : tail) body.insert(body.end(), piece.begin(), piece.end());
     send(locator, request, body, std::move(callback));
   }
   // Waits up to timeout_ns for progress, runs completions; returns how many ran.

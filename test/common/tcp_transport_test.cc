@@ -23,9 +23,14 @@ namespace {
 // An echo server (plus one opcode that answers kObjectNotFound) on a free port.
 class EchoServer {
  public:
-  explicit EchoServer(bool busy_poll = false)
+  // `start`: serve at once; else listen only (connections wait in the backlog, unread)
+  // until start().
+  explicit EchoServer(bool busy_poll = false, bool start_now = true)
       : server_(make_tcp_server_transport({.busy_poll = busy_poll})) {
     REQUIRE(server_->listen("127.0.0.1:0") == Status::kOk);
+    if (start_now) start();
+  }
+  void start() {
     thread_ = std::thread([this] {
       server_->run(
           [this](const wire::MessageHeader& h, std::span<const std::byte> body, Reply& reply) {
@@ -40,7 +45,7 @@ class EchoServer {
   }
   ~EchoServer() {
     server_->stop();
-    thread_.join();
+    if (thread_.joinable()) thread_.join();
   }
   std::string locator() const { return server_->locator(); }
   uint64_t served() const { return served_.load(); }
@@ -188,7 +193,7 @@ TEST_CASE("tcp transport: large messages queued behind each other arrive whole a
 
 TEST_CASE("tcp transport: shared tails are sent from the caller's buffer, then let go",
           "[common][tcp]") {
-  // send_shared: a head copied as a body is, and a tail the transport keeps (by its
+  // send_pieces: a head copied as a body is, and a tail the transport keeps (by its
   // shared_ptr) while the socket has not taken it. Several messages share one tail
   // buffer, as replication writes of one segment to several backups do; sent without
   // polling, most of them wait in the queue, from the shared buffer.
@@ -202,9 +207,10 @@ TEST_CASE("tcp transport: shared tails are sent from the caller's buffer, then l
     const std::byte head[3] = {std::byte{0xAB}, static_cast<std::byte>(i), std::byte{0xCD}};
     // Each message sends a different part of the buffer.
     auto part = std::span<const std::byte>(*tail).subspan(static_cast<size_t>(i) * 1000);
-    client->send_shared(
-        server.locator(), {.opcode = wire::Opcode::kEcho, .timeout_ns = 30'000'000'000}, head, part,
-        tail, [&, i, part](Status s, const wire::MessageHeader&, std::span<const std::byte> b) {
+    client->send_pieces(
+        server.locator(), {.opcode = wire::Opcode::kEcho, .timeout_ns = 30'000'000'000}, head,
+        std::span(&part, 1), tail,
+        [&, i, part](Status s, const wire::MessageHeader&, std::span<const std::byte> b) {
           REQUIRE(s == Status::kOk);
           REQUIRE(b.size() == 3 + part.size());
           CHECK(b[0] == std::byte{0xAB});
@@ -222,6 +228,57 @@ TEST_CASE("tcp transport: shared tails are sent from the caller's buffer, then l
   CHECK(client->outstanding() == 0);
   CHECK(order == std::vector<int>{0, 1, 2, 3, 4, 5});
   CHECK(tail.use_count() == 1);  // all sent: the transport holds none of it any more
+}
+
+TEST_CASE("tcp transport: a tail of many pieces is sent from where they lie, in order",
+          "[common][tcp]") {
+  // A replication write from a segment's seglets: the tail is many pieces scattered over
+  // one region (not in order of address), none copied; several such messages, sent
+  // while the server reads nothing yet, fill the socket, so most of them wait in the
+  // queue, held by `keep`.
+  EchoServer server(/*busy_poll=*/false, /*start_now=*/false);
+  auto client = make_tcp_client_transport({});
+  auto region = std::make_shared<std::vector<std::byte>>(size_t{4} << 20);
+  for (size_t j = 0; j < region->size(); ++j) {
+    region->at(j) = static_cast<std::byte>((j * 13 + j / 4096) % 251);
+  }
+  constexpr size_t kPiece = 64 << 10;
+  constexpr size_t kPieces = (size_t{4} << 20) / kPiece;
+  constexpr int kMessages = 5;
+  std::vector<std::vector<std::byte>> expected(kMessages);
+  std::vector<int> order;
+  for (int i = 0; i < kMessages; ++i) {
+    // Message i sends the pieces in a rotated order, the first and last one cut short.
+    std::vector<std::span<const std::byte>> tail;
+    for (size_t k = 0; k < kPieces; ++k) {
+      const size_t piece = (k * 7 + static_cast<size_t>(i)) % kPieces;
+      auto p = std::span<const std::byte>(*region).subspan(piece * kPiece, kPiece);
+      if (k == 0) p = p.subspan(100);
+      if (k + 1 == kPieces) p = p.first(1000);
+      tail.push_back(p);
+    }
+    const std::byte head[2] = {std::byte{0x5A}, static_cast<std::byte>(i)};
+    expected[static_cast<size_t>(i)].assign(head, head + 2);
+    for (auto p : tail)
+      expected[static_cast<size_t>(i)].insert(expected[static_cast<size_t>(i)].end(), p.begin(),
+                                              p.end());
+    client->send_pieces(
+        server.locator(), {.opcode = wire::Opcode::kEcho, .timeout_ns = 30'000'000'000}, head, tail,
+        region, [&, i](Status s, const wire::MessageHeader&, std::span<const std::byte> b) {
+          REQUIRE(s == Status::kOk);
+          const auto& want = expected[static_cast<size_t>(i)];
+          CHECK(std::equal(b.begin(), b.end(), want.begin(), want.end()));
+          order.push_back(i);
+        });
+  }
+  CHECK(region.use_count() > 1);  // pieces wait in the queue, held, not copied
+  server.start();
+  for (int rounds = 0; client->outstanding() > 0 && rounds < 10000; ++rounds) {
+    client->poll(100'000'000);
+  }
+  CHECK(client->outstanding() == 0);
+  CHECK(order == std::vector<int>{0, 1, 2, 3, 4});
+  CHECK(region.use_count() == 1);
 }
 
 TEST_CASE("tcp transport: a reply of thousands of pieces arrives whole and in order",
@@ -345,9 +402,14 @@ TEST_CASE("tcp transport: a placed body arrives where the placer said, whole and
   }
   CHECK(client->outstanding() == 0);
   CHECK(order == std::vector<size_t>{0, 1, 2, 3, 4, 5, 6, 7, 8});
-  CHECK(server.placed() == 5);    // the 'P' ones
-  CHECK(server.asked() == 7);     // every large one, once
-  CHECK(server.released() == 5);  // each placement let go once its handler ran
+  // The placer is asked about a large message only if its body was not wholly read with
+  // its prefix (how much of it the socket had by then is up to the scheduler): at most
+  // once per large one, and it places only the 'P' ones. A message that trickles in is
+  // always asked about (the test of that below).
+  CHECK(server.asked() <= 7);
+  CHECK(server.placed() <= 5);
+  CHECK(server.placed() <= server.asked());
+  CHECK(server.released() == server.placed());  // each placement let go once its handler ran
   CHECK(server.wrong() == 0);
 }
 
