@@ -129,7 +129,18 @@ bool ReplicaManager::durable_through(uint64_t segment_id, uint32_t offset) const
 }
 
 uint64_t ReplicaManager::run() {
-  if (client_->outstanding() > 0) client_->poll(0);
+  if (client_->outstanding() > 0 || !awaiting_pin_.empty()) client_->poll(0);
+  // Segments whose marking waited for the transport to let go of their pins (rule 9): a
+  // write that timed out leaves its bytes queued with no reply to come.
+  for (auto it = awaiting_pin_.begin(); it != awaiting_pin_.end();) {
+    auto seg = segments_.find(*it);
+    ++it;
+    if (seg == segments_.end()) {
+      awaiting_pin_.erase(std::prev(it));
+    } else {
+      maybe_mark(seg->second);
+    }
+  }
   if (fenced_) {
     fail_held(Status::kFenced);
   } else if (dirty_ || log_.change_count() != seen_changes_) {
@@ -317,36 +328,53 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
                                .open = static_cast<uint8_t>(r.opened ? 0 : 1),
                                .close = static_cast<uint8_t>(close && closed ? 1 : 0),
                                .remote = static_cast<uint8_t>(!r.opened && one_sided_ ? 1 : 0)};
-  // Replicas of one segment usually need the same range: copy it out of the log once.
-  if (copy_.segment_id != seg.id || copy_.from != r.sent || copy_.length != length) {
-    copy_.segment_id = 0;
-    copy_.buffer = take_buffer(req.length);
-    if (!log_.read_for_replication(seg.id, r.sent, {copy_.buffer->bytes.get(), req.length})) {
-      seg.in_log = false;  // cleaned (or compacted) since its state was read
-      dirty_ = true;
-      return;
-    }
-    copy_.segment_id = seg.id;
-    copy_.from = r.sent;
-    copy_.length = length;
-  }
-  const std::span<const std::byte> data(copy_.buffer->bytes.get(), req.length);
   const uint64_t segment_id = seg.id;
   const uint64_t serial = r.serial;
   const uint64_t epoch = seg.epoch;
   const bool closing = req.close == 1;
-  client_->send_shared(
-      r.locator,
-      {.opcode = wire::Opcode::kBackupWrite,
-       .client_id = server_id_,
-       .rpc_seq = ++rpc_seq_,
-       .timeout_ns = options_.rpc_timeout_ns},
-      std::as_bytes(std::span(&req, 1)), data, copy_.buffer,
-      [this, segment_id, serial, length, epoch, closing](
-          Status transport, const wire::MessageHeader& h, std::span<const std::byte> response) {
-        Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
-        on_write_done(segment_id, serial, length, epoch, closing, /*rpc=*/true, s, response);
-      });
+  auto done = [this, segment_id, serial, length, epoch, closing](
+                  Status transport, const wire::MessageHeader& h,
+                  std::span<const std::byte> response) {
+    Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
+    on_write_done(segment_id, serial, length, epoch, closing, /*rpc=*/true, s, response);
+  };
+  const wire::Opcode opcode = wire::Opcode::kBackupWrite;
+  const ClientTransport::Request request{.opcode = opcode,
+                                         .client_id = server_id_,
+                                         .rpc_seq = ++rpc_seq_,
+                                         .timeout_ns = options_.rpc_timeout_ns};
+  if (!seg.marked) {
+    // Sent from where the bytes lie in the log (rule 9): nothing moves them before the
+    // segment is marked replicated, and it is not while the transport holds its pin.
+    views_.clear();
+    if (!log_.replication_views(seg.id, r.sent, req.length, &views_)) {
+      seg.in_log = false;  // cleaned since its state was read
+      dirty_ = true;
+      return;
+    }
+    if (seg.pin == nullptr) seg.pin = std::make_shared<char>();
+    client_->send_pieces(r.locator, request, std::as_bytes(std::span(&req, 1)), views_, seg.pin,
+                         std::move(done));
+  } else {
+    // Marked: the cleaner may compact or free it on its thread at any time, so the range
+    // is copied out under the log's lock, once for every replica that needs the same one
+    // in this pass.
+    if (copy_.segment_id != seg.id || copy_.from != r.sent || copy_.length != length) {
+      copy_.segment_id = 0;
+      copy_.buffer = take_buffer(req.length);
+      if (!log_.read_for_replication(seg.id, r.sent, {copy_.buffer->bytes.get(), req.length})) {
+        seg.in_log = false;  // cleaned (or compacted) since its state was read
+        dirty_ = true;
+        return;
+      }
+      copy_.segment_id = seg.id;
+      copy_.from = r.sent;
+      copy_.length = length;
+    }
+    const std::span<const std::byte> data[] = {{copy_.buffer->bytes.get(), req.length}};
+    client_->send_pieces(r.locator, request, std::as_bytes(std::span(&req, 1)), data, copy_.buffer,
+                         std::move(done));
+  }
   r.sent = length;
   r.opened = true;
   r.epoch_sent = epoch;
@@ -423,6 +451,25 @@ void ReplicaManager::send_remote(Seg& seg, Replica& r, uint32_t length, const Ce
                         });
 }
 
+void ReplicaManager::maybe_mark(Seg& seg) {
+  if (seg.marked || seg.replicas.size() < target() ||
+      !std::all_of(seg.replicas.begin(), seg.replicas.end(),
+                   [](const Replica& x) { return x.close_acked; })) {
+    return;
+  }
+  // Rule 9: not while a transport may still read the segment's bytes where they lie (a
+  // write to a replica lost meanwhile can wait in a connection's queue). Each such write
+  // ends in on_write_done, which looks again.
+  if (seg.pin != nullptr && seg.pin.use_count() > 1) {
+    awaiting_pin_.insert(seg.id);
+    return;
+  }
+  awaiting_pin_.erase(seg.id);
+  seg.pin.reset();
+  log_.mark_replicated(seg.id);  // the cleaner may take it now
+  seg.marked = true;
+}
+
 void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end,
                                    uint64_t epoch, bool close, bool rpc, Status status,
                                    std::span<const std::byte> response) {
@@ -432,7 +479,10 @@ void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_
   Seg& seg = it->second;
   auto r = std::find_if(seg.replicas.begin(), seg.replicas.end(),
                         [&](const Replica& x) { return x.serial == serial; });
-  if (r == seg.replicas.end()) return;  // lost meanwhile
+  if (r == seg.replicas.end()) {  // lost meanwhile
+    maybe_mark(seg);
+    return;
+  }
   --r->in_flight;
   if (rpc) --r->rpcs_in_flight;
   if (status == Status::kOk) {
@@ -450,12 +500,7 @@ void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_
     r->open_acked = true;
     r->epoch_acked = std::max(r->epoch_acked, epoch);
     if (close) r->close_acked = true;
-    if (!seg.marked && seg.replicas.size() >= target() &&
-        std::all_of(seg.replicas.begin(), seg.replicas.end(),
-                    [](const Replica& x) { return x.close_acked; })) {
-      log_.mark_replicated(seg.id);  // the cleaner may take it now
-      seg.marked = true;
-    }
+    maybe_mark(seg);
     return;
   }
   if (status == Status::kFenced) {

@@ -41,6 +41,13 @@
 //      backup sees the bytes first); a backup that does not expose (TCP, kDisk) gets RPCs.
 //      Log bytes a WRITE reads do not change before it completes: only segments marked
 //      replicated (closed on every replica, acked after the WRITEs) are cleaned.
+//   9. Write RPCs carry a segment's bytes from where they lie in the log (its seglets),
+//      not from a copy, for as long as the segment is not marked replicated: the log
+//      appends only past what it holds, and moves or frees a segment's bytes only once it
+//      is marked (the cleaner). The transport holds the segment's pin while any of its
+//      bytes wait in a connection's queue, and the segment is marked only once no pin is
+//      held, so a write to a replica lost meanwhile never reads memory the cleaner took.
+//      A marked segment that needs a new replica is copied out under the log's lock.
 //
 // Owner: the server (server/main.cc). Threads: every method runs on the dispatch thread.
 #pragma once
@@ -155,6 +162,8 @@ class ReplicaManager final : public LoopTask {
     bool has_digest = false;  // opened as a head (a survivor has none)
     bool in_log = true;
     bool marked = false;  // told the log it is replicated
+    // Rule 9: held by the transport while it may read this segment's bytes in the log.
+    std::shared_ptr<const void> pin;
     std::vector<Replica> replicas;
     std::set<uint64_t> avoid;  // backups that failed this segment
   };
@@ -179,6 +188,9 @@ class ReplicaManager final : public LoopTask {
   void on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end, uint64_t epoch, bool close,
                      bool rpc, Status status, std::span<const std::byte> response = {});
   void lose_replica(Seg& seg, size_t index, Status why);
+  // Tells the log the segment is replicated once every replica holds it closed and the
+  // transport holds no pin of it (rules 8 and 9).
+  void maybe_mark(Seg& seg);
   void record_epoch(Seg& seg);
   // Asks a backup to drop its replica of `segment_id`; the answer is not waited for.
   void send_free(const std::string& locator, uint64_t segment_id);
@@ -211,14 +223,15 @@ class ReplicaManager final : public LoopTask {
   bool warned_few_backups_ = false;
   bool warned_no_backups_ = false;
   bool one_sided_ = false;  // use_log_memory() succeeded on a one-sided transport
-  std::vector<std::span<const std::byte>> views_;            // reused by send_remote()
+  std::vector<std::span<const std::byte>> views_;  // reused by send_remote(), send_write()
   std::vector<ClientTransport::RemoteWrite> remote_writes_;  // reused by send_remote()
   uint64_t rpc_seq_ = 0;
-  // Segment bytes of the last replication write, copied out of the log once for every
-  // replica that needs the same range in one pass (send_writes()). The transport holds a
-  // buffer until it has sent it (ClientTransport::send_shared), so what a socket does not
-  // take at once is not copied again; buffers come back to `spare_` and are reused
-  // without zero-filling (memory touched before is cheaper, on virtual machines much).
+  // A marked segment's bytes for a new replica (rule 9), copied out of the log once for
+  // every replica that needs the same range in one pass (send_writes()). The transport
+  // holds a buffer until it has sent it (ClientTransport::send_pieces), so what a socket
+  // does not take at once is not copied again; buffers come back to `spare_` and are
+  // reused without zero-filling (memory touched before is cheaper, on virtual machines
+  // much).
   struct Buffer {
     std::unique_ptr<std::byte[]> bytes;
     size_t capacity = 0;
@@ -233,6 +246,8 @@ class ReplicaManager final : public LoopTask {
   std::shared_ptr<Buffer> take_buffer(size_t bytes);
   WriteCopy copy_;
   std::vector<std::shared_ptr<Buffer>> spare_;
+  // Segments every replica holds closed whose marking waits for their pin (rule 9).
+  std::set<uint64_t> awaiting_pin_;
   std::mt19937_64 random_;
   ReplicationStats stats_;
   std::vector<std::byte> scratch_;

@@ -74,12 +74,16 @@ class SegletPool {
   uint64_t memory_bytes() const { return uint64_t{seglet_count_} * seglet_bytes_; }
   // The whole arena, for registering it with a network adapter once (zero-copy sends).
   std::span<const std::byte> arena() const { return {base_, memory_bytes()}; }
+  // Whether the arena asked for transparent huge pages and the kernel has them on (it may
+  // still give 4 KiB pages where it has no free huge ones).
+  bool huge_pages() const { return huge_pages_; }
 
  private:
   SegletPool() = default;
 
   std::byte* base_ = nullptr;
   uint64_t mapped_bytes_ = 0;
+  bool huge_pages_ = false;  // madvise(MADV_HUGEPAGE) took, and the kernel has them on
   uint32_t seglet_bytes_ = 0;
   uint32_t seglet_count_ = 0;
   uint32_t reserve_seglets_ = 0;

@@ -37,6 +37,26 @@ TEST_CASE("seglet_pool: the pool is cut into whole seglets", "[master][seglet_po
   CHECK(pool->free_for_head() == 64);
 }
 
+TEST_CASE("seglet_pool: a large arena lies on 2 MiB boundaries and is all usable",
+          "[master][seglet_pool]") {
+  // Aligned so that the kernel can back all of it with huge pages (where it has them on);
+  // the trimmed mapping still holds every seglet, first byte to last, prefaulted or not.
+  for (bool prefault : {false, true}) {
+    auto created = SegletPool::create({.memory_bytes = (uint64_t{6} << 20) + 4096,
+                                       .seglet_bytes = 64 * 1024,
+                                       .prefault = prefault});
+    REQUIRE(created.ok());
+    auto pool = std::move(created).value();
+    const auto arena = pool->arena();
+    CHECK(reinterpret_cast<uintptr_t>(arena.data()) % (uintptr_t{2} << 20) == 0);
+    CHECK(arena.size() == uint64_t{6} << 20);
+    auto* bytes = const_cast<std::byte*>(arena.data());
+    std::memset(bytes, 0x5A, arena.size());
+    CHECK(bytes[0] == std::byte{0x5A});
+    CHECK(bytes[arena.size() - 1] == std::byte{0x5A});
+  }
+}
+
 TEST_CASE("seglet_pool: allocation hands out distinct seglets until exhausted",
           "[master][seglet_pool]") {
   auto pool = make_pool(16 * 512, 512);
