@@ -730,7 +730,12 @@ Status BackupService::start_reading(std::span<const std::byte> body, Reply& repl
       } else if (r.buffer.size() != 0) {
         // Open in buffered mode: its bytes are only in RAM.
         auto held = r.buffer.span().subspan(kReplicaHeaderBlock, r.durable.certificate_bytes);
-        src.bytes.assign(held.begin(), held.end());
+        if (pool_->buffer_bytes() >= held.size()) {
+          src.buffer = pool_->take_or_allocate();
+          std::memcpy(src.buffer.data(), held.data(), held.size());
+        } else {
+          src.bytes.assign(held.begin(), held.end());
+        }
       } else {
         continue;  // nothing to read it from (cannot happen: a replica has one or the other)
       }

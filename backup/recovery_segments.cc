@@ -423,16 +423,21 @@ RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
     r->certificate_checksum = s.certificate_checksum;
     r->path = std::move(s.path);
     r->ram = std::move(s.bytes);
+    const bool in_buffer = s.buffer.size() != 0;
+    if (in_buffer) r->file_bytes = std::move(s.buffer);
     if (r->entry.status != wire::kReplicaOk) {
       r->state = Replica::State::kFailed;  // the scan found it torn or corrupt
       r->failure = Status::kCorrupt;
     } else if (r->path.empty()) {
-      if (r->ram.size() < r->entry.certificate_bytes) {
+      const std::span<const std::byte> held =
+          in_buffer ? std::span<const std::byte>(r->file_bytes.data(), r->file_bytes.size())
+                    : std::span<const std::byte>(r->ram);
+      if (held.size() < r->entry.certificate_bytes) {
         r->state = Replica::State::kFailed;
         r->failure = Status::kCorrupt;
         r->entry.status = wire::kReplicaTorn;
       } else {
-        r->segment = std::span<const std::byte>(r->ram).first(r->entry.certificate_bytes);
+        r->segment = held.first(r->entry.certificate_bytes);
       }
     }
     replicas_.push_back(std::move(r));

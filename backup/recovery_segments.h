@@ -75,7 +75,11 @@ struct RecoverySource {
   // certificate covers.
   std::string path{};
   // Or, with an empty path, its bytes from RAM (an open replica in buffered mode is held
-  // only in its buffer): at least entry.certificate_bytes of them. Moved in, not copied.
+  // only in its buffer): at least entry.certificate_bytes of them, from the start of
+  // `buffer` when it is not empty (one of the backup's pool, given back to it at the
+  // end: its pages touched long ago, where fresh ones would fault during the recovery),
+  // else of `bytes`. Moved in, not copied.
+  AlignedBuffer buffer{};
   std::vector<std::byte> bytes{};
 };
 
