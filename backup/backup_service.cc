@@ -812,12 +812,19 @@ void BackupService::free_master(uint64_t master_id) {
     recoveries_.erase(it);
   }
   size_t freed = 0;
+  std::vector<std::string> files;
   for (auto it = replicas_.lower_bound({master_id, 0});
        it != replicas_.end() && it->first.first == master_id;) {
     auto next = std::next(it);
     if (!removable(it->second)) {
       it->second.free_pending = true;  // removed once its flush (or open) is done
-    } else if (remove(it) == Status::kOk) {
+    } else {
+      // Its file goes on the remover's thread (file_remover.h): this master's id never
+      // comes back, so no replica of ours will be made at its path again.
+      if (it->second.has_file || it->second.file.get() >= 0) {
+        files.push_back(replica_path(options_.data_dir, master_id, it->first.second));
+      }
+      forget(it);
       ++freed;
     }
     it = next;
@@ -829,8 +836,11 @@ void BackupService::free_master(uint64_t master_id) {
         "for want of one)",
         freed, wire::server_id_text(master_id), buffers_in_use_, peak_buffers_in_use_,
         pool_->free_count(), pool_->allocated_late(), opens_refused_for_buffers_);
-    std::error_code ec;
-    std::filesystem::remove(options_.data_dir + "/" + std::to_string(master_id), ec);
+    // The directory after its files (it stays while a replica waits for a flush).
+    const bool all_gone = replicas_.lower_bound({master_id, 0}) == replicas_.end() ||
+                          replicas_.lower_bound({master_id, 0})->first.first != master_id;
+    remover_.remove(std::move(files),
+                    all_gone ? options_.data_dir + "/" + std::to_string(master_id) : std::string());
   }
 }
 

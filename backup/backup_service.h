@@ -122,6 +122,7 @@
 #include <vector>
 
 #include "backup/buffer_pool.h"
+#include "backup/file_remover.h"
 #include "backup/recovery_segments.h"
 #include "backup/uring.h"
 #include "common/result.h"
@@ -419,6 +420,9 @@ class BackupService final : public LoopTask {
   uint64_t past_recovery_bytes_ = 0;  // of recoveries dropped since
   uint64_t past_recovery_ns_ = 0;
   std::unique_ptr<Uring> ring_;
+  // Deletes a removed master's replica files off the dispatch thread (free_master). Last:
+  // destroyed first, finishing its deletions.
+  FileRemover remover_;
 };
 
 }  // namespace ramkv::backup

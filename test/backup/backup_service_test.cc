@@ -274,6 +274,30 @@ TEST_CASE("backup service: free removes the replica and its file, and may be res
   CHECK(list(*service).empty());
 }
 
+TEST_CASE("backup service: a removed master's replicas go at once, their files soon after",
+          "[backup][service]") {
+  // free_master forgets the replicas on the spot; their files (and the master's
+  // directory) are deleted off the dispatch thread, in the background.
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto image = make_segment(10, 5);
+  for (uint64_t segment = 10; segment < 14; ++segment) replicate(*service, 1, segment, image);
+  REQUIRE(write(*service, {.segment_id = 14, .data = image.bytes, .open = true}) == Status::kOk);
+  replicate(*service, 2, 10, image);  // another master's stays
+  service->fence_master(1);
+  service->free_master(1);
+  CHECK(service->replica_count() == 1);
+  CHECK(service->buffers_in_use() == 0);  // the open one's buffer is back
+  const auto master_dir = std::filesystem::path(dir.path) / "1";
+  for (int i = 0; i < 500 && std::filesystem::exists(master_dir); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK_FALSE(std::filesystem::exists(master_dir));
+  check_file_valid(dir.path, 2, 10, image);
+  service->free_master(1);  // again (each server list shows it removed): nothing left to do
+  CHECK(service->replica_count() == 1);
+}
+
 TEST_CASE("backup service: a fenced master can neither write nor free", "[backup][service]") {
   test::TempDir dir("/var/tmp");
   auto service = make_service(dir.path);
