@@ -16,11 +16,12 @@ namespace ramkv::master {
 
 namespace {
 
-// MAP_POPULATE fills the kernel's page tables, but on some virtual machines (shadow or
+// Every page gets one store at start, instead of during a recovery's replay. MAP_POPULATE
+// (used before) fills the kernel's page tables, but on some virtual machines (shadow or
 // paravirtual paging) the first store to each page still traps to the hypervisor: a
 // first copy into populated memory measured 850 MB/s against 13 GB/s once every page
-// had been written from user space (docs/recovery.md, "Where the time goes"). So every
-// page also gets one store here, at start, instead of during a recovery's replay. The
+// had been written from user space (docs/recovery.md, "Where the time goes"); with huge
+// pages (madvise'd before the stores) each store here faults in 2 MiB at once. The
 // memory is fresh and zero, so storing a zero changes nothing.
 void touch_pages(std::byte* base, size_t bytes) {
   constexpr size_t kPage = 4096;
