@@ -148,8 +148,8 @@ void BackupService::free_master(uint64_t master_id) {
         freed, wire::server_id_text(master_id), buffers_in_use_, peak_buffers_in_use_,
         pool_->free_count(), pool_->allocated_late(), opens_refused_for_buffers_);
     // The directory after its files (it stays while a replica waits for a flush).
-    const bool all_gone = replicas_.lower_bound({master_id, 0}) == replicas_.end() ||
-                          replicas_.lower_bound({master_id, 0})->first.first != master_id;
+    const auto left = replicas_.lower_bound({master_id, 0});
+    const bool all_gone = left == replicas_.end() || left->first.first != master_id;
     remover_.remove(std::move(files),
                     all_gone ? options_.data_dir + "/" + std::to_string(master_id) : std::string());
   }

@@ -138,15 +138,14 @@ class ByteQueue {
   // Room for `n` more bytes at the end (moving or reallocating what is held); returns
   // where they go. commit() says how many were written.
   std::byte* reserve_tail(size_t n) {
-    if (cap_ - end_ < n) {
+    if (buf_.size() - end_ < n) {
       const size_t held = size();
-      if (start_ > 0 && cap_ - held >= n) {
+      if (start_ > 0 && buf_.size() - held >= n) {
         std::memmove(buf_.get(), buf_.get() + start_, held);
       } else {
-        QueueMemory grown(std::max({held + n, cap_ * 2, kReadChunk}));
+        QueueMemory grown(std::max({held + n, buf_.size() * 2, kReadChunk}));
         if (held > 0) std::memcpy(grown.get(), buf_.get() + start_, held);
         buf_ = std::move(grown);
-        cap_ = buf_.size();
       }
       start_ = 0;
       end_ = held;
@@ -165,7 +164,6 @@ class ByteQueue {
   QueueMemory buf_;
   size_t start_ = 0;
   size_t end_ = 0;
-  size_t cap_ = 0;
 };
 
 // Bytes to send that the socket did not take at once, in chunks sent in order: appending

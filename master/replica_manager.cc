@@ -338,8 +338,7 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
     Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
     on_write_done(segment_id, serial, length, epoch, closing, /*rpc=*/true, s, response);
   };
-  const wire::Opcode opcode = wire::Opcode::kBackupWrite;
-  const ClientTransport::Request request{.opcode = opcode,
+  const ClientTransport::Request request{.opcode = wire::Opcode::kBackupWrite,
                                          .client_id = server_id_,
                                          .rpc_seq = ++rpc_seq_,
                                          .timeout_ns = options_.rpc_timeout_ns};
