@@ -1,11 +1,14 @@
 #include "common/prefault.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "common/log.h"
 
@@ -41,6 +44,22 @@ void touch_from_kernel(std::span<std::byte> memory) {
     done += static_cast<size_t>(n);
   }
   ::close(fd);
+}
+
+bool transparent_huge_pages_enabled() {
+  static const bool enabled = [] {
+    std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string line;
+    if (!std::getline(in, line)) return false;
+    return line.find("[always]") != std::string::npos ||
+           line.find("[madvise]") != std::string::npos;
+  }();
+  return enabled;
+}
+
+bool advise_huge_pages(std::span<std::byte> memory) {
+  return !memory.empty() && ::madvise(memory.data(), memory.size(), MADV_HUGEPAGE) == 0 &&
+         transparent_huge_pages_enabled();
 }
 
 }  // namespace ramkv

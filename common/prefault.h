@@ -21,4 +21,15 @@ void touch_from_user(std::span<std::byte> memory);
 // with zeros. Does nothing if /dev/zero cannot be opened (logged once).
 void touch_from_kernel(std::span<std::byte> memory);
 
+// Transparent huge pages: on these virtual machines a huge page costs one fault per 2 MiB
+// and no first-touch penalty in either mode (docs/recovery.md), so large buffers that the
+// kernel copies into or out of ask for them.
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+// Whether the kernel gives huge pages to memory that asks for them (madvise) or to all:
+// not "never", and the switch exists. Read once.
+bool transparent_huge_pages_enabled();
+// Asks for huge pages for `memory` (2 MiB-aligned to get them all); true if the kernel
+// will give them: the advice was taken and transparent huge pages are enabled.
+bool advise_huge_pages(std::span<std::byte> memory);
+
 }  // namespace ramkv

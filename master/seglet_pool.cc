@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <string>
 
 #include "common/config.h"
@@ -28,15 +27,6 @@ void touch_pages(std::byte* base, size_t bytes) {
   for (size_t off = 0; off < bytes; off += kPage) {
     *reinterpret_cast<volatile std::byte*>(base + off) = std::byte{0};
   }
-}
-
-// Whether the kernel gives transparent huge pages to memory that asks for them (madvise),
-// or to all: not "never", and the switch exists.
-bool transparent_huge_pages_enabled() {
-  std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
-  std::string line;
-  if (!std::getline(in, line)) return false;
-  return line.find("[always]") != std::string::npos || line.find("[madvise]") != std::string::npos;
 }
 
 }  // namespace
@@ -68,7 +58,7 @@ Result<std::unique_ptr<SegletPool>> SegletPool::create(const Options& options) {
   // log (replica_manager.h, rule 9), which on the virtual machines we measure on costs
   // about 4 us per 4 KiB page the first time the kernel touches it, and nothing more on
   // a huge page (docs/recovery.md). The mapping is 2 MiB-aligned so that all of it can be.
-  constexpr uint64_t kHuge = uint64_t{2} << 20;
+  constexpr uint64_t kHuge = kHugePageBytes;
   const uint64_t slack = pool->mapped_bytes_ >= kHuge ? kHuge : 0;
   void* mem = ::mmap(nullptr, pool->mapped_bytes_ + slack, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -87,8 +77,7 @@ Result<std::unique_ptr<SegletPool>> SegletPool::create(const Options& options) {
     if (slack - head > 0) ::munmap(base + pool->mapped_bytes_, slack - head);
   }
   pool->base_ = base;
-  pool->huge_pages_ = slack > 0 && ::madvise(base, pool->mapped_bytes_, MADV_HUGEPAGE) == 0 &&
-                      transparent_huge_pages_enabled();
+  pool->huge_pages_ = slack > 0 && advise_huge_pages({base, pool->mapped_bytes_});
   if (options.prefault) {
     // Seconds per GiB on some VMs: say so when it is worth waiting for.
     const bool big = pool->mapped_bytes_ >= (uint64_t{1} << 30);
