@@ -677,6 +677,40 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("replay: entries go in batches; a bad one in a later batch keeps every entry before it",
+          "[master][replay]") {
+  // 20 entries (replay checks and prefetches up to 8 at a time), the 14th damaged.
+  std::vector<Bytes> entries;
+  for (int i = 0; i < 20; ++i) {
+    entries.push_back(object_entry(1, "k" + std::to_string(i), static_cast<uint64_t>(i + 1),
+                                   "v" + std::to_string(i)));
+  }
+  Bytes stream;
+  size_t damaged_at = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (i == 13) damaged_at = stream.size() + entries[i].size() - 1;
+    stream.insert(stream.end(), entries[i].begin(), entries[i].end());
+  }
+  SECTION("whole: every entry replayed") {
+    auto om = make(replay_config());
+    ReplayStats stats;
+    REQUIRE(om->replay(stream, kAcceptAll, &stats) == Status::kOk);
+    CHECK(stats.entries == 20);
+    CHECK(om->stats().object_count == 20);
+  }
+  SECTION("damaged: the 13 before it are kept, nothing after") {
+    stream[damaged_at] ^= std::byte{0x04};
+    auto om = make(replay_config());
+    ReplayStats stats;
+    CHECK(om->replay(stream, kAcceptAll, &stats) == Status::kCorrupt);
+    CHECK(stats.entries == 13);
+    for (int i = 0; i < 20; ++i) {
+      const std::string key = "k" + std::to_string(i);
+      CHECK(read_value(*om, 1, key) == (i < 13 ? "v" + std::to_string(i) : "<object not found>"));
+    }
+  }
+}
+
 TEST_CASE("replay: an object over this master's limits is refused", "[master][replay]") {
   auto om = make(replay_config());
   std::string long_key(2000, 'k');
