@@ -511,6 +511,7 @@ void BackupService::begin_open(Entry& entry) {
   if (r.opening || r.has_file || r.file.get() >= 0 || r.found_on_disk) return;
   if (make_master_dir(key.first) != Status::kOk) return;  // start_chain says why
   r.open_path = replica_path(options_.data_dir, key.first, key.second);
+  remover_.claim(r.open_path);  // an earlier replica's file may wait to be unlinked
   const auto tag = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(&entry));
   RAMKV_CHECK((tag & 3) == 0);
   if (ring_->submit_open(r.open_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC,
@@ -539,6 +540,7 @@ void BackupService::complete_open(Entry& entry, int32_t result) {
 Status BackupService::open_file(const Key& key, Replica& r) {
   if (Status s = make_master_dir(key.first); s != Status::kOk) return s;
   std::string path = replica_path(options_.data_dir, key.first, key.second);
+  if (!r.has_file) remover_.claim(path);  // an earlier replica's file may wait to be unlinked
   int flags = O_WRONLY | O_CREAT | O_DIRECT | O_CLOEXEC | (r.has_file ? 0 : O_TRUNC);
   int fd = ::open(path.c_str(), flags, 0644);
   if (fd < 0) {
@@ -647,10 +649,10 @@ void BackupService::complete_free(std::map<Key, Replica>::iterator it) {
   std::vector<Waiter> frees = std::move(it->second.waiters);
   it->second.waiters.clear();
   it->second.free_pending = false;
-  Status s = remove(it);  // on kIoError the replica stays, as it was
+  remove(it);
   for (const Waiter& w : frees) {
     RAMKV_CHECK(w.seq == kFreeSeq);
-    answer(w.token, s);
+    answer(w.token, Status::kOk);
   }
 }
 
@@ -669,20 +671,17 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
     defer(it->second, kFreeSeq, reply);
     return Status::kOk;
   }
-  return remove(it);
+  remove(it);
+  return Status::kOk;
 }
 
-Status BackupService::remove(std::map<Key, Replica>::iterator it) {
-  // A file opened for a first flush that did not complete goes too.
-  if (it->second.has_file || it->second.file.get() >= 0) {
-    std::string path = replica_path(options_.data_dir, it->first.first, it->first.second);
-    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
-      LOG_ERROR("cannot remove replica file {}: {}", path, std::strerror(errno));
-      return Status::kIoError;
-    }
-  }
+void BackupService::remove(std::map<Key, Replica>::iterator it) {
+  // A file opened for a first flush that did not complete goes too. Closed first (forget
+  // drops the descriptor), unlinked on the remover's thread.
+  const bool has_file = it->second.has_file || it->second.file.get() >= 0;
+  const Key key = it->first;
   forget(it);
-  return Status::kOk;
+  if (has_file) remover_.remove({replica_path(options_.data_dir, key.first, key.second)});
 }
 
 void BackupService::forget(std::map<Key, Replica>::iterator it) {

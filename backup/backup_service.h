@@ -37,7 +37,10 @@
 // back to its durable one. A resent write is answered at once only if what it asks for
 // is durable; if it is only staged, its reply waits for the flush that makes it durable
 // (and fails with it). A free of a replica with writes staged or in flight waits for them
-// (writes to it meanwhile get kRetry), then deletes the file. Operations in flight are
+// (writes to it meanwhile get kRetry), then forgets it; its file is deleted by the
+// remover thread (an unlink takes milliseconds here, and a cleaner's frees would stall
+// every request behind them). A file left by a crash before its unlink is found at
+// restart and collected like any replica found on disk. Operations in flight are
 // bounded by Options::ring_depth (a flush that finds no room waits for completions),
 // deferred replies by Options::max_deferred_replies (beyond it, writes and frees get
 // kRetry).
@@ -206,6 +209,8 @@ class BackupService final : public LoopTask {
   uint64_t recovery_read_ns() const;
 
   // For tests and stats.
+  // Blocks until the files of replicas freed so far are deleted.
+  void wait_for_removals() { remover_.drain(); }
   size_t replica_count() const { return replicas_.size(); }
   size_t buffers_in_use() const { return buffers_in_use_; }
   // Buffers kept free for reuse (open replicas and recovery reads take them first).
@@ -311,9 +316,8 @@ class BackupService final : public LoopTask {
   // the class comment. Its overlap with the held bytes must already have matched.
   static bool is_resend(const State& held, const wire::BackupWriteRequest& req, uint64_t end);
   Status free_replica(std::span<const std::byte> body, Reply& reply);
-  // Deletes the replica's file and forgets it; kIoError (and nothing changes) when the
-  // file cannot be removed.
-  Status remove(std::map<Key, Replica>::iterator it);
+  // Forgets the replica and queues its file for the remover.
+  void remove(std::map<Key, Replica>::iterator it);
   Status list_replicas(std::span<const std::byte> body, Reply& reply);
   // Recovery (docs/recovery.md): `backup start reading data` reads the crashed master's
   // replicas into a RecoverySegments; partitioning and data requests are answered by it.
@@ -420,8 +424,9 @@ class BackupService final : public LoopTask {
   uint64_t past_recovery_bytes_ = 0;  // of recoveries dropped since
   uint64_t past_recovery_ns_ = 0;
   std::unique_ptr<Uring> ring_;
-  // Deletes a removed master's replica files off the dispatch thread (free_master). Last:
-  // destroyed first, finishing its deletions.
+  // Deletes freed replicas' files and a removed master's (free_master) off the dispatch
+  // thread; a replica file is claimed from it before it is created. Last: destroyed
+  // first, finishing its deletions.
   FileRemover remover_;
 };
 

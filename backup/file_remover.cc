@@ -30,6 +30,13 @@ void FileRemover::remove(std::vector<std::string> files, std::string directory) 
   wake_.notify_one();
 }
 
+void FileRemover::claim(const std::string& path) {
+  std::unique_lock lock(mutex_);
+  std::erase_if(queue_, [&](const Item& item) { return !item.directory && item.path == path; });
+  idle_.wait(lock, [&] { return !busy_ || current_ != path; });
+  if (queue_.empty() && !busy_) idle_.notify_all();
+}
+
 void FileRemover::drain() {
   std::unique_lock lock(mutex_);
   idle_.wait(lock, [this] { return queue_.empty() && !busy_; });
@@ -53,6 +60,7 @@ void FileRemover::run() {
     Item item = std::move(queue_.front());
     queue_.pop_front();
     busy_ = true;
+    current_ = item.path;
     lock.unlock();
     const int rc = item.directory ? ::rmdir(item.path.c_str()) : ::unlink(item.path.c_str());
     const int error = rc == 0 ? 0 : errno;
@@ -62,9 +70,10 @@ void FileRemover::run() {
     }
     lock.lock();
     busy_ = false;
+    current_.clear();
     if (error == 0 && !item.directory) ++removed_;
     if (error != 0 && error != ENOENT) ++failed_;
-    if (queue_.empty()) idle_.notify_all();
+    idle_.notify_all();  // drain() waits for an empty queue, claim() for this path
   }
 }
 

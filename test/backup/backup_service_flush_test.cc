@@ -273,6 +273,7 @@ TEST_CASE("backup service: free of a replica with writes in flight waits for the
   CHECK(await(*service, append) == Status::kOk);
   CHECK(await(*service, free) == Status::kOk);
   CHECK(await(*service, resent_free) == Status::kOk);
+  service->wait_for_removals();
   CHECK_FALSE(std::filesystem::exists(path));
   CHECK(service->replica_count() == 0);
   CHECK(service->buffers_in_use() == 0);
@@ -283,6 +284,7 @@ TEST_CASE("backup service: free of a replica with writes in flight waits for the
   CHECK_FALSE(now.has_value());
   CHECK(await(*service, open) == Status::kOk);
   CHECK(await(*service, free) == Status::kOk);
+  service->wait_for_removals();
   CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 11)));
   CHECK(service->replica_count() == 0);
 }

@@ -266,12 +266,36 @@ TEST_CASE("backup service: free removes the replica and its file, and may be res
   REQUIRE(write(*service, {.segment_id = 11, .data = image.bytes, .open = true}) == Status::kOk);
   REQUIRE(std::filesystem::exists(replica_path(dir.path, 1, 10)));
   CHECK(free_replica(*service, 1, 10) == Status::kOk);
+  service->wait_for_removals();
   CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 10)));
   CHECK(free_replica(*service, 1, 11) == Status::kOk);  // an open one: its buffer returns
   CHECK(service->buffers_in_use() == 0);
   CHECK(service->replica_count() == 0);
   CHECK(free_replica(*service, 1, 10) == Status::kOk);
   CHECK(list(*service).empty());
+}
+
+TEST_CASE("backup service: a freed replica's file goes in the background, never a newer one",
+          "[backup][service]") {
+  // The master frees a replica, then makes the same segment's replica here again (as it
+  // may when this is the only backup it has left): the old file's deletion, queued on the
+  // remover, must not take the new file with it.
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path);
+  auto first = make_segment(10, 5);
+  auto second = make_segment(10, 9);
+  for (int round = 0; round < 20; ++round) {
+    INFO("round " << round);
+    replicate(*service, 1, 10, round % 2 == 0 ? first : second);
+    REQUIRE(free_replica(*service, 1, 10) == Status::kOk);
+    CHECK(service->replica_count() == 0);  // forgotten at once
+    replicate(*service, 1, 10, round % 2 == 0 ? second : first);
+    service->wait_for_removals();
+    check_file_valid(dir.path, 1, 10, round % 2 == 0 ? second : first);
+    REQUIRE(free_replica(*service, 1, 10) == Status::kOk);
+  }
+  service->wait_for_removals();
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 10)));
 }
 
 TEST_CASE("backup service: a removed master's replicas go at once, their files soon after",
@@ -394,6 +418,7 @@ TEST_CASE("backup service: a restarted backup lists its replicas, torn ones flag
                          .offset = image.certificate.segment_bytes,
                          .data = std::span(image.bytes).first(8)}) == Status::kBadRequest);
   CHECK(free_replica(*service, 1, 11) == Status::kOk);
+  service->wait_for_removals();
   CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 1, 11)));
   check_file_valid(dir.path, 1, 10, image);
 }
@@ -490,6 +515,7 @@ TEST_CASE("backup service: a full disk answers no space and keeps every acknowle
 
   // The service carries on: a free makes room, and the failed replica is written again.
   CHECK(free_replica(*service, 1, acked.front().segment_id) == Status::kOk);
+  service->wait_for_removals();
   CHECK_FALSE(std::filesystem::exists(replica_path(dir, 1, acked.front().segment_id)));
   std::span<const std::byte> all(failed.bytes);
   if (failed_at_open) {

@@ -62,5 +62,36 @@ TEST_CASE("file remover: destroyed with work queued, it finishes it first",
   for (const auto& f : files) CHECK_FALSE(std::filesystem::exists(f));
 }
 
+TEST_CASE("file remover: a claimed path keeps the file created after the claim",
+          "[backup][file_remover]") {
+  test::TempDir tmp;
+  std::vector<std::string> files;
+  for (int i = 0; i < 200; ++i) {
+    files.push_back(tmp.path + "/f" + std::to_string(i));
+    std::ofstream(files.back()) << "old";
+  }
+  const std::string last = files.back();
+  const std::string middle = files[100];
+  FileRemover remover;
+  remover.remove(files);
+  // Whether each removal is still queued or under way when claimed, the new file stays.
+  remover.claim(middle);
+  std::ofstream(middle) << "new";
+  remover.claim(last);
+  std::ofstream(last) << "new";
+  remover.claim(tmp.path + "/never-queued");  // nothing to wait for
+  remover.drain();
+  auto content = [](const std::string& path) {
+    std::ifstream in(path);
+    std::string s;
+    in >> s;
+    return s;
+  };
+  CHECK(content(middle) == "new");
+  CHECK(content(last) == "new");
+  CHECK_FALSE(std::filesystem::exists(files[0]));
+  CHECK_FALSE(std::filesystem::exists(files[199 - 1]));
+}
+
 }  // namespace
 }  // namespace ramkv::backup
