@@ -126,10 +126,13 @@ AlignedBuffer::AlignedBuffer(size_t bytes) : size_(align_up(bytes)) {
   // with O_DIRECT, each of which costs per 4 KiB page on the virtual machines we measure
   // on (a recovery on 4 KiB buffers ran at 539-679 MB/s, on huge pages at 623-776 in
   // alternating runs; docs/recovery.md). Smaller ones stay block-aligned.
+  // posix_memalign, not aligned_alloc: the size need not be a multiple of the alignment
+  // (a segment and its header block are not), which aligned_alloc may refuse.
   const bool large = size_ >= kHugePageBytes;
-  void* mem = std::aligned_alloc(large ? kHugePageBytes : kDirectAlignment,
-                                 size_ == 0 ? kDirectAlignment : size_);
-  RAMKV_CHECK_MSG(mem != nullptr, "cannot allocate an aligned I/O buffer");
+  void* mem = nullptr;
+  const int rc = ::posix_memalign(&mem, large ? kHugePageBytes : kDirectAlignment,
+                                  size_ == 0 ? kDirectAlignment : size_);
+  RAMKV_CHECK_MSG(rc == 0 && mem != nullptr, "cannot allocate an aligned I/O buffer");
   data_ = static_cast<std::byte*>(mem);
   const bool huge = large && advise_huge_pages({data_, size_});
   std::memset(mem, 0, size_);
