@@ -8,7 +8,6 @@
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -32,6 +31,7 @@
 #include "common/assert.h"
 #include "common/clock.h"
 #include "common/log.h"
+#include "common/prefault.h"
 #include "common/transport.h"
 
 namespace ramkv {
@@ -83,13 +83,13 @@ void set_socket_options(int fd, const TransportOptions& o) {
 // "Where the time goes"); a huge page costs one fault per 2 MiB and no first-copy penalty.
 class QueueMemory {
  public:
-  static constexpr size_t kHugePage = size_t{2} << 20;
+  static constexpr size_t kHugePage = kHugePageBytes;
   QueueMemory() = default;
   explicit QueueMemory(size_t bytes) : huge_(bytes >= kHugePage) {
     if (huge_) {
       bytes_ = (bytes + kHugePage - 1) / kHugePage * kHugePage;
       data_ = static_cast<std::byte*>(::operator new[](bytes_, std::align_val_t{kHugePage}));
-      ::madvise(data_, bytes_, MADV_HUGEPAGE);  // advice: without it, 4 KiB pages
+      advise_huge_pages({data_, bytes_});  // advice: without it, 4 KiB pages
     } else {
       bytes_ = bytes;
       data_ = new std::byte[bytes];  // default-init: not zeroed
