@@ -52,12 +52,22 @@ void ReplicaManager::update_servers(const std::vector<wire::ServerListItem>& ser
   }
   backups_ = std::move(backups);
   stats_.backups = static_cast<uint32_t>(backups_.size());
-  // Replicas on a server that is no longer a usable backup are lost.
+  // Replicas on a server that is no longer a usable backup are lost: said once per backup.
+  std::map<uint64_t, size_t> gone;
   for (auto& [id, seg] : segments_) {
     for (size_t i = seg.replicas.size(); i-- > 0;) {
-      if (!backups_.contains(seg.replicas[i].backup_id)) lose_replica(seg, i, Status::kUnavailable);
+      const uint64_t backup_id = seg.replicas[i].backup_id;
+      if (!backups_.contains(backup_id)) {
+        ++gone[backup_id];
+        lose_replica(seg, i, Status::kUnavailable, /*quiet=*/true);
+      }
     }
   }
+  for (const auto& [backup_id, n] : gone) {
+    LOG_WARNING("backup {} is no longer in the cluster: making our {} replicas there elsewhere",
+                backup_id, n);
+  }
+  std::erase_if(resting_, [this](const auto& e) { return !backups_.contains(e.first); });
   if (backups_.size() >= options_.replicas) {
     if (warned_few_backups_) {
       LOG_INFO("{} backups are up: back to {} replicas per segment", backups_.size(),
@@ -130,6 +140,8 @@ bool ReplicaManager::durable_through(uint64_t segment_id, uint32_t offset) const
 
 uint64_t ReplicaManager::run() {
   if (client_->outstanding() > 0 || !awaiting_pin_.empty()) client_->poll(0);
+  uint64_t now = SystemClock::instance().now_ns();
+  if (now >= next_wake_ns_) dirty_ = true;  // a backoff (rule 10) is over
   // Segments whose marking waited for the transport to let go of their pins (rule 9): a
   // write that timed out leaves its bytes queued with no reply to come.
   for (auto it = awaiting_pin_.begin(); it != awaiting_pin_.end();) {
@@ -145,6 +157,7 @@ uint64_t ReplicaManager::run() {
     fail_held(Status::kFenced);
   } else if (dirty_ || log_.change_count() != seen_changes_) {
     dirty_ = false;
+    next_wake_ns_ = UINT64_MAX;  // the pass below sets it again for what it held back
     refresh_view();
     for (auto& [id, seg] : segments_) {
       if (seg.in_log) choose_backups(seg);
@@ -153,12 +166,18 @@ uint64_t ReplicaManager::run() {
     free_dead_segments();
     release_durable();
   }
-  if (client_->outstanding() > 0) return kInFlightWakeNs;
-  if (!held_.empty() || segments_.size() > 0) {
+  uint64_t wake = UINT64_MAX;
+  if (client_->outstanding() > 0) {
+    wake = kInFlightWakeNs;
+  } else if (!held_.empty() || segments_.size() > 0) {
     // Something may be waiting for a backup to appear or a lost replica to be re-made.
-    return held_.empty() ? kWaitingWakeNs * 10 : kWaitingWakeNs;
+    wake = held_.empty() ? kWaitingWakeNs * 10 : kWaitingWakeNs;
   }
-  return UINT64_MAX;
+  if (next_wake_ns_ != UINT64_MAX) {
+    now = SystemClock::instance().now_ns();
+    wake = std::min(wake, next_wake_ns_ > now ? next_wake_ns_ - now : 0);
+  }
+  return wake;
 }
 
 void ReplicaManager::refresh_view() {
@@ -189,16 +208,27 @@ void ReplicaManager::refresh_view() {
 }
 
 void ReplicaManager::choose_backups(Seg& seg) {
+  const uint64_t now = SystemClock::instance().now_ns();
   while (seg.replicas.size() < options_.replicas) {
     std::vector<uint64_t> candidates;
+    bool avoided = false;  // a backup left out only for having failed this segment
     for (const auto& backup : backups_) {
       const uint64_t id = backup.first;  // not a structured binding: clang 14 cannot capture one
       bool used = std::any_of(seg.replicas.begin(), seg.replicas.end(),
                               [id](const Replica& r) { return r.backup_id == id; });
-      if (!used && !seg.avoid.contains(id)) candidates.push_back(id);
+      if (used) continue;
+      if (backup_resting(id, now)) {  // rule 10: looked at again once its backoff is over
+        next_wake_ns_ = std::min(next_wake_ns_, resting_.at(id).until_ns);
+        continue;
+      }
+      if (seg.avoid.contains(id)) {
+        avoided = true;
+      } else {
+        candidates.push_back(id);
+      }
     }
-    if (candidates.empty() && !seg.avoid.empty()) {
-      // Every backup failed this segment once: try them again.
+    if (candidates.empty() && avoided) {
+      // Every backup not resting failed this segment once: try them again.
       seg.avoid.clear();
       continue;
     }
@@ -260,6 +290,7 @@ bool ReplicaManager::open_durable(const Seg& seg) const {
 }
 
 void ReplicaManager::send_writes() {
+  const uint64_t now = SystemClock::instance().now_ns();
   copy_.segment_id = 0;  // a segment may have been compacted since the last pass
   // Segments go to the backups in id order (rules 1 and 2): this bounds the replicas open
   // on a backup when many segments wait at once (a recovery master's replay fills dozens
@@ -288,8 +319,12 @@ void ReplicaManager::send_writes() {
     for (size_t i = 0; i < seg.replicas.size();) {
       Replica& r = seg.replicas[i];
       const size_t before = seg.replicas.size();
-      if (!r.close_sent && r.in_flight < options_.max_in_flight && (r.opened || may_open) &&
-          (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || may_close)) {
+      const bool due = !r.close_sent && r.in_flight < options_.max_in_flight &&
+                       (r.opened || may_open) &&
+                       (r.sent < seg.length || !r.opened || r.epoch_sent < seg.epoch || may_close);
+      if (due && r.retry_at_ns > now) {
+        next_wake_ns_ = std::min(next_wake_ns_, r.retry_at_ns);  // rule 10
+      } else if (due) {
         send_write(seg, r, may_close);
       }
       if (seg.replicas.size() == before) ++i;  // else the next one moved into place i
@@ -328,15 +363,18 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
                                .open = static_cast<uint8_t>(r.opened ? 0 : 1),
                                .close = static_cast<uint8_t>(close && closed ? 1 : 0),
                                .remote = static_cast<uint8_t>(!r.opened && one_sided_ ? 1 : 0)};
-  const uint64_t segment_id = seg.id;
-  const uint64_t serial = r.serial;
-  const uint64_t epoch = seg.epoch;
   const bool closing = req.close == 1;
-  auto done = [this, segment_id, serial, length, epoch, closing](
-                  Status transport, const wire::MessageHeader& h,
-                  std::span<const std::byte> response) {
+  const Sent sent{.segment_id = seg.id,
+                  .serial = r.serial,
+                  .generation = r.generation,
+                  .end = length,
+                  .epoch = seg.epoch,
+                  .close = closing,
+                  .rpc = true};
+  auto done = [this, sent](Status transport, const wire::MessageHeader& h,
+                           std::span<const std::byte> response) {
     Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
-    on_write_done(segment_id, serial, length, epoch, closing, /*rpc=*/true, s, response);
+    on_write_done(sent, s, response);
   };
   const ClientTransport::Request request{.opcode = wire::Opcode::kBackupWrite,
                                          .client_id = server_id_,
@@ -376,7 +414,7 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
   }
   r.sent = length;
   r.opened = true;
-  r.epoch_sent = epoch;
+  r.epoch_sent = sent.epoch;
   if (closing) r.close_sent = true;
   ++r.in_flight;
   ++r.rpcs_in_flight;
@@ -437,17 +475,19 @@ void ReplicaManager::send_remote(Seg& seg, Replica& r, uint32_t length, const Ce
   remote_writes_.push_back({.address = region.address + region.slot_offset,
                             .key = region.key,
                             .bytes = std::as_bytes(std::span(&slot, 1))});
-  const uint64_t segment_id = seg.id;
-  const uint64_t serial = r.serial;
-  const uint64_t epoch = seg.epoch;
+  const Sent sent{.segment_id = seg.id,
+                  .serial = r.serial,
+                  .generation = r.generation,
+                  .end = length,
+                  .epoch = seg.epoch,
+                  .close = false,
+                  .rpc = false};
   stats_.remote_bytes += length - r.sent;
   ++stats_.remote_writes;
   r.sent = length;
   ++r.in_flight;
   client_->write_remote(r.locator, remote_writes_, options_.rpc_timeout_ns,
-                        [this, segment_id, serial, length, epoch](Status s) {
-                          on_write_done(segment_id, serial, length, epoch, false, /*rpc=*/false, s);
-                        });
+                        [this, sent](Status s) { on_write_done(sent, s); });
 }
 
 void ReplicaManager::maybe_mark(Seg& seg) {
@@ -469,21 +509,20 @@ void ReplicaManager::maybe_mark(Seg& seg) {
   seg.marked = true;
 }
 
-void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end,
-                                   uint64_t epoch, bool close, bool rpc, Status status,
+void ReplicaManager::on_write_done(const Sent& sent, Status status,
                                    std::span<const std::byte> response) {
   dirty_ = true;
-  auto it = segments_.find(segment_id);
+  auto it = segments_.find(sent.segment_id);
   if (it == segments_.end()) return;
   Seg& seg = it->second;
   auto r = std::find_if(seg.replicas.begin(), seg.replicas.end(),
-                        [&](const Replica& x) { return x.serial == serial; });
+                        [&](const Replica& x) { return x.serial == sent.serial; });
   if (r == seg.replicas.end()) {  // lost meanwhile
     maybe_mark(seg);
     return;
   }
   --r->in_flight;
-  if (rpc) --r->rpcs_in_flight;
+  if (sent.rpc) --r->rpcs_in_flight;
   if (status == Status::kOk) {
     if (response.size() == sizeof(wire::BackupWriteResponse) && !r->region) {
       // The backup exposed the replica's buffer (rule 8): if it holds a segment, the
@@ -495,10 +534,15 @@ void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_
         r->region = region;
       }
     }
-    r->acked = std::max(r->acked, end);
+    // An answer to a write sent before a kRetry took `sent` back (rule 10) counts as
+    // well: the backup holds what it acknowledged.
+    r->acked = std::max(r->acked, sent.end);
+    r->sent = std::max(r->sent, r->acked);
     r->open_acked = true;
-    r->epoch_acked = std::max(r->epoch_acked, epoch);
-    if (close) r->close_acked = true;
+    r->epoch_acked = std::max(r->epoch_acked, sent.epoch);
+    if (sent.close) r->close_acked = true;
+    if (sent.generation == r->generation) r->retries = 0;
+    backup_answered(r->backup_id);
     maybe_mark(seg);
     return;
   }
@@ -512,16 +556,75 @@ void ReplicaManager::on_write_done(uint64_t segment_id, uint64_t serial, uint32_
     fenced_ = true;
     return;
   }
-  lose_replica(seg, static_cast<size_t>(r - seg.replicas.begin()), status);
+  // Rule 10: a write sent before a kRetry took `sent` back fails as a gap behind the
+  // refused one; what it carried is sent again.
+  if (sent.generation != r->generation) return;
+  if (status == Status::kRetry && sent.rpc && !r->region && retry_later(*r)) return;
+  // The backup itself is failing (or refused too often): it rests (rule 10).
+  if (status == Status::kUnavailable || status == Status::kTimeout || status == Status::kNoSpace ||
+      status == Status::kIoError || status == Status::kRetry) {
+    backup_failed(r->backup_id, status);
+  }
+  const bool quiet = backup_resting(r->backup_id, SystemClock::instance().now_ns());
+  if (quiet) ++resting_[r->backup_id].losses;
+  lose_replica(seg, static_cast<size_t>(r - seg.replicas.begin()), status, quiet);
 }
 
-void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why) {
+bool ReplicaManager::retry_later(Replica& r) {
+  if (++r.retries > options_.max_retries) return false;
+  ++stats_.retries;
+  // Everything the backup has not acknowledged goes again, from there, once the backoff
+  // is over; the answers to what is in flight now carry the old generation.
+  ++r.generation;
+  r.sent = r.acked;
+  r.epoch_sent = r.epoch_acked;
+  if (!r.open_acked) r.opened = false;
+  if (!r.close_acked) r.close_sent = false;
+  const uint64_t backoff = options_.retry_backoff_ns << std::min<uint32_t>(r.retries - 1, 20);
+  r.retry_at_ns = SystemClock::instance().now_ns() + backoff;
+  next_wake_ns_ = std::min(next_wake_ns_, r.retry_at_ns);
+  return true;
+}
+
+void ReplicaManager::backup_failed(uint64_t backup_id, Status why) {
+  const uint64_t now = SystemClock::instance().now_ns();
+  Resting& rest = resting_[backup_id];
+  // Failures of writes sent before it began resting say nothing new.
+  if (now < rest.until_ns) return;
+  rest.backoff_ns = rest.backoff_ns == 0
+                        ? options_.backup_backoff_ns
+                        : std::min(rest.backoff_ns * 2, options_.max_backup_backoff_ns);
+  rest.until_ns = now + rest.backoff_ns;
+  next_wake_ns_ = std::min(next_wake_ns_, rest.until_ns);
+  LOG_WARNING(
+      "backup {} failed ({}): making our replicas there elsewhere, and no new ones there for "
+      "{} ms{}",
+      backup_id, status_name(why), rest.backoff_ns / 1'000'000,
+      rest.losses > 0 ? fmt::format(" ({} replicas lost there so far)", rest.losses) : "");
+}
+
+void ReplicaManager::backup_answered(uint64_t backup_id) {
+  auto it = resting_.find(backup_id);
+  if (it == resting_.end()) return;
+  LOG_INFO("backup {} answers again ({} replicas lost there while it failed)", backup_id,
+           it->second.losses);
+  resting_.erase(it);
+}
+
+bool ReplicaManager::backup_resting(uint64_t backup_id, uint64_t now) const {
+  auto it = resting_.find(backup_id);
+  return it != resting_.end() && now < it->second.until_ns;
+}
+
+void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why, bool quiet) {
   Replica r = std::move(seg.replicas[index]);
   seg.replicas.erase(seg.replicas.begin() + static_cast<ptrdiff_t>(index));
   ++stats_.replicas_lost;
   dirty_ = true;
-  LOG_WARNING("lost the replica of segment {} on backup {} ({}); making a new one elsewhere",
-              seg.id, r.backup_id, status_name(why));
+  if (!quiet) {
+    LOG_WARNING("lost the replica of segment {} on backup {} ({}); making a new one elsewhere",
+                seg.id, r.backup_id, status_name(why));
+  }
   if (!r.close_acked && !seg.closed) {
     // The stale copy may be open while the segment still grows: raise the epoch so
     // recovery can tell it from the others (rule 4). The survivors get the new epoch with
@@ -531,7 +634,8 @@ void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why) {
     ++seg.epoch;
   }
   seg.avoid.insert(r.backup_id);
-  if (auto b = backups_.find(r.backup_id); b != backups_.end()) {
+  if (auto b = backups_.find(r.backup_id);
+      b != backups_.end() && !backup_resting(r.backup_id, SystemClock::instance().now_ns())) {
     // Best effort: a backup that is still up (full disk, no buffer) drops its copy.
     send_free(b->second, seg.id);
   }

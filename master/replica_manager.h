@@ -48,6 +48,15 @@
 //      bytes wait in a connection's queue, and the segment is marked only once no pin is
 //      held, so a write to a replica lost meanwhile never reads memory the cleaner took.
 //      A marked segment that needs a new replica is copied out under the log's lock.
+//  10. A backup that answers kRetry (no buffer free for an open, too many replies
+//      waiting, a write racing another) has not lost the replica: its writes are sent
+//      again from what it acknowledged, after a backoff that doubles (writes in flight
+//      behind the refused one fail as a gap and are not counted), and the replica is
+//      lost only after Options::max_retries refusals in a row. A backup that fails
+//      (unreachable, timed out, full disk, I/O error) gets no new replicas for a backoff
+//      that doubles while it keeps failing, so a dead backup the coordinator has not
+//      declared yet is not tried again and again (one log line per backoff, not one per
+//      replica).
 //
 // Owner: the server (server/main.cc). Threads: every method runs on the dispatch thread.
 #pragma once
@@ -78,6 +87,7 @@ struct ReplicationStats {
   uint64_t segments_freed = 0;
   uint64_t remote_writes = 0;  // one-sided appends (rule 8)
   uint64_t remote_bytes = 0;
+  uint64_t retries = 0;  // writes sent again after a kRetry (rule 10)
   uint32_t backups = 0;  // usable now
 };
 
@@ -90,6 +100,12 @@ class ReplicaManager final : public LoopTask {
     uint32_t max_in_flight = 4;  // writes in flight per replica
     uint64_t seed = 0;           // backup choice; 0: from the clock
     bool one_sided = true;       // rule 8, where the transport and backups can
+    // Rule 10: kRetry answers before a replica counts as lost, and the first backoff.
+    uint32_t max_retries = 8;
+    uint64_t retry_backoff_ns = 2'000'000;
+    // Rule 10: how long a failed backup gets no new replicas, doubling up to the most.
+    uint64_t backup_backoff_ns = 100'000'000;
+    uint64_t max_backup_backoff_ns = 2'000'000'000;
   };
 
   ReplicaManager(const Options& options, Log& log, ServerTransport& server);
@@ -138,6 +154,11 @@ class ReplicaManager final : public LoopTask {
     std::string locator;
     uint32_t sent = 0;   // bytes sent (acknowledged or in flight)
     uint32_t acked = 0;  // bytes the backup has acknowledged
+    // Rule 10: bumped when a kRetry takes `sent` back to `acked`; the answers to writes
+    // sent before carry the old value, and their failures (gaps) are not losses.
+    uint32_t generation = 0;
+    uint32_t retries = 0;      // kRetry answers in a row
+    uint64_t retry_at_ns = 0;  // no writes before then
     uint64_t epoch_sent = 0;
     uint64_t epoch_acked = 0;
     bool opened = false;  // the open has been sent
@@ -185,9 +206,24 @@ class ReplicaManager final : public LoopTask {
   // Rule 8: appends [r.sent, length) with RDMA WRITEs, then the certificate slot.
   void send_remote(Seg& seg, Replica& r, uint32_t length, const Certificate& cert);
   // `rpc`: a write RPC's answer (else a one-sided append's completion).
-  void on_write_done(uint64_t segment_id, uint64_t serial, uint32_t end, uint64_t epoch, bool close,
-                     bool rpc, Status status, std::span<const std::byte> response = {});
-  void lose_replica(Seg& seg, size_t index, Status why);
+  struct Sent {  // what a write carried, for its answer
+    uint64_t segment_id = 0;
+    uint64_t serial = 0;
+    uint32_t generation = 0;
+    uint32_t end = 0;
+    uint64_t epoch = 0;
+    bool close = false;
+    bool rpc = true;
+  };
+  void on_write_done(const Sent& sent, Status status, std::span<const std::byte> response = {});
+  // Rule 10: a kRetry; false once the replica has been refused too often (then lost).
+  bool retry_later(Replica& r);
+  // Rule 10: a backup failed (`why`); a write it acknowledged: it answers again.
+  void backup_failed(uint64_t backup_id, Status why);
+  void backup_answered(uint64_t backup_id);
+  bool backup_resting(uint64_t backup_id, uint64_t now) const;
+  // `quiet`: the caller has said why in the log already.
+  void lose_replica(Seg& seg, size_t index, Status why, bool quiet = false);
   // Tells the log the segment is replicated once every replica holds it closed and the
   // transport holds no pin of it (rules 8 and 9).
   void maybe_mark(Seg& seg);
@@ -248,6 +284,16 @@ class ReplicaManager final : public LoopTask {
   std::vector<std::shared_ptr<Buffer>> spare_;
   // Segments every replica holds closed whose marking waits for their pin (rule 9).
   std::set<uint64_t> awaiting_pin_;
+  // Rule 10: backups that failed, and until when they get no new replicas.
+  struct Resting {
+    uint64_t until_ns = 0;
+    uint64_t backoff_ns = 0;
+    uint64_t losses = 0;  // replicas lost there since it began failing
+  };
+  std::map<uint64_t, Resting> resting_;
+  // The earliest retry_at_ns or Resting::until_ns that held something back (run() looks
+  // at everything again then).
+  uint64_t next_wake_ns_ = UINT64_MAX;
   std::mt19937_64 random_;
   ReplicationStats stats_;
   std::vector<std::byte> scratch_;
