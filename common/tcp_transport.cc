@@ -527,8 +527,11 @@ class TcpServerTransport final : public ServerTransport {
         int fd = events[i].data.fd;
         if (fd == listen_fd_) {
           accept_all();
-        } else if (fd != stop_fd_ &&
-                   std::find(task_fds.begin(), task_fds.end(), fd) == task_fds.end()) {
+        } else if (std::find(task_fds.begin(), task_fds.end(), fd) != task_fds.end()) {
+          for (LoopTask* task : tasks_) {
+            if (task->wait_fd() == fd) task->on_wait_fd_ready();
+          }
+        } else if (fd != stop_fd_) {
           serve(fd, events[i].events, handler, reply);
         }
       }

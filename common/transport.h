@@ -102,6 +102,11 @@ class LoopTask {
   // Does what is due; returns how long the loop may sleep before calling again when
   // nothing happens (UINT64_MAX: until an event).
   virtual uint64_t run() = 0;
+  // The loop found wait_fd() readable in the batch it just handled; run() comes next and
+  // must take in what made it so: the loop waits level-triggered, and a descriptor left
+  // readable wakes it again at once (a loop that spins, as every server's did while a
+  // peer it had a connection to was dead and not yet declared).
+  virtual void on_wait_fd_ready() {}
 };
 
 // Memory a server exposed for one-sided writes (ServerTransport::expose_memory): what a

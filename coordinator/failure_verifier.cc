@@ -1,6 +1,7 @@
 #include "coordinator/failure_verifier.h"
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common/log.h"
@@ -44,7 +45,7 @@ bool FailureVerifier::suspect(uint64_t server_id, const std::string& locator) {
 }
 
 uint64_t FailureVerifier::run() {
-  if (client_->outstanding() > 0) client_->poll(0);
+  if (std::exchange(wait_fd_ready_, false) || client_->outstanding() > 0) client_->poll(0);
   // Settled suspects are erased here, not in the transport's callbacks, and `declare_` is
   // called outside them: it changes and persists the coordinator's state.
   std::vector<uint64_t> crashed;

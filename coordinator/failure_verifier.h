@@ -58,6 +58,7 @@ class FailureVerifier final : public LoopTask {
   // LoopTask
   int wait_fd() const override { return client_->wait_fd(); }
   uint64_t run() override;
+  void on_wait_fd_ready() override { wait_fd_ready_ = true; }
 
  private:
   struct Suspect {
@@ -77,6 +78,7 @@ class FailureVerifier final : public LoopTask {
   Declare declare_;
   const Clock& clock_;
   std::unique_ptr<ClientTransport> client_;
+  bool wait_fd_ready_ = false;  // on_wait_fd_ready(): run() polls even with nothing outstanding
   std::map<uint64_t, Suspect> suspects_;  // by server id
   uint64_t next_serial_ = 0;
   uint64_t rpc_seq_ = 0;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #include "common/config.h"
 #include "common/log.h"
@@ -480,7 +481,7 @@ void RecoveryManager::fail(Recovery& r, std::string error) {
 }
 
 uint64_t RecoveryManager::run() {
-  if (client_->outstanding() > 0) client_->poll(0);
+  if (std::exchange(wait_fd_ready_, false) || client_->outstanding() > 0) client_->poll(0);
   if (!finished_.empty()) commit_finished();
   const uint64_t now = clock_.now_ns();
   bool retry_due = false;

@@ -94,6 +94,7 @@ class RecoveryManager final : public LoopTask {
   // LoopTask
   int wait_fd() const override { return client_->wait_fd(); }
   uint64_t run() override;
+  void on_wait_fd_ready() override { wait_fd_ready_ = true; }
 
  private:
   enum class Phase : uint8_t { kReading, kReplaying, kDone, kFailed };
@@ -139,6 +140,7 @@ class RecoveryManager final : public LoopTask {
   RecoveryHost& host_;
   const Clock& clock_;
   std::unique_ptr<ClientTransport> client_;
+  bool wait_fd_ready_ = false;  // on_wait_fd_ready(): run() polls even with nothing outstanding
   std::deque<Recovery> recoveries_;  // running first-come; finished ones kept for reports
   uint64_t next_recovery_id_;
   uint64_t next_serial_ = 0;

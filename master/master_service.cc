@@ -328,6 +328,7 @@ Status MasterService::server_stats(std::span<const std::byte> body, Reply& reply
     append_stat(&text, "replication_remote_writes", r.remote_writes);
     append_stat(&text, "replication_remote_bytes", r.remote_bytes);
     append_stat(&text, "replication_replicas_lost", r.replicas_lost);
+    append_stat(&text, "replication_retries", r.retries);
     append_stat(&text, "replication_replies_held", replicas_->held_replies());
     append_stat(&text, "replication_writes_in_flight", replicas_->writes_in_flight());
     append_stat(&text, "replication_replies_released", r.replies_released);

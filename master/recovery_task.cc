@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <utility>
+
 #include "common/config.h"
 #include "common/log.h"
 #include "master/replica_manager.h"
@@ -109,7 +111,7 @@ bool RecoveryTask::accepts(const Job& job, uint64_t table_id, uint64_t key_hash)
 }
 
 uint64_t RecoveryTask::run() {
-  if (client_->outstanding() > 0) client_->poll(0);
+  if (std::exchange(wait_fd_ready_, false) || client_->outstanding() > 0) client_->poll(0);
   const uint64_t now = clock_.now_ns();
   uint64_t wake = UINT64_MAX;
   pulled_locally_ = false;

@@ -83,6 +83,7 @@ class RecoveryTask final : public LoopTask {
   // LoopTask
   int wait_fd() const override { return client_->wait_fd(); }
   uint64_t run() override;
+  void on_wait_fd_ready() override { wait_fd_ready_ = true; }
 
  private:
   struct SegmentPull {
@@ -138,6 +139,7 @@ class RecoveryTask final : public LoopTask {
   ReplicaManager* replicas_;
   const Clock& clock_;
   std::unique_ptr<ClientTransport> client_;
+  bool wait_fd_ready_ = false;  // on_wait_fd_ready(): run() polls even with nothing outstanding
   uint64_t server_id_ = 0;
   std::map<Key, Job> jobs_;
   uint32_t in_flight_ = 0;

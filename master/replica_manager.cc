@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "common/checksum.h"
 #include "common/clock.h"
@@ -139,7 +140,12 @@ bool ReplicaManager::durable_through(uint64_t segment_id, uint32_t offset) const
 }
 
 uint64_t ReplicaManager::run() {
-  if (client_->outstanding() > 0 || !awaiting_pin_.empty()) client_->poll(0);
+  // Events with nothing outstanding too (a connection to a backup that died): left in,
+  // they would keep the loop awake.
+  if (std::exchange(wait_fd_ready_, false) || client_->outstanding() > 0 ||
+      !awaiting_pin_.empty()) {
+    client_->poll(0);
+  }
   uint64_t now = SystemClock::instance().now_ns();
   if (now >= next_wake_ns_) dirty_ = true;  // a backoff (rule 10) is over
   // Segments whose marking waited for the transport to let go of their pins (rule 9): a

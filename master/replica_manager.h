@@ -146,6 +146,7 @@ class ReplicaManager final : public LoopTask {
   // LoopTask
   int wait_fd() const override { return client_->wait_fd(); }
   uint64_t run() override;
+  void on_wait_fd_ready() override { wait_fd_ready_ = true; }
 
  private:
   struct Replica {
@@ -253,7 +254,8 @@ class ReplicaManager final : public LoopTask {
   uint32_t head_length_ = 0;
   uint64_t seen_changes_ = UINT64_MAX;
   uint64_t next_replica_serial_ = 0;
-  bool dirty_ = true;  // something may be due: run() looks at everything
+  bool dirty_ = true;           // something may be due: run() looks at everything
+  bool wait_fd_ready_ = false;  // the client transport has events to take in
   std::deque<Held> held_;
   bool fenced_ = false;
   bool warned_few_backups_ = false;

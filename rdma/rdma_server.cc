@@ -95,8 +95,11 @@ class RdmaServerTransport final : public ServerTransport {
         } else if (fd == verbs_->channel_fd()) {
           cq_event = true;
           channel_event = true;
-        } else if (fd == stop_fd_ ||
-                   std::find(task_fds.begin(), task_fds.end(), fd) != task_fds.end()) {
+        } else if (std::find(task_fds.begin(), task_fds.end(), fd) != task_fds.end()) {
+          for (LoopTask* task : tasks_) {
+            if (task->wait_fd() == fd) task->on_wait_fd_ready();
+          }
+        } else if (fd == stop_fd_) {
           continue;
         } else if (handshakes_.count(fd) != 0) {
           handshake(fd);

@@ -50,6 +50,7 @@ class TestBackup {
     service_ = std::move(service).value();
     transport_ = make_tcp_server_transport({});
     REQUIRE(transport_->listen(locator) == Status::kOk);
+    locator_ = transport_->locator();
     service_->attach(*transport_);
     thread_ = std::thread([this] {
       transport_->run(
@@ -76,10 +77,12 @@ class TestBackup {
   }
   ~TestBackup() { stop(); }
 
+  // Stops serving and closes every connection, as a backup that died would.
   void stop() {
     if (!thread_.joinable()) return;
     transport_->stop();
     thread_.join();
+    transport_.reset();
   }
   void set_hook(Hook hook) {
     std::lock_guard lock(mu_);
@@ -91,16 +94,14 @@ class TestBackup {
     return service_->list();
   }
   wire::ServerListItem item() const {
-    return {.server_id = id_,
-            .services = wire::kServiceBackup,
-            .status = 0,
-            .locator = transport_->locator()};
+    return {.server_id = id_, .services = wire::kServiceBackup, .status = 0, .locator = locator_};
   }
   uint64_t writes() const { return writes_; }
   uint64_t refused() const { return refused_; }
 
  private:
   uint64_t id_;
+  std::string locator_;
   test::TempDir dir_{"/var/tmp"};  // O_DIRECT: not tmpfs
   std::unique_ptr<backup::BackupService> service_;
   std::unique_ptr<ServerTransport> transport_;
@@ -192,7 +193,10 @@ struct Master {
       const uint64_t wake = replicas->run();
       if (done()) return true;
       pollfd p{.fd = replicas->wait_fd(), .events = POLLIN, .revents = 0};
-      ::poll(&p, 1, static_cast<int>(std::min<uint64_t>(wake / 1'000'000, 5)));
+      if (::poll(&p, 1, static_cast<int>(std::min<uint64_t>(wake / 1'000'000, 5))) > 0) {
+        ++wakes;
+        replicas->on_wait_fd_ready();  // as the server's loop does
+      }
     }
     return done();
   }
@@ -208,6 +212,7 @@ struct Master {
   NoReplies transport;
   std::unique_ptr<master::ReplicaManager> replicas;
   int appended = 0;
+  uint64_t wakes = 0;  // pump() found the manager's descriptor readable
 };
 
 // Every segment of the master's log, by id, with the bytes its certificate covers.
@@ -260,8 +265,14 @@ TEST_CASE("replica manager: a backup's kRetry is not a lost replica: the writes 
   CHECK(stats.replicas_lost == 0);
   CHECK(stats.retries >= 2);
   CHECK(a.refused() >= 2);
-  a.stop();
+  // Idle, with a backup gone: its connection's hangup is taken in once, and the loop
+  // sleeps (left in, it kept every server's loop spinning until the backup was declared).
+  REQUIRE(m.pump(20, [&] { return m.replicas->writes_in_flight() == 0; }));
   b.stop();
+  const uint64_t wakes = m.wakes;
+  m.pump(0.3, [] { return false; });
+  CHECK(m.wakes - wakes < 50);
+  a.stop();
   // Both backups hold every segment, each wholly (the head as far as it goes).
   const auto segments = log_segments(*m.log);
   REQUIRE(segments.size() >= 3);

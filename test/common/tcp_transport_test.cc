@@ -702,4 +702,53 @@ TEST_CASE("tcp transport: random byte streams never take the server down", "[com
   CHECK(echo(*client, server.locator(), "survived").status == Status::kOk);
 }
 
+TEST_CASE("tcp transport: a loop task is told its descriptor is readable, so the loop sleeps",
+          "[common][tcp]") {
+  // A task whose descriptor is a client transport's (a master's replication, a recovery's
+  // pulls) takes in its events only when told: with nothing outstanding, a connection whose
+  // peer died left the descriptor readable, and every server's loop spun until the peer was
+  // declared crashed.
+  struct Task final : LoopTask {
+    std::unique_ptr<ClientTransport> client = make_tcp_client_transport({});
+    std::string peer;
+    bool ready = false;
+    std::atomic<uint64_t> runs{0};
+    std::atomic<bool> answered{false};
+    int wait_fd() const override { return client->wait_fd(); }
+    void on_wait_fd_ready() override { ready = true; }
+    uint64_t run() override {
+      ++runs;
+      if (runs == 1) {
+        const auto body = bytes_of("hello");
+        client->send(peer, {.opcode = wire::Opcode::kEcho, .timeout_ns = 5'000'000'000}, body,
+                     [this](Status s, const wire::MessageHeader&, std::span<const std::byte>) {
+                       answered = s == Status::kOk;
+                     });
+      }
+      if (std::exchange(ready, false) || client->outstanding() > 0) client->poll(0);
+      return UINT64_MAX;
+    }
+  };
+  auto peer = std::make_unique<EchoServer>();
+  Task task;
+  task.peer = peer->locator();
+  auto server = make_tcp_server_transport({});
+  REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
+  server->add_loop_task(&task);
+  std::thread loop(
+      [&] { server->run([](const wire::MessageHeader&, std::span<const std::byte>, Reply&) {}); });
+  // A request of our own wakes the loop, which runs the task for the first time.
+  auto client = make_tcp_client_transport({});
+  CHECK(echo(*client, server->locator(), "wake up").status == Status::kOk);
+  for (int i = 0; i < 500 && !task.answered; ++i) usleep(10'000);
+  CHECK(task.answered);
+  peer.reset();  // its connections close: the task's socket reports the hangup
+  usleep(300'000);
+  const uint64_t runs = task.runs;
+  server->stop();
+  loop.join();
+  // A few passes to take in the hangup; a loop left spinning makes tens of thousands.
+  CHECK(runs < 100);
+}
+
 }  // namespace ramkv
