@@ -108,8 +108,10 @@ uint32_t payload_bytes_of(std::span<const std::span<const std::byte>> pieces) {
 }  // namespace
 
 Result<Log::Appended> Log::append(EntryType type,
-                                  std::span<const std::span<const std::byte>> pieces, bool live) {
-  const EntryToAppend entries[] = {{.type = type, .pieces = pieces, .live = live}};
+                                  std::span<const std::span<const std::byte>> pieces, bool live,
+                                  std::optional<uint32_t> checksum) {
+  const EntryToAppend entries[] = {
+      {.type = type, .pieces = pieces, .live = live, .checksum = checksum}};
   Appended out[1];
   if (Status s = append_all(entries, out); s != Status::kOk) return s;
   return out[0];
@@ -140,7 +142,7 @@ Status Log::append_all(std::span<const EntryToAppend> entries, std::span<Appende
     Segment* seg = head_;
     for (size_t i = 0; i < entries.size(); ++i) {
       const EntryToAppend& e = entries[i];
-      Result<uint32_t> offset = seg->append(e.type, e.pieces);
+      Result<uint32_t> offset = seg->append(e.type, e.pieces, e.checksum);
       // finalize() and create() guarantee that the largest batch fits a fresh head.
       RAMKV_CHECK_MSG(offset.status() != Status::kNoSpace, "entries larger than a fresh head");
       if (!offset.ok() && i > 0) {
@@ -148,7 +150,7 @@ Status Log::append_all(std::span<const EntryToAppend> entries, std::span<Appende
         // seglets since (it allocates without this lock). What it holds is bounded by its
         // reserve, so the rest of the batch fits there; taking it keeps the batch whole.
         seg->set_purpose(SegletPool::Purpose::kCleaner);
-        offset = seg->append(e.type, e.pieces);
+        offset = seg->append(e.type, e.pieces, e.checksum);
         seg->set_purpose(SegletPool::Purpose::kHead);
         RAMKV_CHECK_MSG(offset.ok(), "no memory for the rest of an atomic append");
       }

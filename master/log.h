@@ -83,12 +83,14 @@ class Log {
   // entries count toward their segment's live bytes. kRetry when no memory is free
   // (the cleaner may free some); nothing is appended then. Any thread.
   Result<Appended> append(EntryType type, std::span<const std::span<const std::byte>> pieces,
-                          bool live);
+                          bool live, std::optional<uint32_t> checksum = std::nullopt);
   // One entry of append_all(): its payload is the concatenation of `pieces`.
   struct EntryToAppend {
     EntryType type = EntryType::kInvalid;
     std::span<const std::span<const std::byte>> pieces;
     bool live = false;
+    // The payload's entry_checksum where the caller has it (Segment::append).
+    std::optional<uint32_t> checksum;
   };
   // Appends `entries` to one segment, in this order, or none of them (invariant 5): an
   // overwrite's new object and the tombstone for the object it supersedes

@@ -130,9 +130,11 @@ Result<uint64_t> ObjectManager::write_locked(uint64_t hash, uint64_t table_id, s
 Result<Log::Appended> ObjectManager::append_object_locked(
     uint64_t table_id, std::string_view key, uint32_t timestamp,
     std::span<const std::span<const std::byte>> object_pieces, const Found& found,
-    RecordToAppend* record) {
-  Log::EntryToAppend entries[3] = {
-      {.type = EntryType::kObject, .pieces = object_pieces, .live = true}};
+    RecordToAppend* record, std::optional<uint32_t> object_checksum) {
+  Log::EntryToAppend entries[3] = {{.type = EntryType::kObject,
+                                    .pieces = object_pieces,
+                                    .live = true,
+                                    .checksum = object_checksum}};
   size_t count = 1;
   // The superseded object stays in its segment's replicas. Without a tombstone, a
   // recovery that no longer finds the new object (removed later, and its segment and the
@@ -146,13 +148,14 @@ Result<Log::Appended> ObjectManager::append_object_locked(
                                                     found.segment->id(), timestamp, prefix);
     tombstone_pieces[0] = {prefix, prefix_bytes};
     tombstone_pieces[1] = as_bytes(key);
-    entries[count++] = {.type = EntryType::kTombstone, .pieces = tombstone_pieces, .live = true};
+    entries[count++] = {
+        .type = EntryType::kTombstone, .pieces = tombstone_pieces, .live = true, .checksum = {}};
   }
   // The completion record goes last: a replica that has it has what it reports.
   if (record != nullptr) entries[count++] = record->entry();
   Log::Appended appended[3];
   if (count == 1) {
-    auto one = log_->append(EntryType::kObject, object_pieces, /*live=*/true);
+    auto one = log_->append(EntryType::kObject, object_pieces, /*live=*/true, object_checksum);
     if (!one.ok()) return one.status();
     return *one;
   }
@@ -344,7 +347,7 @@ Result<uint64_t> ObjectManager::remove(uint64_t table_id, std::string_view key,
     RecordToAppend record;
     const bool tracked = start_record(rpc, table_id, hash, {.version = version}, &record);
     Log::EntryToAppend entries[2] = {
-        {.type = EntryType::kTombstone, .pieces = pieces, .live = true}};
+        {.type = EntryType::kTombstone, .pieces = pieces, .live = true, .checksum = {}}};
     if (tracked) entries[1] = record.entry();
     const size_t count = tracked ? 2 : 1;
     Log::Appended appended[2];
@@ -598,7 +601,8 @@ Status ObjectManager::replay(std::span<const std::span<const std::byte>> pieces,
         }
       }
       for (size_t i = 0; i < n; ++i) {
-        const Status s = replay_entry(batch[i].header.type, batch[i].payload, accept, &progress);
+        const Status s = replay_entry(batch[i].header.type, batch[i].payload,
+                                      batch[i].header.checksum, accept, &progress);
         if (s != Status::kOk) {
           status = s;
           break;
@@ -638,6 +642,7 @@ void ObjectManager::ReplayProgress::add(uint64_t table_id, const StatsDelta& del
 }
 
 Status ObjectManager::replay_entry(EntryType type, std::span<const std::byte> payload,
+                                   uint32_t checksum,
                                    const std::function<bool(uint64_t, uint64_t)>& accept,
                                    ReplayProgress* progress) {
   ReplayStats& done = progress->stats;
@@ -651,7 +656,7 @@ Status ObjectManager::replay_entry(EntryType type, std::span<const std::byte> pa
       return Status::kOk;
     }
     progress->max_version = std::max(progress->max_version, object->version);
-    applied = replay_object(hash, *object, payload, progress);
+    applied = replay_object(hash, *object, payload, checksum, progress);
     if (applied.ok()) ++done.objects;
   } else if (type == EntryType::kTombstone) {
     auto tombstone = decode_tombstone(payload);
@@ -682,7 +687,7 @@ Status ObjectManager::replay_entry(EntryType type, std::span<const std::byte> pa
 }
 
 Result<bool> ObjectManager::replay_object(uint64_t hash, const ObjectView& object,
-                                          std::span<const std::byte> payload,
+                                          std::span<const std::byte> payload, uint32_t checksum,
                                           ReplayProgress* progress) {
   if (Status s = check_sizes(object.key, object.value); s != Status::kOk) return s;
   return with_memory_retry(EntryType::kObject, [&]() -> Result<bool> {
@@ -699,11 +704,13 @@ Result<bool> ObjectManager::replay_object(uint64_t hash, const ObjectView& objec
         return false;
       }
     }
-    // The payload goes in unchanged: the object keeps its version and timestamp. An object
-    // it supersedes here gets a tombstone, as an overwrite's does: this log's own segments
-    // are what a recovery of this master will replay.
+    // The payload goes in unchanged: the object keeps its version and timestamp, and its
+    // entry the checksum replay checked (not computed again). An object it supersedes
+    // here gets a tombstone, as an overwrite's does: this log's own segments are what a
+    // recovery of this master will replay.
     std::span<const std::byte> pieces[] = {payload};
-    auto appended = append_object_locked(object.table_id, object.key, object.timestamp, pieces, f);
+    auto appended = append_object_locked(object.table_id, object.key, object.timestamp, pieces, f,
+                                         /*record=*/nullptr, checksum);
     if (!appended.ok()) return appended.status();
     if (marker != stripe.markers.end()) {
       stripe.markers.erase(marker);

@@ -51,6 +51,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -270,7 +271,7 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
     std::span<const std::byte> piece[1];
     Log::Appended appended;
     Log::EntryToAppend entry() const {
-      return {.type = EntryType::kRpcResult, .pieces = piece, .live = true};
+      return {.type = EntryType::kRpcResult, .pieces = piece, .live = true, .checksum = {}};
     }
   };
   // Fills *out for `rpc` (tracked) with the outcome. Returns out->rpc != nullptr.
@@ -299,7 +300,7 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   Result<Log::Appended> append_object_locked(
       uint64_t table_id, std::string_view key, uint32_t timestamp,
       std::span<const std::span<const std::byte>> object_pieces, const Found& found,
-      RecordToAppend* record = nullptr);
+      RecordToAppend* record = nullptr, std::optional<uint32_t> object_checksum = std::nullopt);
   // A change to one table's statistics (account()).
   struct StatsDelta {
     int64_t objects = 0;
@@ -322,13 +323,15 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   };
   // Replays one checked entry of a replay stream into *progress (all but `entries` and
   // `bytes`).
-  Status replay_entry(EntryType type, std::span<const std::byte> payload,
+  // `checksum`: the entry's, checked against the payload already.
+  Status replay_entry(EntryType type, std::span<const std::byte> payload, uint32_t checksum,
                       const std::function<bool(uint64_t, uint64_t)>& accept,
                       ReplayProgress* progress);
   // Replay of one object or tombstone of the partition (the stripe lock is taken inside).
   // Returns whether it was applied (false: obsolete).
   Result<bool> replay_object(uint64_t hash, const ObjectView& object,
-                             std::span<const std::byte> payload, ReplayProgress* progress);
+                             std::span<const std::byte> payload, uint32_t checksum,
+                             ReplayProgress* progress);
   Result<bool> replay_tombstone(uint64_t hash, const TombstoneView& tombstone,
                                 ReplayProgress* progress);
   Result<bool> replay_rpc_result(const RpcResultView& record, std::span<const std::byte> payload);

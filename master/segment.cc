@@ -85,8 +85,8 @@ std::span<const std::byte> Segment::peek(uint32_t offset, uint32_t bytes) const 
   return {pool_.seglet_memory(seglets_[offset / seglet_bytes_]) + in_seglet, bytes};
 }
 
-Result<uint32_t> Segment::append(EntryType type,
-                                 std::span<const std::span<const std::byte>> pieces) {
+Result<uint32_t> Segment::append(EntryType type, std::span<const std::span<const std::byte>> pieces,
+                                 std::optional<uint32_t> known_checksum) {
   RAMKV_CHECK(!closed_);
   uint64_t payload64 = 0;
   for (auto p : pieces) payload64 += p.size();
@@ -105,7 +105,9 @@ Result<uint32_t> Segment::append(EntryType type,
   }
   // Checksum the bytes where they now lie: one pass when contiguous (the common case).
   uint32_t checksum;
-  if (auto view = peek(offset + header_bytes, payload_bytes); view.size() == payload_bytes) {
+  if (known_checksum) {
+    checksum = *known_checksum;
+  } else if (auto view = peek(offset + header_bytes, payload_bytes); view.size() == payload_bytes) {
     checksum = entry_checksum(type, view);
   } else {
     Checksum c(entry_checksum_seed(type, payload_bytes));

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -43,8 +44,10 @@ class Segment {
   // Appends an entry whose payload is the concatenation of `pieces`. Returns the entry's
   // logical offset. kNoSpace when the entry does not fit the capacity (the caller rolls
   // to a new segment); kRetry when the pool has no seglet for it. On failure nothing is
-  // appended.
-  Result<uint32_t> append(EntryType type, std::span<const std::span<const std::byte>> pieces);
+  // appended. `checksum`: the payload's entry_checksum, where the caller has it already
+  // (replay checked it as the entry came in); computed here otherwise.
+  Result<uint32_t> append(EntryType type, std::span<const std::span<const std::byte>> pieces,
+                          std::optional<uint32_t> checksum = std::nullopt);
   // Appends a whole, already-encoded entry (header and payload) byte for byte: the
   // cleaner's relocation. Same failures as append().
   Result<uint32_t> append_raw(std::span<const std::byte> entry,

@@ -59,7 +59,8 @@ struct Batch {
       pieces.push_back(payloads.back());
       entries.push_back({.type = type,
                          .pieces = std::span<const std::span<const std::byte>>(&pieces.back(), 1),
-                         .live = true});
+                         .live = true,
+                         .checksum = {}});
     }
     out.resize(entries.size());
   }
