@@ -97,19 +97,39 @@ class LocalCluster {
     }
     coordinator_pid_ = spawn(argv, dir_ + "/coordinator.log");
     // Each backup reads its share of the crashed master (as primaries, in 8 MiB
-    // segments) into buffers touched at start, with room for the replicas written
-    // meanwhile (buffer_pool.h: fresh memory is slow on virtual machines).
+    // segments) into buffers touched at start (buffer_pool.h: fresh memory is slow on
+    // virtual machines), with room for the replicas written meanwhile: the recovery
+    // masters' re-replication reaches a backup faster than its disk takes the closed ones
+    // (new files, each fdatasync'ed), and with the default 64 open replicas a backup's
+    // buffers ran out near the end of a recovery (its opens refused until a close was
+    // written).
+    constexpr uint32_t kOpenReplicas = 96;
     const std::string buffers =
-        std::to_string(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + 64);
+        std::to_string(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + kOpenReplicas);
     for (uint32_t i = 0; i < o.servers; ++i) {
       LocalServer s;
       s.locator = fmt::format("127.0.0.1:{}", free_port());
-      s.pid =
-          spawn({bin + "/ramkv-server", "--coordinator", coordinator_, "--listen", s.locator,
-                 "--memory", memory, "--replicas", std::to_string(o.replicas), "--backup",
-                 "--durability", o.durability, "--backup-buffers-at-start", buffers, "--data-dir",
-                 fmt::format("{}/backup-{}", dir_, i + 1), "--transport", transport},
-                fmt::format("{}/server-{}.log", dir_, i + 1));
+      s.pid = spawn({bin + "/ramkv-server",
+                     "--coordinator",
+                     coordinator_,
+                     "--listen",
+                     s.locator,
+                     "--memory",
+                     memory,
+                     "--replicas",
+                     std::to_string(o.replicas),
+                     "--backup",
+                     "--durability",
+                     o.durability,
+                     "--backup-buffers-at-start",
+                     buffers,
+                     "--backup-buffers",
+                     std::to_string(kOpenReplicas),
+                     "--data-dir",
+                     fmt::format("{}/backup-{}", dir_, i + 1),
+                     "--transport",
+                     transport},
+                    fmt::format("{}/server-{}.log", dir_, i + 1));
       servers_.push_back(s);
     }
     return Status::kOk;
