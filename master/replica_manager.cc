@@ -16,6 +16,8 @@ namespace {
 // checked when it wakes) or replies wait for a backup to appear.
 constexpr uint64_t kInFlightWakeNs = 20'000'000;
 constexpr uint64_t kWaitingWakeNs = 100'000'000;
+// Rule 10: a backup that has not failed for this long starts again at the first backoff.
+constexpr uint64_t kForgetFailuresNs = 10'000'000'000;
 
 }  // namespace
 
@@ -161,6 +163,7 @@ uint64_t ReplicaManager::run() {
   }
   if (fenced_) {
     fail_held(Status::kFenced);
+    next_wake_ns_ = UINT64_MAX;  // nothing is sent again: no backoff to wake for
   } else if (dirty_ || log_.change_count() != seen_changes_) {
     dirty_ = false;
     next_wake_ns_ = UINT64_MAX;  // the pass below sets it again for what it held back
@@ -547,8 +550,10 @@ void ReplicaManager::on_write_done(const Sent& sent, Status status,
     r->open_acked = true;
     r->epoch_acked = std::max(r->epoch_acked, sent.epoch);
     if (sent.close) r->close_acked = true;
-    if (sent.generation == r->generation) r->retries = 0;
-    backup_answered(r->backup_id);
+    if (sent.generation == r->generation) {
+      r->retries = 0;
+      backup_answered(r->backup_id);
+    }
     maybe_mark(seg);
     return;
   }
@@ -565,10 +570,15 @@ void ReplicaManager::on_write_done(const Sent& sent, Status status,
   // Rule 10: a write sent before a kRetry took `sent` back fails as a gap behind the
   // refused one; what it carried is sent again.
   if (sent.generation != r->generation) return;
-  if (status == Status::kRetry && sent.rpc && !r->region && retry_later(*r)) return;
+  // A replica exposed for one-sided appends (rule 8) is lost on a kRetry, as before.
+  bool refused_too_often = false;
+  if (status == Status::kRetry && sent.rpc && !r->region) {
+    if (retry_later(*r)) return;
+    refused_too_often = true;
+  }
   // The backup itself is failing (or refused too often): it rests (rule 10).
   if (status == Status::kUnavailable || status == Status::kTimeout || status == Status::kNoSpace ||
-      status == Status::kIoError || status == Status::kRetry) {
+      status == Status::kIoError || refused_too_often) {
     backup_failed(r->backup_id, status);
   }
   const bool quiet = backup_resting(r->backup_id, SystemClock::instance().now_ns());
@@ -586,7 +596,9 @@ bool ReplicaManager::retry_later(Replica& r) {
   r.epoch_sent = r.epoch_acked;
   if (!r.open_acked) r.opened = false;
   if (!r.close_acked) r.close_sent = false;
-  const uint64_t backoff = options_.retry_backoff_ns << std::min<uint32_t>(r.retries - 1, 20);
+  const uint64_t backoff =
+      std::min(options_.retry_backoff_ns << std::min<uint32_t>(r.retries - 1, 20),
+               options_.max_backup_backoff_ns);
   r.retry_at_ns = SystemClock::instance().now_ns() + backoff;
   next_wake_ns_ = std::min(next_wake_ns_, r.retry_at_ns);
   return true;
@@ -597,10 +609,17 @@ void ReplicaManager::backup_failed(uint64_t backup_id, Status why) {
   Resting& rest = resting_[backup_id];
   // Failures of writes sent before it began resting say nothing new.
   if (now < rest.until_ns) return;
+  // The backoff doubles while the backup keeps failing, also when it answers some writes
+  // in between (a full disk fails closes, not appends); it starts over once it has not
+  // failed for a while.
+  if (rest.last_failure_ns != 0 && now - rest.last_failure_ns > kForgetFailuresNs) {
+    rest.backoff_ns = 0;
+  }
   rest.backoff_ns = rest.backoff_ns == 0
                         ? options_.backup_backoff_ns
                         : std::min(rest.backoff_ns * 2, options_.max_backup_backoff_ns);
   rest.until_ns = now + rest.backoff_ns;
+  rest.last_failure_ns = now;
   next_wake_ns_ = std::min(next_wake_ns_, rest.until_ns);
   LOG_WARNING(
       "backup {} failed ({}): making our replicas there elsewhere, and no new ones there for "
@@ -610,11 +629,12 @@ void ReplicaManager::backup_failed(uint64_t backup_id, Status why) {
 }
 
 void ReplicaManager::backup_answered(uint64_t backup_id) {
+  // Kept (its backoff doubles if it fails again soon); said once per failing spell.
   auto it = resting_.find(backup_id);
-  if (it == resting_.end()) return;
+  if (it == resting_.end() || it->second.losses == 0) return;
   LOG_INFO("backup {} answers again ({} replicas lost there while it failed)", backup_id,
            it->second.losses);
-  resting_.erase(it);
+  it->second.losses = 0;
 }
 
 bool ReplicaManager::backup_resting(uint64_t backup_id, uint64_t now) const {
@@ -640,9 +660,9 @@ void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why, bool quiet
     ++seg.epoch;
   }
   seg.avoid.insert(r.backup_id);
-  if (auto b = backups_.find(r.backup_id);
-      b != backups_.end() && !backup_resting(r.backup_id, SystemClock::instance().now_ns())) {
-    // Best effort: a backup that is still up (full disk, no buffer) drops its copy.
+  if (auto b = backups_.find(r.backup_id); b != backups_.end()) {
+    // Best effort, resting or not: a backup that is still up (slow, full disk, no buffer)
+    // drops its copy and its buffer. Losses there are bounded by its backoff.
     send_free(b->second, seg.id);
   }
 }

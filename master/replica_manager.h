@@ -49,7 +49,8 @@
 //      held, so a write to a replica lost meanwhile never reads memory the cleaner took.
 //      A marked segment that needs a new replica is copied out under the log's lock.
 //  10. A backup that answers kRetry (no buffer free for an open, too many replies
-//      waiting, a write racing another) has not lost the replica: its writes are sent
+//      waiting, a write racing another) to a write RPC has not lost the replica (one
+//      exposed for one-sided appends, rule 8, is lost as before): its writes are sent
 //      again from what it acknowledged, after a backoff that doubles (writes in flight
 //      behind the refused one fail as a gap and are not counted), and the replica is
 //      lost only after Options::max_retries refusals in a row. A backup that fails
@@ -290,7 +291,8 @@ class ReplicaManager final : public LoopTask {
   struct Resting {
     uint64_t until_ns = 0;
     uint64_t backoff_ns = 0;
-    uint64_t losses = 0;  // replicas lost there since it began failing
+    uint64_t losses = 0;  // replicas lost there since it last answered
+    uint64_t last_failure_ns = 0;
   };
   std::map<uint64_t, Resting> resting_;
   // The earliest retry_at_ns or Resting::until_ns that held something back (run() looks

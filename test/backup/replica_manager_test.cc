@@ -71,6 +71,7 @@ class TestBackup {
                 return;
               }
             }
+            if (h.opcode == static_cast<uint16_t>(wire::Opcode::kBackupFree)) ++frees_;
             service_->handle(h, body, reply);
           });
     });
@@ -98,6 +99,7 @@ class TestBackup {
   }
   uint64_t writes() const { return writes_; }
   uint64_t refused() const { return refused_; }
+  uint64_t frees() const { return frees_; }
 
  private:
   uint64_t id_;
@@ -110,6 +112,7 @@ class TestBackup {
   Hook hook_;
   std::atomic<uint64_t> writes_{0};
   std::atomic<uint64_t> refused_{0};
+  std::atomic<uint64_t> frees_{0};
 };
 
 // Stands in for the coordinator: records the replication epochs a master raises (rule 4
@@ -190,6 +193,7 @@ struct Master {
   bool pump(double seconds, const std::function<bool()>& done) {
     const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
     while (std::chrono::steady_clock::now() < end) {
+      ++passes;
       const uint64_t wake = replicas->run();
       if (done()) return true;
       pollfd p{.fd = replicas->wait_fd(), .events = POLLIN, .revents = 0};
@@ -212,7 +216,8 @@ struct Master {
   NoReplies transport;
   std::unique_ptr<master::ReplicaManager> replicas;
   int appended = 0;
-  uint64_t wakes = 0;  // pump() found the manager's descriptor readable
+  uint64_t wakes = 0;   // pump() found the manager's descriptor readable
+  uint64_t passes = 0;  // runs of the manager by pump()
 };
 
 // Every segment of the master's log, by id, with the bytes its certificate covers.
@@ -303,6 +308,11 @@ TEST_CASE("replica manager: a backup that keeps refusing loses the replica, made
   m.replicas->update_servers({a.item(), b.item(), c.item()});
   REQUIRE(m.pump(20, [&] { return m.durable(); }));
   CHECK(m.coordinator.epochs() >= 1);  // the head's epoch went up with its lost replica
+  // Each lost replica was freed on a, resting or not (a backup that is up, only refusing,
+  // would otherwise keep its buffer).
+  const uint64_t lost = m.replicas->stats().replicas_lost;
+  m.pump(0.3, [&] { return a.frees() >= lost; });
+  CHECK(a.frees() >= lost);
   a.stop();
   b.stop();
   c.stop();
@@ -354,6 +364,30 @@ TEST_CASE("replica manager: a dead backup is tried again after a backoff, not in
   const auto segments = log_segments(*m.log);
   CHECK(held(a) == segments);
   CHECK(held(back) == segments);
+}
+
+TEST_CASE("replica manager: a fenced master sleeps, whatever backoff was pending",
+          "[replica_manager]") {
+  // Backup a says the coordinator declared this master crashed; the other one is dead,
+  // and rests: its backoff must not leave the fenced manager's loop spinning.
+  TestBackup a(101);
+  a.set_hook([](const wire::BackupWriteRequest&) { return Status::kFenced; });
+  master::ReplicaManager::Options o;
+  o.replicas = 2;
+  o.backup_backoff_ns = 20'000'000;
+  Master m(o);
+  m.replicas->update_servers({a.item(),
+                              {.server_id = 102,
+                               .services = wire::kServiceBackup,
+                               .status = 0,
+                               .locator = free_locator()}});
+  m.append(5);
+  REQUIRE(m.pump(5, [&] { return m.replicas->fenced(); }));
+  const uint64_t passes = m.passes;
+  m.pump(0.5, [] { return false; });
+  // A pass per wake (5 ms at most in pump(), or the manager's own wake); a loop told to
+  // come back at once makes tens of thousands.
+  CHECK(m.passes - passes < 300);
 }
 
 }  // namespace
