@@ -373,13 +373,7 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
                                .close = static_cast<uint8_t>(close && closed ? 1 : 0),
                                .remote = static_cast<uint8_t>(!r.opened && one_sided_ ? 1 : 0)};
   const bool closing = req.close == 1;
-  const Sent sent{.segment_id = seg.id,
-                  .serial = r.serial,
-                  .generation = r.generation,
-                  .end = length,
-                  .epoch = seg.epoch,
-                  .close = closing,
-                  .rpc = true};
+  const Sent sent = sent_of(seg, r, length, closing, /*rpc=*/true);
   auto done = [this, sent](Status transport, const wire::MessageHeader& h,
                            std::span<const std::byte> response) {
     Status s = transport != Status::kOk ? transport : static_cast<Status>(h.status);
@@ -484,13 +478,7 @@ void ReplicaManager::send_remote(Seg& seg, Replica& r, uint32_t length, const Ce
   remote_writes_.push_back({.address = region.address + region.slot_offset,
                             .key = region.key,
                             .bytes = std::as_bytes(std::span(&slot, 1))});
-  const Sent sent{.segment_id = seg.id,
-                  .serial = r.serial,
-                  .generation = r.generation,
-                  .end = length,
-                  .epoch = seg.epoch,
-                  .close = false,
-                  .rpc = false};
+  const Sent sent = sent_of(seg, r, length, /*close=*/false, /*rpc=*/false);
   stats_.remote_bytes += length - r.sent;
   ++stats_.remote_writes;
   r.sent = length;

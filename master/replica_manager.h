@@ -217,6 +217,15 @@ class ReplicaManager final : public LoopTask {
     bool close = false;
     bool rpc = true;
   };
+  static Sent sent_of(const Seg& seg, const Replica& r, uint32_t end, bool close, bool rpc) {
+    return {.segment_id = seg.id,
+            .serial = r.serial,
+            .generation = r.generation,
+            .end = end,
+            .epoch = seg.epoch,
+            .close = close,
+            .rpc = rpc};
+  }
   void on_write_done(const Sent& sent, Status status, std::span<const std::byte> response = {});
   // Rule 10: a kRetry; false once the replica has been refused too often (then lost).
   bool retry_later(Replica& r);

@@ -59,7 +59,6 @@ class TestBackup {
                 body.size() >= sizeof(wire::BackupWriteRequest)) {
               wire::BackupWriteRequest req;
               std::memcpy(&req, body.data(), sizeof(req));
-              ++writes_;
               std::optional<Status> answer;
               {
                 std::lock_guard lock(mu_);
@@ -97,7 +96,6 @@ class TestBackup {
   wire::ServerListItem item() const {
     return {.server_id = id_, .services = wire::kServiceBackup, .status = 0, .locator = locator_};
   }
-  uint64_t writes() const { return writes_; }
   uint64_t refused() const { return refused_; }
   uint64_t frees() const { return frees_; }
 
@@ -110,7 +108,6 @@ class TestBackup {
   std::thread thread_;
   std::mutex mu_;
   Hook hook_;
-  std::atomic<uint64_t> writes_{0};
   std::atomic<uint64_t> refused_{0};
   std::atomic<uint64_t> frees_{0};
 };
