@@ -328,11 +328,12 @@ Status BackupService::append(std::map<Key, Replica>::iterator it,
             .certificate_checksum = req.certificate_checksum,
             .closed = req.close == 1};
   ++r.staged_seq;
-  if (req.close == 0 && options_.durability == Durability::kBuffered) {
-    // Acknowledged from RAM. No flush can be under way: only a close starts one here,
-    // and a closed replica takes no more writes.
+  if (options_.durability == Durability::kBuffered) {
+    // Acknowledged from RAM, a close too (see "Durability"). No flush can be under way:
+    // only a close starts one, and a closed replica takes no more writes.
     r.durable = staged;
     r.durable_seq = r.staged_seq;
+    if (staged.closed) queue_flush(*it);  // to the disk, then the buffer goes back
     return Status::kOk;
   }
   defer(r, r.staged_seq, reply);
@@ -372,8 +373,43 @@ void BackupService::queue_flush(Entry& entry) {
   to_flush_.push_back(&entry);
 }
 
+bool BackupService::holding_flushes() const { return holding_flushes_at(options_.clock->now_ns()); }
+
+bool BackupService::holding_flushes_at(uint64_t now) const {
+  // Only while a recovery is read, for a while, and while a quarter of the buffers is
+  // free for opens (see "Closes wait while a recovery is read").
+  return options_.durability == Durability::kBuffered && !recoveries_.empty() &&
+         now < hold_flushes_until_ns_ && buffers_in_use_ * 4 < uint64_t{options_.max_buffers} * 3;
+}
+
+void BackupService::drop_queued_flush(Replica& r) {
+  if (!r.queued || r.flushing || r.staged_seq != r.durable_seq) return;
+  auto it = std::find_if(to_flush_.begin(), to_flush_.end(),
+                         [&](const Entry* e) { return &e->second == &r; });
+  RAMKV_CHECK(it != to_flush_.end());
+  to_flush_.erase(it);
+  r.queued = false;
+}
+
 uint64_t BackupService::run() {
   if (to_flush_.empty() && ring_->in_flight() == 0 && !event_may_be_set_) return UINT64_MAX;
+  // Flushes that wait for a recovery or for a retry: looked at again within 100 ms (a
+  // recovery's end, or buffers running short, comes with a request, which runs us too).
+  constexpr uint64_t kLookAgainNs = 100'000'000;
+  if (ring_->in_flight() == 0 && !event_may_be_set_ &&
+      holding_flushes_at(options_.clock->now_ns())) {
+    if (!logged_hold_) {
+      logged_hold_ = true;
+      LOG_INFO("closed replicas stay in RAM while a recovery is read ({} wait, {} buffers in use)",
+               to_flush_.size(), buffers_in_use_);
+    }
+    return kLookAgainNs;
+  }
+  if (logged_hold_) {
+    logged_hold_ = false;
+    LOG_INFO("writing the {} closed replicas that waited for a recovery ({} buffers in use)",
+             to_flush_.size(), buffers_in_use_);
+  }
   // Cleared before collecting: a completion posted after this leaves the eventfd readable.
   ring_->clear_event();
   event_may_be_set_ = false;
@@ -390,16 +426,18 @@ uint64_t BackupService::run() {
     event_may_be_set_ = true;
     for (const Uring::Completion& c : done_) complete(c);
   }
-  return UINT64_MAX;
+  return to_flush_.empty() || ring_->in_flight() > 0 ? UINT64_MAX : kLookAgainNs;
 }
 
 void BackupService::start_flushes() {
   // finish_flush() below never queues (it does only on success), so the loop sees every
   // entry once; those without room yet keep their place.
+  const uint64_t now = options_.clock->now_ns();
+  const bool hold = holding_flushes_at(now);
   size_t kept = 0;
   for (size_t i = 0; i < to_flush_.size(); ++i) {
     Entry* e = to_flush_[i];
-    Status s = start_chain(*e);
+    Status s = start_chain(*e, now, hold);
     if (s == Status::kRetry) {
       to_flush_[kept++] = e;
       continue;
@@ -410,7 +448,7 @@ void BackupService::start_flushes() {
   to_flush_.resize(kept);
 }
 
-Status BackupService::start_chain(Entry& entry) {
+Status BackupService::start_chain(Entry& entry, uint64_t now, bool hold) {
   const Key& key = entry.first;
   Replica& r = entry.second;
   Flush& f = r.flush;
@@ -432,6 +470,8 @@ Status BackupService::start_chain(Entry& entry) {
     // A write's body is being received past the held bytes (place()), and a new flush
     // zeroes the block they start in: it waits (start_flushes keeps it queued).
     if (r.placing) return Status::kRetry;
+    // A recovery is read, or the last try failed not long ago (kBuffered closes only).
+    if (hold || r.flush_retry_ns > now) return Status::kRetry;
     // Bytes on their way to the disk are bounded (Options::max_flush_bytes): behind a long
     // queue of them every other synchronous write on the device waits.
     const uint64_t bytes = end > next ? end - next : 0;
@@ -607,10 +647,19 @@ Status BackupService::chain_status(Entry& entry) {
 void BackupService::finish_flush(Entry& entry, Status status) {
   const Key& key = entry.first;
   Replica& r = entry.second;
-  const Flush& f = r.flush;
+  Flush& f = r.flush;
   r.flushing = false;
-  flush_bytes_ -= f.counted_bytes;
+  // Zero when the flush could not start (its file could not be opened).
+  flush_bytes_ -= std::exchange(f.counted_bytes, 0);
+  // kBuffered: every write was acknowledged from RAM, a close too; a flush only moves
+  // acknowledged bytes to the disk.
+  const bool acknowledged = options_.durability == Durability::kBuffered;
   if (status == Status::kOk) {
+    if (r.flush_failures > 0) {
+      LOG_INFO("replica {} is on disk after {} failed tries",
+               replica_path(options_.data_dir, key.first, key.second), r.flush_failures);
+      r.flush_failures = 0;
+    }
     r.has_file = true;
     r.file_bytes = f.state.held_bytes;
     r.durable = f.state;
@@ -625,13 +674,29 @@ void BackupService::finish_flush(Entry& entry, Status status) {
       queue_flush(entry);  // what was staged while this flush was in flight
     }
   } else {
-    // Invariant 4: back to the durable state; the writes staged behind this flush built
-    // on it, so they fail with it. A file this flush created goes too.
+    // A file this flush created goes (invariant 4: a failed write leaves nothing).
     if (!r.has_file) {
       r.file = File();
       std::string path = replica_path(options_.data_dir, key.first, key.second);
       ::unlink(path.c_str());
     }
+  }
+  if (status != Status::kOk && acknowledged) {
+    // Invariant 5: the close was acknowledged with its bytes in the buffer, which keeps
+    // them; the flush is tried again in a while (start_chain), unless a free comes first.
+    ++flush_failures_;
+    if (r.flush_failures++ == 0) {
+      LOG_WARNING(
+          "cannot write closed replica {} to disk ({}): it stays in RAM, tried again every "
+          "second ({} buffers in use)",
+          replica_path(options_.data_dir, key.first, key.second), status_name(status),
+          buffers_in_use_);
+    }
+    r.flush_retry_ns = options_.clock->now_ns() + kFlushRetryNs;
+    if (!r.free_pending) queue_flush(entry);
+  } else if (status != Status::kOk) {
+    // Invariant 4: back to the durable state; the writes staged behind this flush built
+    // on it, so they fail with it.
     r.staged = r.durable;
     r.staged_seq = r.durable_seq;
     answer_writes(r, kFreeSeq - 1, status);
@@ -664,6 +729,7 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
   auto it = replicas_.find({req.master_id, req.segment_id});
   if (it == replicas_.end()) return Status::kOk;  // already freed: a resent free is fine
   if (it->second.remote) withdraw(it->first, it->second);
+  drop_queued_flush(it->second);  // a close waiting to be written: no longer needed
   if (!removable(it->second)) {
     // Not under a write in flight (invariant 6): once the flushes are done.
     if (deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;

@@ -6,8 +6,16 @@
 //
 // Durability (Options::durability):
 //   kBuffered  a write is acknowledged once its bytes are in the buffer (RAMCloud's
-//              default: the buffers are assumed to survive power loss). Close writes
-//              and fdatasyncs the file before acknowledging, since the buffer is freed.
+//              default: the buffers are assumed to survive power loss), a close too: it
+//              then writes and fdatasyncs the file in the background, and the buffer goes
+//              back to the pool once that is done. A close whose write fails (a full
+//              disk) keeps its buffer, so its bytes stay as durable as every other
+//              buffered write's, and is written again every second until it succeeds or
+//              the replica is freed; meanwhile its buffer counts against max_buffers, so
+//              a backup whose disk stays full ends up refusing opens (kRetry) and its
+//              masters make their replicas elsewhere. A close used to wait for its
+//              fdatasync, and on a disk shared by busy backups that could take seconds,
+//              close to a master's RPC timeout (which loses the replica).
 //   kDisk      every write is written to the replica file and fdatasync'ed before it is
 //              acknowledged.
 //
@@ -29,6 +37,14 @@
 // last one is in, run() answers every write the flush covered. A short write resumes
 // where it stopped with a new chain, so that the error which stopped it decides the
 // status (ENOSPC: kNoSpace).
+//
+// Closes wait while a recovery is read (kBuffered): a backup that serves a crashed
+// master's replicas (start_reading) starts no new flush for Options::recovery_flush_hold_ns
+// from then, or until the recovery is over (free_master), or until fewer than a quarter of
+// max_buffers are free. The disk then goes to the recovery's reads, and the CPUs to its
+// replay and replication: writing a recovery's re-replicated segments while it ran cost
+// about a sixth of its speed here (docs/recovery.md). Buffered closes are acknowledged
+// from RAM, so no master waits for them.
 //
 // One flush per replica is in flight at a time (flushes of different replicas overlap):
 // writes that arrive meanwhile are staged behind it and go in the next flush once it has
@@ -108,7 +124,9 @@
 //      durable state (and file bytes) advance only when a flush succeeds. A write never
 //      acknowledged (an open whose flush failed) leaves nothing, its file included.
 //   5. A write is acknowledged only once everything it asks for is durable (in the buffer
-//      for kBuffered writes other than a close, fdatasync'ed otherwise): resends included.
+//      for kBuffered writes, fdatasync'ed for kDisk): resends included. A kBuffered close
+//      is durable once staged, and its flush failing changes nothing of that: the flush is
+//      tried again later.
 //   6. A replica with a flush in flight keeps its buffer, its file and its map node (the
 //      ring's user_data points at the node) until the flush's last completion is in.
 #pragma once
@@ -128,6 +146,7 @@
 #include "backup/file_remover.h"
 #include "backup/recovery_segments.h"
 #include "backup/uring.h"
+#include "common/clock.h"
 #include "common/result.h"
 #include "common/transport.h"
 #include "common/wire_format.h"
@@ -154,7 +173,14 @@ class BackupService final : public LoopTask {
     // recovery master's report and the commit that served its tablets.
     uint64_t max_flush_bytes = 16u << 20;
     uint32_t max_deferred_replies = 4096;  // writes and frees waiting for the disk
+    // kBuffered: how long after a recovery's start_reading no new flush starts (see
+    // "Closes wait while a recovery is read"); 0: flushes never wait for recoveries.
+    uint64_t recovery_flush_hold_ns = 10'000'000'000;
+    const Clock* clock = &SystemClock::instance();  // for the hold and flush retries
   };
+
+  // How long an acknowledged close whose flush failed waits before it is tried again.
+  static constexpr uint64_t kFlushRetryNs = 1'000'000'000;
 
   // kInvalidArgument for an empty data_dir or a zero size; kUnavailable without
   // io_uring; kIoError when the data directory cannot be scanned.
@@ -223,6 +249,11 @@ class BackupService final : public LoopTask {
   size_t regions_exposed() const { return regions_exposed_; }      // one-sided, now
   uint64_t remote_appends() const { return remote_appends_; }      // slots absorbed so far
   uint64_t bytes_placed() const { return bytes_placed_; }          // received in place so far
+  // Flushes that failed after their close was acknowledged from RAM (tried again later).
+  uint64_t flush_failures() const { return flush_failures_; }
+  // Whether new flushes wait for a recovery now (see "Closes wait while a recovery is read").
+  bool holding_flushes() const;
+  size_t flushes_queued() const { return to_flush_.size(); }
 
  private:
   // What a replica holds (or will, once its staged writes are durable).
@@ -296,6 +327,9 @@ class BackupService final : public LoopTask {
     std::optional<RemoteRegion> remote;
     uint64_t remote_sequence = 0;  // of the last RemoteCertificate absorbed
     bool placing = false;          // a write's body is being received into the buffer
+    // kBuffered: its acknowledged close's flush failed; the next starts no sooner.
+    uint64_t flush_retry_ns = 0;
+    uint32_t flush_failures = 0;  // in a row
   };
   using Key = std::pair<uint64_t, uint64_t>;  // master id, segment id
   using Entry = std::map<Key, Replica>::value_type;
@@ -334,6 +368,9 @@ class BackupService final : public LoopTask {
   void answer(const ReplyToken& token, Status status);
   // Puts the replica in to_flush_ (if not already).
   void queue_flush(Entry& entry);
+  // Takes a queued flush that has not started back out of to_flush_ when it only moves
+  // acknowledged bytes to the disk (a kBuffered close): the replica is being freed.
+  void drop_queued_flush(Replica& replica);
   // No flush started, queued or needed, so nothing refers to the replica but its node.
   static bool idle(const Replica& r) {
     return !r.flushing && !r.queued && r.staged_seq == r.durable_seq;
@@ -351,7 +388,9 @@ class BackupService final : public LoopTask {
   void start_flushes();
   // Queues the next chain of the replica's flush, starting the flush (and opening the
   // file) first if none is under way. kRetry: no room in the ring yet; nothing changed.
-  Status start_chain(Entry& entry);
+  // `hold`: new flushes wait (holding_flushes at `now`).
+  Status start_chain(Entry& entry, uint64_t now, bool hold);
+  bool holding_flushes_at(uint64_t now) const;
   Status open_file(const Key& key, Replica& replica);
   // One completion of the chain in flight; the last one decides the flush.
   void complete(const Uring::Completion& completion);
@@ -398,6 +437,10 @@ class BackupService final : public LoopTask {
   size_t regions_exposed_ = 0;
   uint64_t remote_appends_ = 0;
   uint64_t bytes_placed_ = 0;
+  uint64_t flush_failures_ = 0;
+  // No new flush starts before this while a recovery is read (recovery_flush_hold_ns).
+  uint64_t hold_flushes_until_ns_ = 0;
+  bool logged_hold_ = false;  // "closes wait for the recovery" was logged for this hold
   std::vector<std::span<const std::byte>> pieces_;  // reused by get_recovery_data
   // Placements under way, by buffer: the buffer taken for an open (counted in
   // buffers_in_use_ until the write takes it over), or one released meanwhile (parked).

@@ -60,6 +60,10 @@ Status BackupService::start_reading(std::span<const std::byte> body, Reply& repl
       past_recovery_ns_ += recovery->read_ns();
       recovery.reset();
     }
+    // Flushes wait while it is read (see "Closes wait while a recovery is read").
+    if (options_.durability == Durability::kBuffered && options_.recovery_flush_hold_ns > 0) {
+      hold_flushes_until_ns_ = options_.clock->now_ns() + options_.recovery_flush_hold_ns;
+    }
     recovery =
         std::make_unique<RecoverySegments>(req.master_id, req.recovery_id, std::move(sources),
                                            (req.flags & wire::kDeferReads) != 0, pool_);
@@ -127,6 +131,7 @@ void BackupService::free_master(uint64_t master_id) {
   for (auto it = replicas_.lower_bound({master_id, 0});
        it != replicas_.end() && it->first.first == master_id;) {
     auto next = std::next(it);
+    drop_queued_flush(it->second);
     if (!removable(it->second)) {
       it->second.free_pending = true;  // removed once its flush (or open) is done
     } else {

@@ -98,14 +98,15 @@ class LocalCluster {
     coordinator_pid_ = spawn(argv, dir_ + "/coordinator.log");
     // Each backup reads its share of the crashed master (as primaries, in 8 MiB
     // segments) into buffers touched at start (buffer_pool.h: fresh memory is slow on
-    // virtual machines), with room for the replicas written meanwhile: the recovery
-    // masters' re-replication reaches a backup faster than its disk takes the closed ones
-    // (new files, each fdatasync'ed), and with the default 64 open replicas a backup's
-    // buffers ran out near the end of a recovery (its opens refused until a close was
-    // written).
-    constexpr uint32_t kOpenReplicas = 96;
-    const std::string buffers =
-        std::to_string(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + kOpenReplicas);
+    // virtual machines), with room for the replicas written meanwhile: each backup gets
+    // about twice its share from the recovery masters' re-replication (R = 3), and keeps
+    // the closed ones in RAM while the recovery runs as long as a quarter of its buffers
+    // is free (backup_service.h, "Closes wait while a recovery is read"): three times its
+    // share, at least 96.
+    const uint32_t share =
+        static_cast<uint32_t>(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + 1);
+    const uint32_t open_replicas = std::max<uint32_t>(96, 3 * share);
+    const std::string buffers = std::to_string(share + open_replicas);
     for (uint32_t i = 0; i < o.servers; ++i) {
       LocalServer s;
       s.locator = fmt::format("127.0.0.1:{}", free_port());
@@ -124,7 +125,7 @@ class LocalCluster {
                      "--backup-buffers-at-start",
                      buffers,
                      "--backup-buffers",
-                     std::to_string(kOpenReplicas),
+                     std::to_string(open_replicas),
                      "--data-dir",
                      fmt::format("{}/backup-{}", dir_, i + 1),
                      "--transport",

@@ -58,6 +58,7 @@ struct ServerOptions {
   std::string durability = "buffered";
   uint32_t backup_buffers = 64;
   uint32_t backup_buffers_at_start = 8;
+  double recovery_flush_hold_seconds = 10;
   uint32_t ping_interval_ms = 100;
   uint32_t ping_timeout_ms = 500;
   uint32_t recovery_pull_delay_ms = 0;
@@ -113,6 +114,13 @@ void add_flags(CLI::App& app, ServerOptions& o) {
                  "slow on virtual machines; a backup that should read its share of a "
                  "crashed master fast wants that share, in segments, plus some)")
       ->check(CLI::Range(0u, 1u << 16))
+      ->capture_default_str();
+  app.add_option("--backup-recovery-flush-hold", o.recovery_flush_hold_seconds,
+                 "backup, buffered durability: seconds after a recovery starts reading our "
+                 "replicas during which closed replicas stay in RAM rather than go to disk "
+                 "(until the recovery is over, or a quarter of --backup-buffers is left), so "
+                 "that the disk and CPUs go to the recovery; 0: never")
+      ->check(CLI::Range(0.0, 3600.0))
       ->capture_default_str();
   app.add_option("--memory", o.memory, "log memory of the master, e.g. 1G")->capture_default_str();
   app.add_option("--transport", o.transport,
@@ -339,7 +347,8 @@ int run_server(const ServerOptions& o) {
          .max_buffers = o.backup_buffers,
          .buffers_at_start = o.backup_buffers_at_start,
          .durability = o.durability == "disk" ? ramkv::backup::Durability::kDisk
-                                              : ramkv::backup::Durability::kBuffered});
+                                              : ramkv::backup::Durability::kBuffered,
+         .recovery_flush_hold_ns = static_cast<uint64_t>(o.recovery_flush_hold_seconds * 1e9)});
     if (!service.ok()) {
       return fail(1, "cannot start the backup service on {}: {}", o.data_dir,
                   ramkv::status_name(service.status()));

@@ -103,8 +103,9 @@ Status plain(PlacingTransport& t, BackupService& service, const WriteArgs& a) {
   const uint64_t serial = ++next_serial;
   reply.set_token({.connection = 8, .serial = serial, .request = h});
   service.handle(h, body, reply);
-  if (!reply.deferred()) return reply.status();
-  return await_reply(t, service, serial);
+  const Status status = reply.deferred() ? await_reply(t, service, serial) : reply.status();
+  settle(service);  // a close's write to disk, behind its reply
+  return status;
 }
 
 }  // namespace

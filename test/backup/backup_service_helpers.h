@@ -119,12 +119,29 @@ inline std::optional<Status> replied(uint64_t serial) {
   return it->second;
 }
 
-// A request and its reply, waiting for a deferred one.
+// Runs the loop task until the disk work the requests so far started is done: no
+// operation in flight and no new flush started by the last run (a buffered close is
+// answered at once and written behind its reply; one held for a recovery, or waiting to
+// be tried again, stays queued).
+inline void settle(BackupService& service) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (;;) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    const uint64_t started = service.flushes();
+    pump(service);
+    if (service.operations_in_flight() == 0 && service.flushes() == started) return;
+  }
+}
+
+// A request and its reply, waiting for a deferred one; then the disk work it started, as
+// the server's loop runs the service after each batch of requests.
 inline Status call(BackupService& service, wire::Opcode op, const std::vector<std::byte>& body,
                    Reply* reply_out = nullptr) {
   std::optional<Status> now;
   uint64_t serial = send(service, op, body, &now, reply_out);
-  return now.has_value() ? *now : await(service, serial);
+  Status status = now.has_value() ? *now : await(service, serial);
+  settle(service);
+  return status;
 }
 
 inline std::vector<std::byte> write_body(const WriteArgs& a) {
@@ -184,11 +201,13 @@ inline std::unique_ptr<BackupService> attached(Result<std::unique_ptr<BackupServ
 
 inline std::unique_ptr<BackupService> make_service(const std::string& dir,
                                                    Durability durability = Durability::kBuffered,
-                                                   uint32_t max_buffers = 4) {
+                                                   uint32_t max_buffers = 4,
+                                                   const Clock* clock = &SystemClock::instance()) {
   return attached(BackupService::create({.data_dir = dir,
                                          .segment_bytes = kSegmentBytes,
                                          .max_buffers = max_buffers,
-                                         .durability = durability}));
+                                         .durability = durability,
+                                         .clock = clock}));
 }
 
 // Writes a whole segment as a master would: open with the first half, then the rest

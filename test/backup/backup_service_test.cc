@@ -340,52 +340,76 @@ TEST_CASE("backup service: a fenced master can neither write nor free", "[backup
   check_file_valid(dir.path, 2, 10, image);
 }
 
-TEST_CASE("backup service: an I/O error on close fails it and leaves the replica open",
+TEST_CASE("backup service: a buffered close whose write fails stays in RAM and is written later",
           "[backup][service]") {
+  // Two ways the write can fail: a plain file where the master's directory should be (the
+  // directory cannot be made), or a directory where the replica's file should go (the
+  // ring's open fails).
+  const bool file_in_the_way = GENERATE(true, false);
   test::TempDir dir("/var/tmp");
-  auto service = make_service(dir.path);
+  ManualClock clock;
+  auto service = make_service(dir.path, Durability::kBuffered, 4, &clock);
   auto image = make_segment(10, 5);
   std::span<const std::byte> all(image.bytes);
   REQUIRE(write(*service, {.master_id = 7, .data = all, .open = true}) == Status::kOk);
-  // A plain file where the master's directory should be.
-  std::ofstream(dir.path + "/7") << "in the way";
+  const std::string in_the_way = file_in_the_way ? dir.path + "/7" : dir.path + "/7/10/x";
+  if (file_in_the_way) {
+    std::ofstream(in_the_way) << "in the way";
+  } else {
+    std::filesystem::create_directories(in_the_way);
+  }
   WriteArgs close{.master_id = 7,
                   .offset = static_cast<uint32_t>(all.size()),
                   .certificate = image.certificate,
                   .close = true};
-  CHECK(write(*service, close) == Status::kIoError);
+  // Acknowledged from the buffer; its write fails behind the reply (write() runs the loop).
+  CHECK(write(*service, close) == Status::kOk);
+  CHECK(service->flush_failures() == 1);
+  CHECK(service->flushes_queued() == 1);  // tried again in a second
+  CHECK(service->buffers_in_use() == 1);  // which keeps the bytes
   auto replicas = list(*service);
   REQUIRE(replicas.size() == 1);
-  CHECK(replicas[0].closed == 0);
-  CHECK(replicas[0].certificate_bytes == 0);
-  std::filesystem::remove(dir.path + "/7");
-  CHECK(write(*service, close) == Status::kOk);
+  CHECK(replicas[0].closed == 1);
+  CHECK(replicas[0].certificate_bytes == image.certificate.segment_bytes);
+  CHECK(write(*service, close) == Status::kOk);  // a resend, acknowledged again
+
+  // Not tried again before its time, even with the way clear.
+  std::filesystem::remove_all(file_in_the_way ? in_the_way : dir.path + "/7/10");
+  settle(*service);
+  CHECK(service->flushes_queued() == 1);
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir.path, 7, 10)));
+  clock.advance_ns(BackupService::kFlushRetryNs);
+  settle(*service);
+  CHECK(service->flushes_queued() == 0);
+  CHECK(service->flush_failures() == 1);
   check_file_valid(dir.path, 7, 10, image);
+  CHECK(service->buffers_in_use() == 0);
 }
 
-TEST_CASE(
-    "backup service: a replica file the ring cannot create fails the close, which works "
-    "once it can",
-    "[backup][service]") {
-  // The file is created through the ring (begin_open) when the close's flush needs it;
-  // here a directory sits where it should go, so that open fails and the close says so.
+TEST_CASE("backup service: a free of a buffered close that waits to be written needs no disk",
+          "[backup][service]") {
   test::TempDir dir("/var/tmp");
-  auto service = make_service(dir.path);
+  ManualClock clock;
+  auto service = make_service(dir.path, Durability::kBuffered, 4, &clock);
   auto image = make_segment(10, 5);
   std::span<const std::byte> all(image.bytes);
-  std::filesystem::create_directories(dir.path + "/7/10/in-the-way");
+  std::ofstream(dir.path + "/7") << "in the way";
   REQUIRE(write(*service, {.master_id = 7, .data = all, .open = true}) == Status::kOk);
-  WriteArgs close{.master_id = 7,
-                  .offset = static_cast<uint32_t>(all.size()),
-                  .certificate = image.certificate,
-                  .close = true};
-  CHECK(write(*service, close) == Status::kIoError);
-  auto replicas = list(*service);
-  REQUIRE(replicas.size() == 1);
-  CHECK(replicas[0].closed == 0);
-  std::filesystem::remove_all(dir.path + "/7/10");
-  CHECK(write(*service, close) == Status::kOk);
-  check_file_valid(dir.path, 7, 10, image);
+  REQUIRE(write(*service, {.master_id = 7,
+                           .offset = static_cast<uint32_t>(all.size()),
+                           .certificate = image.certificate,
+                           .close = true}) == Status::kOk);
+  REQUIRE(service->flushes_queued() == 1);
+  // Answered at once: the queued write is dropped with the replica and its buffer.
+  std::optional<Status> now;
+  send(*service, wire::Opcode::kBackupFree, free_body(7, 10), &now);
+  CHECK(now == Status::kOk);
+  CHECK(service->flushes_queued() == 0);
+  CHECK(service->buffers_in_use() == 0);
+  CHECK(service->replica_count() == 0);
+  clock.advance_ns(BackupService::kFlushRetryNs);
+  settle(*service);
+  CHECK(service->flush_failures() == 1);  // never tried again
 }
 
 TEST_CASE("backup service: a restarted backup lists its replicas, torn ones flagged",
@@ -425,7 +449,8 @@ TEST_CASE("backup service: a restarted backup lists its replicas, torn ones flag
 
 TEST_CASE("backup service: a full disk answers no space and keeps every acknowledged replica",
           "[backup][service][disk]") {
-  auto durability = GENERATE(Durability::kBuffered, Durability::kDisk);
+  // In disk mode; a buffered close is answered from RAM (the test after this one).
+  const auto durability = Durability::kDisk;
   std::string why;
   auto fs = test::SmallFilesystem::create(8 << 20, &why);  // about 6 MiB for files
   if (fs == nullptr) {
@@ -480,11 +505,10 @@ TEST_CASE("backup service: a full disk answers no space and keeps every acknowle
   auto scanned = scan_replicas(dir);
   REQUIRE(scanned.ok());
   // Invariant 4: the failed write left the replica as it was. An open that failed left
-  // nothing; a close that failed left it open, with a file only in disk mode, where the
-  // open wrote one.
+  // nothing; a close that failed left it open, with the file its open wrote.
   const std::string failed_path = replica_path(dir, 1, failed.segment_id);
   auto replicas = list(*service);
-  if (failed_at_open || durability == Durability::kBuffered) {
+  if (failed_at_open) {
     CHECK_FALSE(std::filesystem::exists(failed_path));
     CHECK(scanned->size() == acked.size());
   } else {
@@ -538,6 +562,79 @@ TEST_CASE("backup service: a full disk answers no space and keeps every acknowle
   REQUIRE(restarted.ok());
   replicas = list(**restarted);
   CHECK(replicas.size() == acked.size());
+  for (const auto& r : replicas) CHECK(r.status == wire::kReplicaOk);
+}
+
+TEST_CASE("backup service: on a full disk, buffered closes stay in RAM until there is room",
+          "[backup][service][disk]") {
+  std::string why;
+  auto fs = test::SmallFilesystem::create(8 << 20, &why);  // about 6 MiB for files
+  if (fs == nullptr) {
+    WARN("SKIPPED: no small ext4 filesystem to fill: " << why);
+    return;
+  }
+  constexpr uint32_t kBigSegmentBytes = 1 << 20;
+  const std::string dir = fs->path() + "/backup";
+  ManualClock clock;
+  auto service = attached(BackupService::create({.data_dir = dir,
+                                                 .segment_bytes = kBigSegmentBytes,
+                                                 .max_buffers = 2,
+                                                 .durability = Durability::kBuffered,
+                                                 .clock = &clock}));
+  // Whole segments of about 1 MiB, each acknowledged from RAM, until the buffers of
+  // closes that could not be written leave no room for an open.
+  std::vector<SegmentImage> acked;
+  Status status = Status::kOk;
+  for (uint64_t segment_id = 1; segment_id <= 16 && status == Status::kOk; ++segment_id) {
+    auto image = test::make_segment(segment_id, 30000, kBigSegmentBytes);
+    status = write(*service, {.segment_id = segment_id, .data = image.bytes, .open = true});
+    if (status != Status::kOk) break;
+    REQUIRE(write(*service, {.segment_id = segment_id,
+                             .offset = static_cast<uint32_t>(image.bytes.size()),
+                             .certificate = image.certificate,
+                             .close = true}) == Status::kOk);
+    acked.push_back(std::move(image));
+  }
+  REQUIRE(status == Status::kRetry);  // invariant 1: the two buffers hold unwritten closes
+  REQUIRE(acked.size() >= 4);
+  CHECK(service->buffers_in_use() == 2);
+  CHECK(service->flush_failures() >= 2);
+  CHECK(service->flushes_queued() == 2);
+  INFO(acked.size() << " replicas acknowledged");
+  const auto& waiting1 = acked[acked.size() - 2];
+  const auto& waiting2 = acked.back();
+  // Every acknowledged replica is listed closed and whole; all but the two waiting ones
+  // are on disk, and those two have no file.
+  auto replicas = list(*service);
+  REQUIRE(replicas.size() == acked.size());
+  for (size_t i = 0; i < acked.size(); ++i) {
+    CHECK(replicas[i].closed == 1);
+    CHECK(replicas[i].certificate_bytes == acked[i].certificate.segment_bytes);
+  }
+  for (size_t i = 0; i + 2 < acked.size(); ++i)
+    check_file_valid(dir, 1, acked[i].segment_id, acked[i]);
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir, 1, waiting1.segment_id)));
+  CHECK_FALSE(std::filesystem::exists(replica_path(dir, 1, waiting2.segment_id)));
+
+  // A free makes room; a second later the first waiting close is written, and its buffer
+  // takes an open again.
+  CHECK(free_replica(*service, 1, acked.front().segment_id) == Status::kOk);
+  service->wait_for_removals();
+  clock.advance_ns(BackupService::kFlushRetryNs);
+  settle(*service);
+  check_file_valid(dir, 1, waiting1.segment_id, waiting1);
+  CHECK(service->buffers_in_use() == 1);
+  // The other is freed while it waits: gone at once, with its buffer.
+  CHECK(free_replica(*service, 1, waiting2.segment_id) == Status::kOk);
+  CHECK(service->buffers_in_use() == 0);
+  CHECK(service->flushes_queued() == 0);
+
+  // A restart finds the replicas that were written, all whole.
+  service.reset();
+  auto restarted = BackupService::create({.data_dir = dir, .segment_bytes = kBigSegmentBytes});
+  REQUIRE(restarted.ok());
+  replicas = list(**restarted);
+  CHECK(replicas.size() == acked.size() - 2);
   for (const auto& r : replicas) CHECK(r.status == wire::kReplicaOk);
 }
 
