@@ -1,6 +1,7 @@
 #include "backup/backup_service.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -375,11 +376,35 @@ void BackupService::queue_flush(Entry& entry) {
 
 bool BackupService::holding_flushes() const { return holding_flushes_at(options_.clock->now_ns()); }
 
+bool BackupService::recovery_hold_at(uint64_t now) const {
+  if (options_.durability != Durability::kBuffered) return false;
+  return std::any_of(hold_started_ns_.begin(), hold_started_ns_.end(), [&](const auto& m) {
+    return now - m.second < options_.recovery_flush_hold_ns;
+  });
+}
+
 bool BackupService::holding_flushes_at(uint64_t now) const {
   // Only while a recovery is read, for a while, and while a quarter of the buffers is
   // free for opens (see "Closes wait while a recovery is read").
-  return options_.durability == Durability::kBuffered && !recoveries_.empty() &&
-         now < hold_flushes_until_ns_ && buffers_in_use_ * 4 < uint64_t{options_.max_buffers} * 3;
+  return buffers_in_use_ * 4 < uint64_t{options_.max_buffers} * 3 && recovery_hold_at(now);
+}
+
+size_t BackupService::write_held(uint64_t timeout_ns) {
+  hold_started_ns_.clear();  // no recovery is read any more
+  const size_t queued = to_flush_.size();
+  const uint64_t deadline = options_.clock->now_ns() + timeout_ns;
+  for (;;) {
+    run();
+    // Nothing under way: what is left waits for a retry (its last try failed).
+    if (ring_->in_flight() == 0 || options_.clock->now_ns() >= deadline) break;
+    pollfd p{.fd = ring_->event_fd(), .events = POLLIN, .revents = 0};
+    ::poll(&p, 1, 100);
+  }
+  if (queued > 0 || !to_flush_.empty()) {
+    LOG_INFO("wrote {} closed replicas held in RAM to disk before stopping; {} left unwritten",
+             queued - std::min(queued, to_flush_.size()), to_flush_.size());
+  }
+  return to_flush_.size();
 }
 
 void BackupService::drop_queued_flush(Replica& r) {
@@ -396,19 +421,23 @@ uint64_t BackupService::run() {
   // Flushes that wait for a recovery or for a retry: looked at again within 100 ms (a
   // recovery's end, or buffers running short, comes with a request, which runs us too).
   constexpr uint64_t kLookAgainNs = 100'000'000;
-  if (ring_->in_flight() == 0 && !event_may_be_set_ &&
-      holding_flushes_at(options_.clock->now_ns())) {
+  const uint64_t now = options_.clock->now_ns();
+  // Logged once per recovery, not each time buffers running short let some go.
+  if (recovery_hold_at(now)) {
     if (!logged_hold_) {
       logged_hold_ = true;
-      LOG_INFO("closed replicas stay in RAM while a recovery is read ({} wait, {} buffers in use)",
-               to_flush_.size(), buffers_in_use_);
+      LOG_INFO(
+          "closed replicas stay in RAM while a recovery is read, as long as a quarter of "
+          "the {} buffers is free ({} wait, {} in use)",
+          options_.max_buffers, to_flush_.size(), buffers_in_use_);
     }
-    return kLookAgainNs;
-  }
-  if (logged_hold_) {
+  } else if (logged_hold_) {
     logged_hold_ = false;
     LOG_INFO("writing the {} closed replicas that waited for a recovery ({} buffers in use)",
              to_flush_.size(), buffers_in_use_);
+  }
+  if (ring_->in_flight() == 0 && !event_may_be_set_ && holding_flushes_at(now)) {
+    return kLookAgainNs;
   }
   // Cleared before collecting: a completion posted after this leaves the eventfd readable.
   ring_->clear_event();
@@ -430,8 +459,9 @@ uint64_t BackupService::run() {
 }
 
 void BackupService::start_flushes() {
-  // finish_flush() below never queues (it does only on success), so the loop sees every
-  // entry once; those without room yet keep their place.
+  // finish_flush() below queues only on success, or an acknowledged close whose flush
+  // failed, which waits for its retry time: the loop sees every entry once; those without
+  // room yet keep their place.
   const uint64_t now = options_.clock->now_ns();
   const bool hold = holding_flushes_at(now);
   size_t kept = 0;
@@ -532,13 +562,17 @@ Status BackupService::start_chain(Entry& entry, uint64_t now, bool hold) {
   return Status::kOk;
 }
 
-Status BackupService::make_master_dir(uint64_t master_id) {
+Status BackupService::make_master_dir(uint64_t master_id, bool quiet) {
   if (master_dirs_.contains(master_id)) return Status::kOk;
   std::error_code ec;
   std::string dir = options_.data_dir + "/" + std::to_string(master_id);
   std::filesystem::create_directories(dir, ec);
   if (ec) {
-    LOG_ERROR("cannot create {}: {}", dir, ec.message());
+    if (quiet) {
+      LOG_DEBUG("cannot create {}: {}", dir, ec.message());
+    } else {
+      LOG_ERROR("cannot create {}: {}", dir, ec.message());
+    }
     return ec == std::errc::no_space_on_device ? Status::kNoSpace : Status::kIoError;
   }
   master_dirs_.insert(master_id);
@@ -549,7 +583,7 @@ void BackupService::begin_open(Entry& entry) {
   const Key& key = entry.first;
   Replica& r = entry.second;
   if (r.opening || r.has_file || r.file.get() >= 0 || r.found_on_disk) return;
-  if (make_master_dir(key.first) != Status::kOk) return;  // start_chain says why
+  if (make_master_dir(key.first, quiet(r)) != Status::kOk) return;  // start_chain says why
   r.open_path = replica_path(options_.data_dir, key.first, key.second);
   remover_.claim(r.open_path);  // an earlier replica's file may wait to be unlinked
   const auto tag = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(&entry));
@@ -567,6 +601,9 @@ void BackupService::complete_open(Entry& entry, int32_t result) {
   r.opening = false;
   if (result >= 0) {
     r.file = File(result);
+  } else if (quiet(r)) {
+    LOG_DEBUG("cannot open replica file {}: {}", r.open_path, std::strerror(-result));
+    r.open_failure = errno_status(-result);
   } else {
     LOG_ERROR("cannot open replica file {}: {}", r.open_path, std::strerror(-result));
     r.open_failure = errno_status(-result);
@@ -578,14 +615,18 @@ void BackupService::complete_open(Entry& entry, int32_t result) {
 }
 
 Status BackupService::open_file(const Key& key, Replica& r) {
-  if (Status s = make_master_dir(key.first); s != Status::kOk) return s;
+  if (Status s = make_master_dir(key.first, quiet(r)); s != Status::kOk) return s;
   std::string path = replica_path(options_.data_dir, key.first, key.second);
   if (!r.has_file) remover_.claim(path);  // an earlier replica's file may wait to be unlinked
   int flags = O_WRONLY | O_CREAT | O_DIRECT | O_CLOEXEC | (r.has_file ? 0 : O_TRUNC);
   int fd = ::open(path.c_str(), flags, 0644);
   if (fd < 0) {
     int err = errno;
-    LOG_ERROR("cannot open replica file {}: {}", path, std::strerror(err));
+    if (quiet(r)) {
+      LOG_DEBUG("cannot open replica file {}: {}", path, std::strerror(err));
+    } else {
+      LOG_ERROR("cannot open replica file {}: {}", path, std::strerror(err));
+    }
     return errno_status(err);
   }
   r.file = File(fd);
@@ -611,7 +652,11 @@ Status BackupService::chain_status(Entry& entry) {
   Flush& f = entry.second.flush;
   auto failed = [&](const char* what, int32_t result) {
     std::string path = replica_path(options_.data_dir, entry.first.first, entry.first.second);
-    LOG_ERROR("{} replica {}: {}", what, path, std::strerror(-result));
+    if (quiet(entry.second)) {
+      LOG_DEBUG("{} replica {}: {}", what, path, std::strerror(-result));
+    } else {
+      LOG_ERROR("{} replica {}: {}", what, path, std::strerror(-result));
+    }
     return errno_status(-result);
   };
   // The first operation that did not complete in full decides; those after it in the
@@ -628,7 +673,11 @@ Status BackupService::chain_status(Entry& entry) {
       // than asked only when it runs out of room (or past the file-size limit).
       if (written == 0 || written % kDirectAlignment != 0) {
         std::string path = replica_path(options_.data_dir, entry.first.first, entry.first.second);
-        LOG_ERROR("short write of replica {}: {} of {} bytes", path, written, f.data_bytes);
+        if (quiet(entry.second)) {
+          LOG_DEBUG("short write of replica {}: {} of {} bytes", path, written, f.data_bytes);
+        } else {
+          LOG_ERROR("short write of replica {}: {} of {} bytes", path, written, f.data_bytes);
+        }
         return Status::kNoSpace;
       }
       f.next_offset += written;
@@ -673,11 +722,15 @@ void BackupService::finish_flush(Entry& entry, Status status) {
     } else if (r.staged_seq > r.durable_seq) {
       queue_flush(entry);  // what was staged while this flush was in flight
     }
-  } else {
-    // A file this flush created goes (invariant 4: a failed write leaves nothing).
-    if (!r.has_file) {
-      r.file = File();
-      std::string path = replica_path(options_.data_dir, key.first, key.second);
+  } else if (!r.has_file) {
+    // A file this flush created goes (invariant 4: a failed write leaves nothing). An
+    // acknowledged close's, tried again later, on the remover's thread (an unlink takes
+    // milliseconds here; the next try claims the path back before it creates the file).
+    r.file = File();
+    std::string path = replica_path(options_.data_dir, key.first, key.second);
+    if (acknowledged) {
+      remover_.remove({std::move(path)});
+    } else {
       ::unlink(path.c_str());
     }
   }
@@ -687,12 +740,14 @@ void BackupService::finish_flush(Entry& entry, Status status) {
     ++flush_failures_;
     if (r.flush_failures++ == 0) {
       LOG_WARNING(
-          "cannot write closed replica {} to disk ({}): it stays in RAM, tried again every "
-          "second ({} buffers in use)",
+          "cannot write closed replica {} to disk ({}): it stays in RAM and is tried again "
+          "after 1 s, then less and less often ({} buffers in use)",
           replica_path(options_.data_dir, key.first, key.second), status_name(status),
           buffers_in_use_);
     }
-    r.flush_retry_ns = options_.clock->now_ns() + kFlushRetryNs;
+    const uint32_t doublings = std::min<uint32_t>(r.flush_failures - 1, 5);
+    r.flush_retry_ns =
+        options_.clock->now_ns() + std::min(kFlushRetryNs << doublings, kMaxFlushRetryNs);
     if (!r.free_pending) queue_flush(entry);
   } else if (status != Status::kOk) {
     // Invariant 4: back to the durable state; the writes staged behind this flush built
@@ -729,10 +784,15 @@ Status BackupService::free_replica(std::span<const std::byte> body, Reply& reply
   auto it = replicas_.find({req.master_id, req.segment_id});
   if (it == replicas_.end()) return Status::kOk;  // already freed: a resent free is fine
   if (it->second.remote) withdraw(it->first, it->second);
-  drop_queued_flush(it->second);  // a close waiting to be written: no longer needed
+  Replica& r = it->second;
+  // A close waiting to be written is no longer needed (dropped below); otherwise the free
+  // waits for what is under way, and its reply counts as deferred.
+  const bool droppable = r.queued && !r.flushing && r.staged_seq == r.durable_seq;
+  const bool waits = droppable ? r.opening : !removable(r);
+  if (waits && deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;
+  drop_queued_flush(r);
   if (!removable(it->second)) {
     // Not under a write in flight (invariant 6): once the flushes are done.
-    if (deferred_replies_ >= options_.max_deferred_replies) return Status::kRetry;
     it->second.free_pending = true;
     defer(it->second, kFreeSeq, reply);
     return Status::kOk;

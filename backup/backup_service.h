@@ -69,12 +69,11 @@
 // Resent writes: a master resends a write after a timeout or a reconnect, so a write that
 // asks for nothing new is acknowledged again without change. That is a write whose bytes
 // lie within the bytes already held and match them (checked while the replica still has
-// its buffer; a closed one has none), whose epoch and certificate are no newer than those
-// held (an equal certificate length with the same checksum), and whose close flag, if
-// set, names a replica already closed at exactly this length. A resent open (open = 1,
-// offset 0) of an existing replica is such a write. A write that starts within the held
-// bytes and runs past them appends only the new tail, once the overlap has matched.
-// docs/rpc.md, Backup.
+// its buffer; a closed one has none once written), whose epoch and certificate are no newer than
+// those held (an equal certificate length with the same checksum), and whose close flag, if set,
+// names a replica already closed at exactly this length. A resent open (open = 1, offset 0) of an
+// existing replica is such a write. A write that starts within the held bytes and runs past them
+// appends only the new tail, once the overlap has matched. docs/rpc.md, Backup.
 //
 // Zombie fencing: fence_master() marks a master the coordinator declared crashed; its
 // later writes and frees are refused with kFenced, so a zombie cannot change the replicas
@@ -111,7 +110,8 @@
 //
 // Owner: the server's dispatch thread, which calls handle() and run(). Not thread-safe.
 // Invariants:
-//   1. At most max_buffers open replicas hold a buffer; beyond that, opens get kRetry.
+//   1. At most max_buffers replicas hold a buffer (open ones, and kBuffered closed ones
+//      until their file is written); beyond that, opens get kRetry.
 //   2. A replica's held bytes only grow and never change: a write may overlap them only
 //      with the same bytes, and appends only what lies past them (no gap). Its epoch and
 //      certificate never go down, and the certificate never claims more than the held
@@ -181,6 +181,7 @@ class BackupService final : public LoopTask {
 
   // How long an acknowledged close whose flush failed waits before it is tried again.
   static constexpr uint64_t kFlushRetryNs = 1'000'000'000;
+  static constexpr uint64_t kMaxFlushRetryNs = 32'000'000'000;
 
   // kInvalidArgument for an empty data_dir or a zero size; kUnavailable without
   // io_uring; kIoError when the data directory cannot be scanned.
@@ -201,6 +202,12 @@ class BackupService final : public LoopTask {
   // collects completions and sends the replies they release; it never blocks.
   int wait_fd() const override { return ring_->event_fd(); }
   uint64_t run() override;
+
+  // At a server's stop, after its loop has ended: writes the closed replicas held in RAM
+  // (kBuffered closes waiting for a recovery or behind the reply) to disk, for at most
+  // `timeout_ns`; those whose last try failed are not tried again. Returns how many are
+  // left unwritten.
+  size_t write_held(uint64_t timeout_ns);
 
   // The coordinator declared `master_id` crashed: refuse its writes and frees from now on
   // (and withdraw its replicas' one-sided regions, so none of its RDMA WRITEs lands).
@@ -327,7 +334,9 @@ class BackupService final : public LoopTask {
     std::optional<RemoteRegion> remote;
     uint64_t remote_sequence = 0;  // of the last RemoteCertificate absorbed
     bool placing = false;          // a write's body is being received into the buffer
-    // kBuffered: its acknowledged close's flush failed; the next starts no sooner.
+    // kBuffered: its acknowledged close's flush failed; the next starts no sooner
+    // (kFlushRetryNs after the first failure, doubling up to kMaxFlushRetryNs). Errors of
+    // the tries after the first are logged at debug level.
     uint64_t flush_retry_ns = 0;
     uint32_t flush_failures = 0;  // in a row
   };
@@ -380,8 +389,9 @@ class BackupService final : public LoopTask {
   // Starts creating a replica's file through the ring, for its first flush (start_chain
   // opens it itself when this could not start: no room, no directory).
   void begin_open(Entry& entry);
-  // Creates <data-dir>/<master id> the first time a replica of that master needs it.
-  Status make_master_dir(uint64_t master_id);
+  // Creates <data-dir>/<master id> the first time a replica of that master needs it;
+  // `quiet`: a failure is logged at debug level (a retried flush's).
+  Status make_master_dir(uint64_t master_id, bool quiet = false);
   // A begin_open's completion.
   void complete_open(Entry& entry, int32_t result);
   // Starts the flushes (or next chains) in to_flush_ that the ring has room for.
@@ -390,8 +400,13 @@ class BackupService final : public LoopTask {
   // file) first if none is under way. kRetry: no room in the ring yet; nothing changed.
   // `hold`: new flushes wait (holding_flushes at `now`).
   Status start_chain(Entry& entry, uint64_t now, bool hold);
+  // Whether a recovery read here started less than recovery_flush_hold_ns ago (kBuffered).
+  bool recovery_hold_at(uint64_t now) const;
+  // ... and a quarter of the buffers is free: new flushes wait.
   bool holding_flushes_at(uint64_t now) const;
   Status open_file(const Key& key, Replica& replica);
+  // A replica whose flushes keep failing: its errors after the first are logged quietly.
+  static bool quiet(const Replica& r) { return r.flush_failures > 0; }
   // One completion of the chain in flight; the last one decides the flush.
   void complete(const Uring::Completion& completion);
   // How the chain that just completed went: kOk (the flush is done), kRetry (a short
@@ -438,8 +453,10 @@ class BackupService final : public LoopTask {
   uint64_t remote_appends_ = 0;
   uint64_t bytes_placed_ = 0;
   uint64_t flush_failures_ = 0;
-  // No new flush starts before this while a recovery is read (recovery_flush_hold_ns).
-  uint64_t hold_flushes_until_ns_ = 0;
+  // Crashed masters being recovered -> when their first recovery here started: new
+  // flushes wait for recovery_flush_hold_ns from then (a recovery retried with a new id
+  // does not start the time again), while the master is not freed.
+  std::map<uint64_t, uint64_t> hold_started_ns_;
   bool logged_hold_ = false;  // "closes wait for the recovery" was logged for this hold
   std::vector<std::span<const std::byte>> pieces_;  // reused by get_recovery_data
   // Placements under way, by buffer: the buffer taken for an open (counted in

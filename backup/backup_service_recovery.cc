@@ -60,10 +60,9 @@ Status BackupService::start_reading(std::span<const std::byte> body, Reply& repl
       past_recovery_ns_ += recovery->read_ns();
       recovery.reset();
     }
-    // Flushes wait while it is read (see "Closes wait while a recovery is read").
-    if (options_.durability == Durability::kBuffered && options_.recovery_flush_hold_ns > 0) {
-      hold_flushes_until_ns_ = options_.clock->now_ns() + options_.recovery_flush_hold_ns;
-    }
+    // Flushes wait while it is read (see "Closes wait while a recovery is read"), from
+    // this master's first recovery here: a retried one does not start the time again.
+    hold_started_ns_.emplace(req.master_id, options_.clock->now_ns());
     recovery =
         std::make_unique<RecoverySegments>(req.master_id, req.recovery_id, std::move(sources),
                                            (req.flags & wire::kDeferReads) != 0, pool_);
@@ -126,6 +125,7 @@ void BackupService::free_master(uint64_t master_id) {
     past_recovery_ns_ += it->second->read_ns();
     recoveries_.erase(it);
   }
+  hold_started_ns_.erase(master_id);
   size_t freed = 0;
   std::vector<std::string> files;
   for (auto it = replicas_.lower_bound({master_id, 0});

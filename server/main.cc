@@ -287,10 +287,13 @@ std::string backup_stats(const ramkv::backup::BackupService& backup) {
       "backup_replicas {}\nbackup_buffers_in_use {}\nbackup_buffers_free {}\n"
       "backup_buffers_allocated_late {}\nbackup_recovery_read_bytes {}\n"
       "backup_recovery_read_ns {}\nbackup_regions_exposed {}\nbackup_remote_appends {}\n"
-      "backup_bytes_placed {}\n",
+      "backup_bytes_placed {}\nbackup_flushes_queued {}\nbackup_flush_operations_in_flight {}\n"
+      "backup_flush_failures {}\nbackup_holding_flushes {}\n",
       backup.replica_count(), backup.buffers_in_use(), backup.buffers_free(),
       backup.buffers_allocated_late(), backup.recovery_bytes_read(), backup.recovery_read_ns(),
-      backup.regions_exposed(), backup.remote_appends(), backup.bytes_placed());
+      backup.regions_exposed(), backup.remote_appends(), backup.bytes_placed(),
+      backup.flushes_queued(), backup.operations_in_flight(), backup.flush_failures(),
+      backup.holding_flushes() ? 1 : 0);
 }
 
 // Asks the coordinator for the server list once (after enlisting: the pushed update may
@@ -548,6 +551,9 @@ int run_server(const ServerOptions& o) {
   if (detector) detector->stop();
   if (collector) collector->stop();
   ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
+  // Buffered closes are answered before their files are written; what is still in RAM
+  // goes to disk now, so that a restart here finds it.
+  if (backup) backup->write_held(10'000'000'000);
   LOG_INFO("server {} stopped", server_id);
   return 0;
 }

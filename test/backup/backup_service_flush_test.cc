@@ -489,6 +489,8 @@ TEST_CASE("backup service: buffered closes wait while a recovery is read, within
   CHECK_FALSE(on_disk(11));
   CHECK_FALSE(on_disk(12));
   CHECK(service->buffers_in_use() == 2);
+  // The loop comes back to look within 100 ms, with nothing else to wake it.
+  CHECK(service->run() <= 100'000'000);
   // Until fewer than a quarter of the buffers are free: then they are written.
   for (uint64_t id = 20; id < 24; ++id) {
     REQUIRE(write(*service, {.segment_id = id, .data = images.at(11).bytes, .open = true}) ==
@@ -510,11 +512,18 @@ TEST_CASE("backup service: buffered closes wait while a recovery is read, within
   settle(*service);
   check_file_valid(dir.path, 1, 13, images.at(13));
 
-  // A new recovery holds them again, and its end lets them go.
+  // A new recovery holds them again, and its end lets them go. A close that waits is
+  // dropped with its master's replicas.
   service->free_master(5);
   start_recovery(6);
   close_one(14);
   CHECK_FALSE(on_disk(14));
+  auto other = make_segment(3, 5);
+  replicate(*service, 8, 3, other);
+  CHECK(service->flushes_queued() == 2);
+  service->free_master(8);
+  CHECK(service->flushes_queued() == 1);
+  CHECK(service->buffers_in_use() == 1);
   service->free_master(6);
   CHECK_FALSE(service->holding_flushes());
   settle(*service);
@@ -532,4 +541,39 @@ TEST_CASE("backup service: in disk mode nothing waits for a recovery", "[backup]
   auto image = make_segment(10, 5);
   replicate(*service, 1, 10, image);  // each write answered once it is on disk
   check_file_valid(dir.path, 1, 10, image);
+}
+
+TEST_CASE("backup service: a recovery retried with a new id does not hold closes longer",
+          "[backup][service][async]") {
+  test::TempDir dir("/var/tmp");
+  ManualClock clock;
+  auto service = make_service(dir.path, Durability::kBuffered, 8, &clock);
+  auto start_reading = [&](uint64_t recovery_id) {
+    std::vector<std::byte> body;
+    wire::BodyWriter(&body).put(
+        wire::StartReadingDataRequest{.master_id = 5, .recovery_id = recovery_id});
+    REQUIRE(call(*service, wire::Opcode::kBackupStartReadingData, body) == Status::kOk);
+  };
+  const uint64_t hold = BackupService::Options{}.recovery_flush_hold_ns;
+  start_reading(1);
+  clock.advance_ns(hold / 2);
+  start_reading(2);  // the coordinator tries again: same master, new recovery
+  CHECK(service->holding_flushes());
+  clock.advance_ns(hold / 2);
+  CHECK_FALSE(service->holding_flushes());  // counted from the master's first recovery
+}
+
+TEST_CASE("backup service: a stopping backup writes the closes it holds in RAM",
+          "[backup][service][async]") {
+  test::TempDir dir("/var/tmp");
+  auto service = make_service(dir.path, Durability::kBuffered, 8);
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(wire::StartReadingDataRequest{.master_id = 5, .recovery_id = 1});
+  REQUIRE(call(*service, wire::Opcode::kBackupStartReadingData, body) == Status::kOk);
+  auto image = make_segment(10, 5);
+  replicate(*service, 1, 10, image);
+  REQUIRE(service->flushes_queued() == 1);  // held for the recovery
+  CHECK(service->write_held(10'000'000'000) == 0);
+  check_file_valid(dir.path, 1, 10, image);
+  CHECK(service->buffers_in_use() == 0);
 }

@@ -576,10 +576,13 @@ TEST_CASE("backup service: on a full disk, buffered closes stay in RAM until the
   constexpr uint32_t kBigSegmentBytes = 1 << 20;
   const std::string dir = fs->path() + "/backup";
   ManualClock clock;
+  // One flush at a time, in queue order: which waiting close gets the room freed below
+  // must not depend on how two concurrent writes race for the blocks.
   auto service = attached(BackupService::create({.data_dir = dir,
                                                  .segment_bytes = kBigSegmentBytes,
                                                  .max_buffers = 2,
                                                  .durability = Durability::kBuffered,
+                                                 .max_flush_bytes = 1,
                                                  .clock = &clock}));
   // Whole segments of about 1 MiB, each acknowledged from RAM, until the buffers of
   // closes that could not be written leave no room for an open.
@@ -613,6 +616,7 @@ TEST_CASE("backup service: on a full disk, buffered closes stay in RAM until the
   }
   for (size_t i = 0; i + 2 < acked.size(); ++i)
     check_file_valid(dir, 1, acked[i].segment_id, acked[i]);
+  service->wait_for_removals();  // what the failed tries created goes on the remover's thread
   CHECK_FALSE(std::filesystem::exists(replica_path(dir, 1, waiting1.segment_id)));
   CHECK_FALSE(std::filesystem::exists(replica_path(dir, 1, waiting2.segment_id)));
 

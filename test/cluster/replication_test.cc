@@ -51,18 +51,23 @@ std::map<std::string, uint64_t> objects_on_backup(const std::string& data_dir, u
   return out;
 }
 
-// Waits until no master holds a reply for its backups (bounded).
-// Until every master holds no reply and has no replication write in flight: closes
-// included, so that every closed replica's file is written (a test that reads the files
-// meanwhile could find one just created and still empty).
+// Waits (bounded) until every master holds no reply and has no replication write in
+// flight, closes included, and every backup has written what it holds to disk (a buffered
+// close is answered before its file is written): a test that reads the files meanwhile
+// could find one just created and still empty.
 void wait_until_replicated(Client& client, const std::vector<ServerInfo>& servers) {
   for (int i = 0; i < 200; ++i) {
     bool idle = true;
     for (const auto& s : servers) {
-      if (!s.master) continue;
       auto stats = client.server_stats(s.locator);
-      if (stats.ok() && (stats->find("replication_replies_held 0\n") == std::string::npos ||
-                         stats->find("replication_writes_in_flight 0\n") == std::string::npos)) {
+      if (!stats.ok()) continue;
+      auto has = [&](const char* line) { return stats->find(line) != std::string::npos; };
+      if (s.master &&
+          (!has("replication_replies_held 0\n") || !has("replication_writes_in_flight 0\n"))) {
+        idle = false;
+      }
+      if (has("backup_flushes_queued") &&
+          (!has("backup_flushes_queued 0\n") || !has("backup_flush_operations_in_flight 0\n"))) {
         idle = false;
       }
     }
