@@ -40,7 +40,9 @@ struct RecoveryBenchOptions {
   std::string bytes = "1G";
   uint32_t object_bytes = 1000;
   uint32_t timeout_s = 600;
-  std::string ceiling_bytes = "256M";  // the replay ceiling's run; 0: skip it (and the floor)
+  // The replay ceiling's run: empty, as many bytes as the recovery (--bytes); 0: skip it
+  // (and the floor).
+  std::string ceiling_bytes;
   std::string csv;
   std::string plot;
   bool json = false;

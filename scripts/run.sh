@@ -63,5 +63,5 @@ build/bin/ramkv-bench latency --coordinator "127.0.0.1:$port" --count 5000 --key
 echo "== crash recovery: fill one master with $recovery_bytes, kill it (SIGKILL), time it back"
 build/bin/ramkv-bench recovery --coordinator "127.0.0.1:$port" --bytes "$recovery_bytes" \
   --kill-command "bash scripts/cluster.sh kill {locator} --dir '$dir'" \
-  --ceiling-bytes 128M --csv "$dir/recovery.csv" --plot "$dir/recovery.png"
+  --csv "$dir/recovery.csv" --plot "$dir/recovery.png"
 echo "== the timeline of that recovery: $dir/recovery.csv (plot: $dir/recovery.png)"
