@@ -279,13 +279,15 @@ std::optional<double> wait_for_backup_writes(Client& client, double timeout_s) {
 // The single-process replay ceiling: `ramkv-bench replay` run as a child of this binary,
 // on as many bytes as the recovery replays (the "replay of the same segments"): a
 // smaller run is faster per byte, its hash table staying in the caches (256 MiB replayed
-// at 1,534-1,896 MB/s where 1 GiB did at 1,126-1,349, alternating on one machine).
+// at 1,534-1,896 MB/s where 1 GiB did at 1,126-1,349, alternating on one machine). The
+// best of three runs: this machine's speed wanders by a third from minute to minute, and
+// a ceiling caught in a slow moment would flatter the recovery.
 std::optional<double> replay_ceiling(const RecoveryBenchOptions& o) {
   std::error_code ec;
   auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) return std::nullopt;
   std::string cmd = fmt::format(
-      "'{}' replay --bytes {} --object-bytes {} --runs 2 --json 2>/dev/null", self.string(),
+      "'{}' replay --bytes {} --object-bytes {} --runs 3 --json 2>/dev/null", self.string(),
       o.ceiling_bytes.empty() ? o.bytes : o.ceiling_bytes, o.object_bytes);
   FILE* p = ::popen(cmd.c_str(), "r");
   if (p == nullptr) return std::nullopt;
