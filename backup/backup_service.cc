@@ -568,11 +568,8 @@ Status BackupService::make_master_dir(uint64_t master_id, bool quiet) {
   std::string dir = options_.data_dir + "/" + std::to_string(master_id);
   std::filesystem::create_directories(dir, ec);
   if (ec) {
-    if (quiet) {
-      LOG_DEBUG("cannot create {}: {}", dir, ec.message());
-    } else {
-      LOG_ERROR("cannot create {}: {}", dir, ec.message());
-    }
+    RAMKV_LOG_AT(quiet ? LogLevel::kDebug : LogLevel::kError, "cannot create {}: {}", dir,
+                 ec.message());
     return ec == std::errc::no_space_on_device ? Status::kNoSpace : Status::kIoError;
   }
   master_dirs_.insert(master_id);
@@ -601,11 +598,9 @@ void BackupService::complete_open(Entry& entry, int32_t result) {
   r.opening = false;
   if (result >= 0) {
     r.file = File(result);
-  } else if (quiet(r)) {
-    LOG_DEBUG("cannot open replica file {}: {}", r.open_path, std::strerror(-result));
-    r.open_failure = errno_status(-result);
   } else {
-    LOG_ERROR("cannot open replica file {}: {}", r.open_path, std::strerror(-result));
+    RAMKV_LOG_AT(error_level(r), "cannot open replica file {}: {}", r.open_path,
+                 std::strerror(-result));
     r.open_failure = errno_status(-result);
   }
   r.open_path.clear();
@@ -622,11 +617,7 @@ Status BackupService::open_file(const Key& key, Replica& r) {
   int fd = ::open(path.c_str(), flags, 0644);
   if (fd < 0) {
     int err = errno;
-    if (quiet(r)) {
-      LOG_DEBUG("cannot open replica file {}: {}", path, std::strerror(err));
-    } else {
-      LOG_ERROR("cannot open replica file {}: {}", path, std::strerror(err));
-    }
+    RAMKV_LOG_AT(error_level(r), "cannot open replica file {}: {}", path, std::strerror(err));
     return errno_status(err);
   }
   r.file = File(fd);
@@ -652,11 +643,8 @@ Status BackupService::chain_status(Entry& entry) {
   Flush& f = entry.second.flush;
   auto failed = [&](const char* what, int32_t result) {
     std::string path = replica_path(options_.data_dir, entry.first.first, entry.first.second);
-    if (quiet(entry.second)) {
-      LOG_DEBUG("{} replica {}: {}", what, path, std::strerror(-result));
-    } else {
-      LOG_ERROR("{} replica {}: {}", what, path, std::strerror(-result));
-    }
+    RAMKV_LOG_AT(error_level(entry.second), "{} replica {}: {}", what, path,
+                 std::strerror(-result));
     return errno_status(-result);
   };
   // The first operation that did not complete in full decides; those after it in the
@@ -673,11 +661,8 @@ Status BackupService::chain_status(Entry& entry) {
       // than asked only when it runs out of room (or past the file-size limit).
       if (written == 0 || written % kDirectAlignment != 0) {
         std::string path = replica_path(options_.data_dir, entry.first.first, entry.first.second);
-        if (quiet(entry.second)) {
-          LOG_DEBUG("short write of replica {}: {} of {} bytes", path, written, f.data_bytes);
-        } else {
-          LOG_ERROR("short write of replica {}: {} of {} bytes", path, written, f.data_bytes);
-        }
+        RAMKV_LOG_AT(error_level(entry.second), "short write of replica {}: {} of {} bytes", path,
+                     written, f.data_bytes);
         return Status::kNoSpace;
       }
       f.next_offset += written;

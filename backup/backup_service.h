@@ -147,6 +147,7 @@
 #include "backup/recovery_segments.h"
 #include "backup/uring.h"
 #include "common/clock.h"
+#include "common/log.h"
 #include "common/result.h"
 #include "common/transport.h"
 #include "common/wire_format.h"
@@ -407,6 +408,9 @@ class BackupService final : public LoopTask {
   Status open_file(const Key& key, Replica& replica);
   // A replica whose flushes keep failing: its errors after the first are logged quietly.
   static bool quiet(const Replica& r) { return r.flush_failures > 0; }
+  static LogLevel error_level(const Replica& r) {
+    return quiet(r) ? LogLevel::kDebug : LogLevel::kError;
+  }
   // One completion of the chain in flight; the last one decides the flush.
   void complete(const Uring::Completion& completion);
   // How the chain that just completed went: kOk (the flush is done), kRetry (a short

@@ -29,6 +29,16 @@ void log_line(LogLevel level, const char* file, int line, std::string_view messa
                                   ::fmt::format(__VA_ARGS__));                  \
   } while (0)
 
+// A line at a level chosen at run time (a failure that repeats, logged quietly after the
+// first time).
+#define RAMKV_LOG_AT(level_value, ...)                                  \
+  do {                                                                  \
+    const ::ramkv::LogLevel ramkv_log_level_ = (level_value);           \
+    if (ramkv_log_level_ >= ::ramkv::log_level())                       \
+      ::ramkv::internal::log_line(ramkv_log_level_, __FILE__, __LINE__, \
+                                  ::fmt::format(__VA_ARGS__));          \
+  } while (0)
+
 #define LOG_DEBUG(...) RAMKV_LOG(kDebug, __VA_ARGS__)
 #define LOG_INFO(...) RAMKV_LOG(kInfo, __VA_ARGS__)
 #define LOG_WARNING(...) RAMKV_LOG(kWarning, __VA_ARGS__)

@@ -463,10 +463,7 @@ TEST_CASE("backup service: buffered closes wait while a recovery is read, within
   ManualClock clock;
   auto service = make_service(dir.path, Durability::kBuffered, 8, &clock);
   auto start_recovery = [&](uint64_t master_id) {
-    std::vector<std::byte> body;
-    wire::BodyWriter(&body).put(
-        wire::StartReadingDataRequest{.master_id = master_id, .recovery_id = master_id});
-    REQUIRE(call(*service, wire::Opcode::kBackupStartReadingData, body) == Status::kOk);
+    REQUIRE(start_reading(*service, master_id, master_id) == Status::kOk);
   };
   std::map<uint64_t, SegmentImage> images;
   auto close_one = [&](uint64_t segment_id) {
@@ -534,9 +531,7 @@ TEST_CASE("backup service: buffered closes wait while a recovery is read, within
 TEST_CASE("backup service: in disk mode nothing waits for a recovery", "[backup][service][async]") {
   test::TempDir dir("/var/tmp");
   auto service = make_service(dir.path, Durability::kDisk);
-  std::vector<std::byte> body;
-  wire::BodyWriter(&body).put(wire::StartReadingDataRequest{.master_id = 5, .recovery_id = 1});
-  REQUIRE(call(*service, wire::Opcode::kBackupStartReadingData, body) == Status::kOk);
+  REQUIRE(start_reading(*service, 5, 1) == Status::kOk);
   CHECK_FALSE(service->holding_flushes());
   auto image = make_segment(10, 5);
   replicate(*service, 1, 10, image);  // each write answered once it is on disk
@@ -548,16 +543,11 @@ TEST_CASE("backup service: a recovery retried with a new id does not hold closes
   test::TempDir dir("/var/tmp");
   ManualClock clock;
   auto service = make_service(dir.path, Durability::kBuffered, 8, &clock);
-  auto start_reading = [&](uint64_t recovery_id) {
-    std::vector<std::byte> body;
-    wire::BodyWriter(&body).put(
-        wire::StartReadingDataRequest{.master_id = 5, .recovery_id = recovery_id});
-    REQUIRE(call(*service, wire::Opcode::kBackupStartReadingData, body) == Status::kOk);
-  };
   const uint64_t hold = BackupService::Options{}.recovery_flush_hold_ns;
-  start_reading(1);
+  REQUIRE(start_reading(*service, 5, 1) == Status::kOk);
   clock.advance_ns(hold / 2);
-  start_reading(2);  // the coordinator tries again: same master, new recovery
+  // The coordinator tries again: same master, new recovery.
+  REQUIRE(start_reading(*service, 5, 2) == Status::kOk);
   CHECK(service->holding_flushes());
   clock.advance_ns(hold / 2);
   CHECK_FALSE(service->holding_flushes());  // counted from the master's first recovery
@@ -567,9 +557,7 @@ TEST_CASE("backup service: a stopping backup writes the closes it holds in RAM",
           "[backup][service][async]") {
   test::TempDir dir("/var/tmp");
   auto service = make_service(dir.path, Durability::kBuffered, 8);
-  std::vector<std::byte> body;
-  wire::BodyWriter(&body).put(wire::StartReadingDataRequest{.master_id = 5, .recovery_id = 1});
-  REQUIRE(call(*service, wire::Opcode::kBackupStartReadingData, body) == Status::kOk);
+  REQUIRE(start_reading(*service, 5, 1) == Status::kOk);
   auto image = make_segment(10, 5);
   replicate(*service, 1, 10, image);
   REQUIRE(service->flushes_queued() == 1);  // held for the recovery

@@ -181,6 +181,14 @@ inline Status free_replica(BackupService& service, uint64_t master_id, uint64_t 
   return call(service, wire::Opcode::kBackupFree, free_body(master_id, segment_id));
 }
 
+// `backup start reading data` for a crashed master: its recovery starts here.
+inline Status start_reading(BackupService& service, uint64_t master_id, uint64_t recovery_id) {
+  std::vector<std::byte> body;
+  wire::BodyWriter(&body).put(
+      wire::StartReadingDataRequest{.master_id = master_id, .recovery_id = recovery_id});
+  return call(service, wire::Opcode::kBackupStartReadingData, body);
+}
+
 inline std::vector<wire::ReplicaEntry> list(BackupService& service) {
   Reply reply;
   REQUIRE(call(service, wire::Opcode::kBackupListReplicas, {}, &reply) == Status::kOk);
