@@ -562,14 +562,13 @@ Status BackupService::start_chain(Entry& entry, uint64_t now, bool hold) {
   return Status::kOk;
 }
 
-Status BackupService::make_master_dir(uint64_t master_id, bool quiet) {
+Status BackupService::make_master_dir(uint64_t master_id, LogLevel level) {
   if (master_dirs_.contains(master_id)) return Status::kOk;
   std::error_code ec;
   std::string dir = options_.data_dir + "/" + std::to_string(master_id);
   std::filesystem::create_directories(dir, ec);
   if (ec) {
-    RAMKV_LOG_AT(quiet ? LogLevel::kDebug : LogLevel::kError, "cannot create {}: {}", dir,
-                 ec.message());
+    RAMKV_LOG_AT(level, "cannot create {}: {}", dir, ec.message());
     return ec == std::errc::no_space_on_device ? Status::kNoSpace : Status::kIoError;
   }
   master_dirs_.insert(master_id);
@@ -580,7 +579,7 @@ void BackupService::begin_open(Entry& entry) {
   const Key& key = entry.first;
   Replica& r = entry.second;
   if (r.opening || r.has_file || r.file.get() >= 0 || r.found_on_disk) return;
-  if (make_master_dir(key.first, quiet(r)) != Status::kOk) return;  // start_chain says why
+  if (make_master_dir(key.first, error_level(r)) != Status::kOk) return;  // start_chain says why
   r.open_path = replica_path(options_.data_dir, key.first, key.second);
   remover_.claim(r.open_path);  // an earlier replica's file may wait to be unlinked
   const auto tag = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(&entry));
@@ -610,7 +609,7 @@ void BackupService::complete_open(Entry& entry, int32_t result) {
 }
 
 Status BackupService::open_file(const Key& key, Replica& r) {
-  if (Status s = make_master_dir(key.first, quiet(r)); s != Status::kOk) return s;
+  if (Status s = make_master_dir(key.first, error_level(r)); s != Status::kOk) return s;
   std::string path = replica_path(options_.data_dir, key.first, key.second);
   if (!r.has_file) remover_.claim(path);  // an earlier replica's file may wait to be unlinked
   int flags = O_WRONLY | O_CREAT | O_DIRECT | O_CLOEXEC | (r.has_file ? 0 : O_TRUNC);

@@ -10,12 +10,12 @@
 //              then writes and fdatasyncs the file in the background, and the buffer goes
 //              back to the pool once that is done. A close whose write fails (a full
 //              disk) keeps its buffer, so its bytes stay as durable as every other
-//              buffered write's, and is written again every second until it succeeds or
-//              the replica is freed; meanwhile its buffer counts against max_buffers, so
-//              a backup whose disk stays full ends up refusing opens (kRetry) and its
-//              masters make their replicas elsewhere. A close used to wait for its
-//              fdatasync, and on a disk shared by busy backups that could take seconds,
-//              close to a master's RPC timeout (which loses the replica).
+//              buffered write's, and is tried again (after 1 s, doubling to 32 s) until it
+//              succeeds or the replica is freed; meanwhile its buffer counts against max_buffers,
+//              so a backup whose disk stays full ends up refusing opens (kRetry) and its masters
+//              make their replicas elsewhere. A close used to wait for its fdatasync, and on a disk
+//              shared by busy backups that could take seconds, close to a master's RPC timeout
+//              (which loses the replica).
 //   kDisk      every write is written to the replica file and fdatasync'ed before it is
 //              acknowledged.
 //
@@ -69,11 +69,12 @@
 // Resent writes: a master resends a write after a timeout or a reconnect, so a write that
 // asks for nothing new is acknowledged again without change. That is a write whose bytes
 // lie within the bytes already held and match them (checked while the replica still has
-// its buffer; a closed one has none once written), whose epoch and certificate are no newer than
-// those held (an equal certificate length with the same checksum), and whose close flag, if set,
-// names a replica already closed at exactly this length. A resent open (open = 1, offset 0) of an
-// existing replica is such a write. A write that starts within the held bytes and runs past them
-// appends only the new tail, once the overlap has matched. docs/rpc.md, Backup.
+// its buffer; a closed one has none once written), whose epoch and certificate are no
+// newer than those held (an equal certificate length with the same checksum), and whose
+// close flag, if set, names a replica already closed at exactly this length. A resent open
+// (open = 1, offset 0) of an existing replica is such a write. A write that starts within
+// the held bytes and runs past them appends only the new tail, once the overlap has
+// matched. docs/rpc.md, Backup.
 //
 // Zombie fencing: fence_master() marks a master the coordinator declared crashed; its
 // later writes and frees are refused with kFenced, so a zombie cannot change the replicas
@@ -390,9 +391,9 @@ class BackupService final : public LoopTask {
   // Starts creating a replica's file through the ring, for its first flush (start_chain
   // opens it itself when this could not start: no room, no directory).
   void begin_open(Entry& entry);
-  // Creates <data-dir>/<master id> the first time a replica of that master needs it;
-  // `quiet`: a failure is logged at debug level (a retried flush's).
-  Status make_master_dir(uint64_t master_id, bool quiet = false);
+  // Creates <data-dir>/<master id> the first time a replica of that master needs it; a
+  // failure is logged at `level` (a retried flush's quietly).
+  Status make_master_dir(uint64_t master_id, LogLevel level = LogLevel::kError);
   // A begin_open's completion.
   void complete_open(Entry& entry, int32_t result);
   // Starts the flushes (or next chains) in to_flush_ that the ring has room for.

@@ -282,13 +282,17 @@ std::optional<double> wait_for_backup_writes(Client& client, double timeout_s) {
 // at 1,534-1,896 MB/s where 1 GiB did at 1,126-1,349, alternating on one machine). The
 // best of three runs: this machine's speed wanders by a third from minute to minute, and
 // a ceiling caught in a slow moment would flatter the recovery.
+std::string ceiling_bytes(const RecoveryBenchOptions& o) {
+  return o.ceiling_bytes.empty() ? o.bytes : o.ceiling_bytes;
+}
+
 std::optional<double> replay_ceiling(const RecoveryBenchOptions& o) {
   std::error_code ec;
   auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) return std::nullopt;
-  std::string cmd = fmt::format(
-      "'{}' replay --bytes {} --object-bytes {} --runs 3 --json 2>/dev/null", self.string(),
-      o.ceiling_bytes.empty() ? o.bytes : o.ceiling_bytes, o.object_bytes);
+  std::string cmd =
+      fmt::format("'{}' replay --bytes {} --object-bytes {} --runs 3 --json 2>/dev/null",
+                  self.string(), ceiling_bytes(o), o.object_bytes);
   FILE* p = ::popen(cmd.c_str(), "r");
   if (p == nullptr) return std::nullopt;
   std::string out;
@@ -775,6 +779,8 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
   }
 
   const double mb = static_cast<double>(done->info.bytes) / 1e6;
+  std::optional<double> ratio;  // the recovery's rate over the ceiling
+  if (ceiling && *ceiling > 0 && replay_window > 0) ratio = mb / replay_window / *ceiling;
   if (o.json) {
     std::string m;
     for (const auto& [id, row] : masters) {
@@ -810,8 +816,7 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
         network ? fmt::format("{:.3f}", network->cpu_seconds) : "null",
         floor_seconds ? fmt::format("{:.3f}", *floor_seconds) : "null",
         floor_seconds ? fmt::format("{:.1f}", mb / *floor_seconds) : "null", cpus,
-        ceiling && replay_window > 0 ? fmt::format("{:.3f}", mb / replay_window / *ceiling)
-                                     : "null",
+        ratio ? fmt::format("{:.3f}", *ratio) : "null",
         writes_waited ? fmt::format("{:.3f}", *writes_waited) : "null", checked, lost);
   } else {
     fmt::print("detection   {:8.3f} s (kill -> declared crashed)\n", detection);
@@ -839,12 +844,10 @@ int run_recovery_bench(const RecoveryBenchOptions& o) {
           *writes_waited);
     }
     if (ceiling) {
-      fmt::print("replay ceiling (one process, from memory, {}): {:.1f} MB/s\n",
-                 o.ceiling_bytes.empty() ? o.bytes : o.ceiling_bytes, *ceiling);
-      if (replay_window > 0) {
-        fmt::print("recovery rate / replay ceiling: {:.2f}x (declaration -> done)\n",
-                   mb / replay_window / *ceiling);
-      }
+      fmt::print("replay ceiling (one process, from memory, {}): {:.1f} MB/s\n", ceiling_bytes(o),
+                 *ceiling);
+      if (ratio)
+        fmt::print("recovery rate / replay ceiling: {:.2f}x (declaration -> done)\n", *ratio);
     }
     if (network) {
       fmt::print(
