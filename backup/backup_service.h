@@ -369,8 +369,9 @@ class BackupService final : public LoopTask {
   Status start_reading(std::span<const std::byte> body, Reply& reply);
   Status start_partitioning(std::span<const std::byte> body);
   Status get_recovery_data(std::span<const std::byte> body, Reply& reply);
-  using RecoveryLookup = RecoverySegments*;
-  RecoveryLookup find_recovery(uint64_t master_id, uint64_t recovery_id) const;
+  // The recovery of `master_id` with `recovery_id`; null when there is none.
+  const std::shared_ptr<RecoverySegments>& find_recovery(uint64_t master_id,
+                                                         uint64_t recovery_id) const;
 
   // Defers `reply` until the replica's durable_seq reaches `seq` (kFreeSeq: until idle).
   void defer(Replica& replica, uint64_t seq, Reply& reply);
@@ -484,8 +485,10 @@ class BackupService final : public LoopTask {
   uint64_t opens_refused_for_buffers_ = 0;
   // Crashed masters being recovered: master id -> what we read of it. Its reads run on
   // its own thread, from copies and files (into buffers of pool_, given back when it is
-  // destroyed), never from the replicas' buffers.
-  std::map<uint64_t, std::unique_ptr<RecoverySegments>> recoveries_;
+  // destroyed), never from the replicas' buffers. Shared: a reply of recovery data that
+  // a full socket did not take holds its recovery (Reply::set_keep), which may so
+  // outlive its entry here (and this service) until the reply is sent or dropped.
+  std::map<uint64_t, std::shared_ptr<RecoverySegments>> recoveries_;
   uint64_t past_recovery_bytes_ = 0;  // of recoveries dropped since
   uint64_t past_recovery_ns_ = 0;
   std::unique_ptr<Uring> ring_;

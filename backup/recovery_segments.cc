@@ -450,11 +450,7 @@ RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
 }
 
 RecoverySegments::~RecoverySegments() {
-  {
-    std::lock_guard lock(mutex_);
-    stop_ = true;
-  }
-  wake_.notify_all();
+  stop();
   thread_.join();
   if (pool_ != nullptr) {
     for (auto& r : replicas_) pool_->give(std::move(r->file_bytes));
@@ -639,6 +635,14 @@ std::optional<size_t> RecoverySegments::find(uint64_t segment_id) const {
       [](const std::unique_ptr<Replica>& r, uint64_t id) { return r->entry.segment_id < id; });
   if (it == replicas_.end() || (*it)->entry.segment_id != segment_id) return std::nullopt;
   return static_cast<size_t>(it - replicas_.begin());
+}
+
+void RecoverySegments::stop() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
 }
 
 Status RecoverySegments::get_pieces(uint64_t segment_id, uint32_t partition_id,

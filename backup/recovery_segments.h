@@ -96,6 +96,9 @@ class RecoverySegments {
   RecoverySegments(uint64_t master_id, uint64_t recovery_id, std::vector<RecoverySource> sources,
                    bool defer_reads = false, std::shared_ptr<BufferPool> pool = nullptr);
   ~RecoverySegments();  // stops the thread and joins it
+  // Reads no more: replicas not read by now never are (get_pieces answers kRetry), what
+  // was read stays served. For a recovery its backup dropped while replies still hold it.
+  void stop();
   RecoverySegments(const RecoverySegments&) = delete;
   RecoverySegments& operator=(const RecoverySegments&) = delete;
 

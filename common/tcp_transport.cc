@@ -205,9 +205,11 @@ class OutQueue {
   // Sends as much as the socket takes. false on error.
   bool flush(int fd) {
     while (!chunks_.empty()) {
-      iovec iov[64];
+      // Up to IOV_MAX: a queued recovery data reply is thousands of runs of entries.
+      constexpr int kMaxIov = 1024;
+      iovec iov[kMaxIov];
       int n = 0;
-      for (auto it = chunks_.begin(); it != chunks_.end() && n < 64; ++it, ++n) {
+      for (auto it = chunks_.begin(); it != chunks_.end() && n < kMaxIov; ++it, ++n) {
         iov[n] = {const_cast<std::byte*>(it->data + it->sent), it->size - it->sent};
       }
       msghdr msg{};
@@ -633,7 +635,9 @@ class TcpServerTransport final : public ServerTransport {
       if (!placed.empty()) c.placing.reset();  // the placer's memory is its own again
       reply.set_placed({});
       if (reply.deferred()) continue;
-      if (!send_reply(c, h, reply)) return close_connection(fd, "send failed");
+      const bool sent = send_reply(c, h, reply);
+      reply.clear();  // drops its keep: what the socket did not take holds its own
+      if (!sent) return close_connection(fd, "send failed");
     }
     if (!open) return close_connection(fd, "peer closed");
     update_interest(fd, c);
@@ -649,7 +653,7 @@ class TcpServerTransport final : public ServerTransport {
     if (reply.external().empty()) return c.send(fixed);
     std::vector<std::span<const std::byte>> pieces(std::begin(fixed), std::end(fixed));
     for (auto p : reply.external()) pieces.push_back(p);
-    return c.send(pieces);
+    return c.send(pieces, reply.keep(), /*shared_from=*/2);
   }
 
   // Epoll interest follows what the connection waits for: writable while replies are

@@ -7,7 +7,8 @@
 //   - A reply is a header, a body the handler filled, and optional external pieces that
 //     are sent without copying (value bytes that already sit in the log, or registered
 //     memory under RDMA). External pieces must stay valid until the handler's caller
-//     returns from sending; the transport copies whatever it cannot send at once.
+//     returns from sending; the transport copies whatever it cannot send at once, unless
+//     the reply names what keeps them (Reply::set_keep).
 //   - Clients send asynchronously and collect completions by polling on their own
 //     thread: no hand-off to another thread on the fast path (a wake-up across vCPUs
 //     costs ~50 us here, REFERENCE-FIGURES.md).
@@ -50,11 +51,17 @@ class Reply {
   // Appended after body() without a copy; see the file comment for lifetime.
   void add_external(std::span<const std::byte> piece) { external_.push_back(piece); }
   const std::vector<std::span<const std::byte>>& external() const { return external_; }
+  // What keeps the external pieces' bytes valid and unchanged: a transport that cannot
+  // send them at once holds it until it has, instead of copying them (a backup's
+  // recovery data: megabytes a reply, most of which a full socket would otherwise copy).
+  void set_keep(std::shared_ptr<const void> keep) { keep_ = std::move(keep); }
+  const std::shared_ptr<const void>& keep() const { return keep_; }
   size_t total_bytes() const;
   void clear() {
     status_ = Status::kOk;
     body_.clear();
     external_.clear();
+    keep_.reset();
     deferred_ = false;
     placed_ = {};
   }
@@ -77,6 +84,7 @@ class Reply {
   Status status_ = Status::kOk;
   std::vector<std::byte> body_;
   std::vector<std::span<const std::byte>> external_;
+  std::shared_ptr<const void> keep_;
 };
 
 struct TransportOptions {

@@ -254,10 +254,12 @@ void RecoveryTask::on_entries(const Key& key, uint64_t segment_id, Status status
       if (job.first_data_ns == 0) job.first_data_ns = clock_.now_ns();
       ReplayStats stats;
       const uint64_t replay_start = clock_.now_ns();
+      const uint64_t replay_start_cpu = thread_cpu_ns();
       status = objects_.replay(
           pieces, [&job, this](uint64_t table, uint64_t hash) { return accepts(job, table, hash); },
           &stats);
       job.replay_ns += clock_.now_ns() - replay_start;
+      job.replay_cpu_ns += thread_cpu_ns() - replay_start_cpu;
       job.replay.entries += stats.entries;
       job.replay.objects += stats.objects;
       job.replay.tombstones += stats.tombstones;
@@ -316,14 +318,15 @@ void RecoveryTask::report(const Key& key, Job& job) {
     const uint64_t first = job.first_data_ns == 0 ? job.started_ns : job.first_data_ns;
     LOG_INFO(
         "recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s "
-        "(first data after {:.3f} s, replayed after {:.3f} s of which {:.3f} s replaying, "
+        "(first data after {:.3f} s, replayed after {:.3f} s of which {:.3f} s replaying "
+        "({:.3f} s of CPU), "
         "{} early asks answered retry, {} of {} segments from our own backup; durable {:.3f} s "
         "later; {:.3f} s of CPU in this thread, replication and backup work included)",
         key.second, key.first, job.replay.objects, job.replay.tombstones, format_bytes(job.bytes),
         static_cast<double>(elapsed) / 1e9, seconds(job.started_ns, first),
         seconds(job.started_ns, job.replayed_ns), static_cast<double>(job.replay_ns) / 1e9,
-        job.retries, job.local_segments, job.segments.size(),
-        seconds(job.replayed_ns, clock_.now_ns()),
+        static_cast<double>(job.replay_cpu_ns) / 1e9, job.retries, job.local_segments,
+        job.segments.size(), seconds(job.replayed_ns, clock_.now_ns()),
         static_cast<double>(thread_cpu_ns() - job.started_cpu_ns) / 1e9);
   }
   if (++job.report_attempts > kMaxReportAttempts) {

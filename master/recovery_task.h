@@ -108,6 +108,7 @@ class RecoveryTask final : public LoopTask {
     uint64_t replayed_ns = 0;      // when every segment was replayed (for the log)
     uint64_t first_data_ns = 0;    // when the first data arrived (for the log)
     uint64_t replay_ns = 0;        // time spent in ObjectManager::replay (for the log)
+    uint64_t replay_cpu_ns = 0;    // and this thread's CPU time in it
     uint32_t retries = 0;          // kRetry answers: data asked for before it was ready
     uint32_t local_segments = 0;   // segments had from our own backup (set_local_backup)
     uint64_t durable_segment = 0;  // the log position that must be durable

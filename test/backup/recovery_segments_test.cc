@@ -824,6 +824,38 @@ TEST_CASE("recovery segments: with deferred reads and no primaries named, every 
   check_served(rs, 2, s2, map, 5, false);
 }
 
+TEST_CASE("recovery segments: once stopped, what was read is still served and nothing more is read",
+          "[backup][recovery_segments]") {
+  // A recovery its backup dropped (freed, or replaced by a retry) while replies of its
+  // data still wait in sockets: those hold it, and it must not go on reading meanwhile.
+  test::TempDir dir("/var/tmp");
+  auto ring = Uring::create(8);
+  REQUIRE(ring.ok());
+  SegmentBuilder s1, s2;
+  s1.head(1, std::vector<uint64_t>{1, 2}, 9, {});
+  fill(&s1, 1, 300);
+  fill(&s2, 2, 300);
+  std::vector<RecoverySource> sources;
+  sources.push_back(file_source(**ring, dir.path, 1, s1));
+  sources.push_back(file_source(**ring, dir.path, 2, s2));
+  RecoverySegments rs(kMaster, kRecovery, std::move(sources), /*defer_reads=*/true);
+  const std::vector<uint64_t> primaries = {1};
+  auto map = sample_map();
+  REQUIRE(rs.start_partitioning(map, std::span<const uint64_t>(primaries)) == Status::kOk);
+  wait_settled(rs);
+  const uint64_t read_before = rs.bytes_read();
+  rs.stop();
+  check_served(rs, 1, s1, map, 0, true);
+  // The secondary is asked for: admitted, but never read.
+  std::vector<std::byte> body;
+  CHECK(get_data(rs, 2, 10, &body) == Status::kRetry);
+  CHECK(rs.replicas_admitted() == 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(get_data(rs, 2, 10, &body) == Status::kRetry);
+  CHECK(rs.bytes_read() == read_before);
+  CHECK(rs.replicas_pending() == 1);
+}
+
 TEST_CASE("recovery segments: destroying it while it reads is safe",
           "[backup][recovery_segments]") {
   test::TempDir dir("/var/tmp");

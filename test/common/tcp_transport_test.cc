@@ -609,6 +609,65 @@ static void read_exactly(int fd, std::byte* into, size_t n) {
   }
 }
 
+TEST_CASE("tcp transport: a reply's kept pieces wait where they lie until sent, then are let go",
+          "[common][tcp]") {
+  // A backup's recovery data while its recovery master does not read: far more than the
+  // socket holds, queued without a copy, the reply's keep holding the bytes until sent.
+  auto source = std::make_shared<std::vector<std::byte>>(size_t{24} << 20);
+  for (size_t j = 0; j < source->size(); ++j) {
+    (*source)[j] = static_cast<std::byte>((j * 17) % 251);
+  }
+  std::vector<std::span<const std::byte>> runs;
+  std::vector<std::byte> expected = {std::byte{'k'}};
+  for (size_t at = 0, i = 0; at + 5000 < source->size(); ++i) {
+    const size_t n = 500 + (i * 53) % 3000;
+    runs.push_back(std::span<const std::byte>(*source).subspan(at, n));
+    expected.insert(expected.end(), source->begin() + static_cast<ptrdiff_t>(at),
+                    source->begin() + static_cast<ptrdiff_t>(at + n));
+    at += n + 700;
+  }
+  REQUIRE(expected.size() > (size_t{12} << 20));
+  std::atomic<int> served{0};
+  auto server = make_tcp_server_transport({});
+  REQUIRE(server->listen("127.0.0.1:0") == Status::kOk);
+  std::thread loop([&] {
+    server->run([&](const wire::MessageHeader&, std::span<const std::byte>, Reply& reply) {
+      reply.body() = {std::byte{'k'}};
+      for (const auto run : runs) reply.add_external(run);
+      reply.set_keep(source);
+      ++served;
+    });
+  });
+  int fd = raw_connect(server->locator());
+  wire::MessageHeader h;
+  h.opcode = static_cast<uint16_t>(wire::Opcode::kEcho);
+  h.rpc_seq = 1;
+  REQUIRE(::write(fd, &h, sizeof(h)) == static_cast<ssize_t>(sizeof(h)));
+  // Nothing read yet: the server answered, and holds what the socket did not take.
+  for (int i = 0; i < 1000 && served.load() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(served.load() == 1);
+  // However long we wait: a copy would let go of `source` once made, within milliseconds.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(source.use_count() > 1);
+  wire::MessageHeader rh;
+  read_exactly(fd, reinterpret_cast<std::byte*>(&rh), sizeof(rh));
+  CHECK(rh.rpc_seq == 1);
+  REQUIRE(rh.body_bytes == expected.size());
+  std::vector<std::byte> body(rh.body_bytes);
+  read_exactly(fd, body.data(), body.size());
+  CHECK(body == expected);
+  // Sent whole: the server lets go of the bytes (its loop drops them after the send).
+  for (int i = 0; i < 500 && source.use_count() > 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(source.use_count() == 1);
+  ::close(fd);
+  server->stop();
+  loop.join();
+}
+
 TEST_CASE(
     "tcp transport: a large message that trickles in, then a small one behind it, are both "
     "answered",
