@@ -29,4 +29,15 @@ inline void make_value(uint64_t index, uint64_t sequence, std::string* value) {
   }
 }
 
+// Hash-table bytes for `objects` keys, as an operator sizes a master's table for the data
+// it will hold (--hash-table-bytes; master_config.h): 8-slot buckets of 64 bytes, three
+// quarters of the slots used. The replay ceiling's master and the recovery bench's servers
+// are sized alike, so that the ratio between them compares the same table. (A server's
+// default, memory / 16, assumes objects of about 100 bytes: for 1000-byte objects it is
+// ten times larger, and replay into it ran 15-25% slower here, its random bucket accesses
+// missing the TLB.)
+inline uint64_t hash_table_bytes_for(uint64_t objects) {
+  return std::max<uint64_t>(64, (objects * 4 / 3 / 8 + 1) * 64);
+}
+
 }  // namespace ramkv::bench

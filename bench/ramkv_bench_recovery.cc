@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_keys.h"
 #include "common/clock.h"
 #include "common/config.h"
 #include "common/local_port.h"
@@ -107,30 +108,40 @@ class LocalCluster {
         static_cast<uint32_t>(bytes / std::max<uint32_t>(o.servers - 1, 1) / (8u << 20) + 1);
     const uint32_t open_replicas = std::max<uint32_t>(96, 3 * share);
     const std::string buffers = std::to_string(share + open_replicas);
+    // Hash tables sized for the objects the bench writes, as the replay ceiling's is
+    // (bench_keys.h): any server may be the one filled with all of them.
+    std::string table = o.hash_table_bytes;
+    if (table.empty()) {
+      table = std::to_string(hash_table_bytes_for(std::max<uint64_t>(1, bytes / o.object_bytes)));
+    }
     for (uint32_t i = 0; i < o.servers; ++i) {
       LocalServer s;
       s.locator = fmt::format("127.0.0.1:{}", free_port());
-      s.pid = spawn({bin + "/ramkv-server",
-                     "--coordinator",
-                     coordinator_,
-                     "--listen",
-                     s.locator,
-                     "--memory",
-                     memory,
-                     "--replicas",
-                     std::to_string(o.replicas),
-                     "--backup",
-                     "--durability",
-                     o.durability,
-                     "--backup-buffers-at-start",
-                     buffers,
-                     "--backup-buffers",
-                     std::to_string(open_replicas),
-                     "--data-dir",
-                     fmt::format("{}/backup-{}", dir_, i + 1),
-                     "--transport",
-                     transport},
-                    fmt::format("{}/server-{}.log", dir_, i + 1));
+      std::vector<std::string> args = {bin + "/ramkv-server",
+                                       "--coordinator",
+                                       coordinator_,
+                                       "--listen",
+                                       s.locator,
+                                       "--memory",
+                                       memory,
+                                       "--replicas",
+                                       std::to_string(o.replicas),
+                                       "--backup",
+                                       "--durability",
+                                       o.durability,
+                                       "--backup-buffers-at-start",
+                                       buffers,
+                                       "--backup-buffers",
+                                       std::to_string(open_replicas),
+                                       "--data-dir",
+                                       fmt::format("{}/backup-{}", dir_, i + 1),
+                                       "--transport",
+                                       transport};
+      if (table != "default") {
+        args.push_back("--hash-table-bytes");
+        args.push_back(table);
+      }
+      s.pid = spawn(args, fmt::format("{}/server-{}.log", dir_, i + 1));
       servers_.push_back(s);
     }
     return Status::kOk;
@@ -492,6 +503,9 @@ void add_recovery_command(CLI::App& app, RecoveryBenchOptions& o) {
       ->check(CLI::Range(1u, 16u))
       ->capture_default_str();
   cmd->add_option("--memory", o.memory, "--local: log memory per server (default: 1.5 x --bytes)");
+  cmd->add_option("--hash-table-bytes", o.hash_table_bytes,
+                  "--local: hash-table memory per server (default: sized for the objects "
+                  "written, as the replay ceiling's is; 'default': the server's own, memory / 16)");
   cmd->add_option("--dir", o.dir, "--local: data and logs (default: a fresh /var/tmp dir)");
   cmd->add_option("--bin", o.bin, "--local: directory of ramkv-coordinator and ramkv-server");
   cmd->add_option("--durability", o.durability, "--local: buffered or disk")

@@ -33,8 +33,11 @@ struct RecoveryBenchOptions {
   uint32_t servers = 4;
   uint32_t replicas = 3;
   std::string memory;  // per server, --local (default: enough for --bytes)
-  std::string dir;     // --local: data and logs (default: a fresh one under /var/tmp)
-  std::string bin;     // --local: ramkv-coordinator and ramkv-server (default: ours)
+  // Per server, --local: empty sizes it for the objects written (bench_keys.h);
+  // "default" leaves the server's own default (memory / 16).
+  std::string hash_table_bytes;
+  std::string dir;  // --local: data and logs (default: a fresh one under /var/tmp)
+  std::string bin;  // --local: ramkv-coordinator and ramkv-server (default: ours)
   std::string durability = "buffered";
   std::string partition_bytes;  // --local: the coordinator's --recovery-partition-bytes
   std::string bytes = "1G";

@@ -41,7 +41,7 @@ Result<Source> fill_source(const ReplayBenchOptions& o, uint64_t bytes, uint32_t
   cfg.cleaner_thread = false;  // keep every entry: a crashed master's log holds dead ones too
   cfg.prefault_memory = false;
   uint64_t entry = entry_bytes(kMaxObjectPrefixBytes + o.key_bytes + o.object_bytes);
-  cfg.hash_table_bytes = std::max<uint64_t>(64, (bytes / entry * 4 / 3 / 8 + 1) * 64);
+  cfg.hash_table_bytes = hash_table_bytes_for(bytes / entry);
   auto om = ObjectManager::create(cfg);
   if (!om.ok()) return om.status();
   Source s;

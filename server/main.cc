@@ -504,14 +504,15 @@ int run_server(const ServerOptions& o) {
       collector->start();
     }
   }
-  LOG_INFO(
-      "server {} listening on {} ({}{}{})", server_id, locator,
-      master ? fmt::format("master with {} of log memory, {} replicas",
-                           ramkv::format_bytes(master->objects().config().memory_bytes), o.replicas)
-             : std::string(),
-      master && backup ? "; " : "",
-      backup ? fmt::format("backup in {}, {} durability", o.data_dir, o.durability)
-             : std::string());
+  LOG_INFO("server {} listening on {} ({}{}{})", server_id, locator,
+           master ? fmt::format("master with {} of log memory, a {} hash table, {} replicas",
+                                ramkv::format_bytes(master->objects().config().memory_bytes),
+                                ramkv::format_bytes(master->objects().stats().hash_table_bytes),
+                                o.replicas)
+                  : std::string(),
+           master && backup ? "; " : "",
+           backup ? fmt::format("backup in {}, {} durability", o.data_dir, o.durability)
+                  : std::string());
   transport->run([&](const ramkv::wire::MessageHeader& h, std::span<const std::byte> body,
                      ramkv::Reply& reply) {
     const auto op = static_cast<ramkv::wire::Opcode>(h.opcode);
