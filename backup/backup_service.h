@@ -234,10 +234,12 @@ class BackupService final : public LoopTask {
   // `backup get recovery data` for a caller in this process (a recovery master on the
   // same server, master/recovery_task.h): the status and body the RPC would answer.
   // Its fixed part and its entries where they lie (RecoverySegments::get_pieces): valid
-  // until the recovery is dropped, which only the dispatch thread does.
+  // until the recovery is dropped, which only the dispatch thread does, or for as long
+  // as *keep (when asked for) is held.
   Status recovery_data(const wire::GetRecoveryDataRequest& request,
                        wire::RecoveryDataResponse* head,
-                       std::vector<std::span<const std::byte>>* pieces);
+                       std::vector<std::span<const std::byte>>* pieces,
+                       std::shared_ptr<const void>* keep = nullptr);
   // Crash recovery reads (docs/recovery.md): bytes read for recoveries since start, and
   // the time those reads took.
   uint64_t recovery_bytes_read() const;
@@ -369,9 +371,8 @@ class BackupService final : public LoopTask {
   Status start_reading(std::span<const std::byte> body, Reply& reply);
   Status start_partitioning(std::span<const std::byte> body);
   Status get_recovery_data(std::span<const std::byte> body, Reply& reply);
-  // The recovery of `master_id` with `recovery_id`; null when there is none.
-  const std::shared_ptr<RecoverySegments>& find_recovery(uint64_t master_id,
-                                                         uint64_t recovery_id) const;
+  using RecoveryLookup = RecoverySegments*;
+  RecoveryLookup find_recovery(uint64_t master_id, uint64_t recovery_id) const;
 
   // Defers `reply` until the replica's durable_seq reaches `seq` (kFreeSeq: until idle).
   void defer(Replica& replica, uint64_t seq, Reply& reply);
@@ -485,10 +486,8 @@ class BackupService final : public LoopTask {
   uint64_t opens_refused_for_buffers_ = 0;
   // Crashed masters being recovered: master id -> what we read of it. Its reads run on
   // its own thread, from copies and files (into buffers of pool_, given back when it is
-  // destroyed), never from the replicas' buffers. Shared: a reply of recovery data that
-  // a full socket did not take holds its recovery (Reply::set_keep), which may so
-  // outlive its entry here (and this service) until the reply is sent or dropped.
-  std::map<uint64_t, std::shared_ptr<RecoverySegments>> recoveries_;
+  // destroyed), never from the replicas' buffers.
+  std::map<uint64_t, std::unique_ptr<RecoverySegments>> recoveries_;
   uint64_t past_recovery_bytes_ = 0;  // of recoveries dropped since
   uint64_t past_recovery_ns_ = 0;
   std::unique_ptr<Uring> ring_;

@@ -96,6 +96,18 @@ struct HeadInfo {
 
 }  // namespace
 
+// A replica's bytes: its RAM source's, or a buffer its file was read into. A pooled
+// buffer goes back to the pool when the last owner (the replica, or a reply of its
+// entries that a socket has not taken yet) lets go; any other is freed.
+struct RecoverySegments::Bytes {
+  std::vector<std::byte> ram;
+  AlignedBuffer file;
+  std::shared_ptr<BufferPool> pool;  // where `file` goes back to; null: none
+  ~Bytes() {
+    if (pool != nullptr && file.size() != 0) pool->give(std::move(file));
+  }
+};
+
 struct RecoverySegments::Replica {
   enum class State : uint8_t { kUnread, kChecked, kSplit, kFailed };
 
@@ -106,9 +118,9 @@ struct RecoverySegments::Replica {
   std::string path;
   // The bytes (RAM source, or the file's header block and segment bytes as read), and
   // the certified segment bytes within them. Written by the constructor or the thread
-  // while state is kUnread; never changed afterwards (invariant 2).
-  std::vector<std::byte> ram;
-  AlignedBuffer file_bytes;  // from the backup's pool when it fits (given back at the end)
+  // while state is kUnread; never changed afterwards (invariant 2). Shared with the
+  // replies that send them (get_pieces' keep), which may outlive this object.
+  std::shared_ptr<Bytes> bytes;
   std::span<const std::byte> segment;
   bool counted = false;  // the thread's: RAM bytes added to bytes_read_
 
@@ -317,9 +329,9 @@ class RecoverySegments::Reader {
     f->end = align_up(f->needed);
     // The backup's pool first: its buffers' pages were touched before (buffer_pool.h).
     if (owner_.pool_ != nullptr && owner_.pool_->buffer_bytes() >= f->end) {
-      r.file_bytes = owner_.pool_->take_or_allocate();
+      r.bytes->file = owner_.pool_->take_or_allocate();
     } else {
-      r.file_bytes = AlignedBuffer(f->end);
+      r.bytes->file = AlignedBuffer(f->end);
     }
     f->start_ns = now_ns();
     return true;
@@ -328,7 +340,7 @@ class RecoverySegments::Reader {
   // Queues the read of [offset, the end of its chunk) of replica `index`'s file. The
   // caller has checked room().
   void queue_read(size_t index, File& f, uint64_t offset) {
-    std::span<std::byte> into(owner_.replicas_[index]->file_bytes.data() + offset,
+    std::span<std::byte> into(owner_.replicas_[index]->bytes->file.data() + offset,
                               chunk_end(f, offset) - offset);
     RAMKV_CHECK(offset <= kOffsetMask);
     Status s = ring_->submit_read(f.fd.fd, into, offset, (uint64_t{index} << kOffsetBits) | offset);
@@ -371,14 +383,14 @@ class RecoverySegments::Reader {
     }
     Replica& r = *owner_.replicas_[index];
     auto header =
-        decode_replica_header({r.file_bytes.data(), static_cast<size_t>(kReplicaHeaderBlock)});
+        decode_replica_header({r.bytes->file.data(), static_cast<size_t>(kReplicaHeaderBlock)});
     if (!header.ok() || header->master_id != r.entry.master_id ||
         header->segment_id != r.entry.segment_id) {
       bool torn = header.status() == Status::kFormatError;
       owner_.fail(index, Status::kCorrupt, torn ? wire::kReplicaTorn : wire::kReplicaCorrupt);
       return;
     }
-    r.segment = {r.file_bytes.data() + kReplicaHeaderBlock, r.entry.certificate_bytes};
+    r.segment = {r.bytes->file.data() + kReplicaHeaderBlock, r.entry.certificate_bytes};
     to_check->push_back(index);
   }
 
@@ -386,7 +398,7 @@ class RecoverySegments::Reader {
     File f;
     if (!open(index, /*direct=*/false, &f)) return;
     size_t got = 0;
-    if (!preads(f.fd.fd, owner_.replicas_[index]->file_bytes.data(), f.needed, 0, &got)) {
+    if (!preads(f.fd.fd, owner_.replicas_[index]->bytes->file.data(), f.needed, 0, &got)) {
       f.failure = Status::kIoError;
     } else if (got < f.needed) {
       f.failure = Status::kFormatError;
@@ -422,16 +434,18 @@ RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
     r->entry = s.entry;
     r->certificate_checksum = s.certificate_checksum;
     r->path = std::move(s.path);
-    r->ram = std::move(s.bytes);
+    r->bytes = std::make_shared<Bytes>();
+    r->bytes->pool = pool_;
+    r->bytes->ram = std::move(s.bytes);
     const bool in_buffer = s.buffer.size() != 0;
-    if (in_buffer) r->file_bytes = std::move(s.buffer);
+    if (in_buffer) r->bytes->file = std::move(s.buffer);
     if (r->entry.status != wire::kReplicaOk) {
       r->state = Replica::State::kFailed;  // the scan found it torn or corrupt
       r->failure = Status::kCorrupt;
     } else if (r->path.empty()) {
       const std::span<const std::byte> held =
-          in_buffer ? std::span<const std::byte>(r->file_bytes.data(), r->file_bytes.size())
-                    : std::span<const std::byte>(r->ram);
+          in_buffer ? std::span<const std::byte>(r->bytes->file.data(), r->bytes->file.size())
+                    : std::span<const std::byte>(r->bytes->ram);
       if (held.size() < r->entry.certificate_bytes) {
         r->state = Replica::State::kFailed;
         r->failure = Status::kCorrupt;
@@ -450,11 +464,14 @@ RecoverySegments::RecoverySegments(uint64_t master_id, uint64_t recovery_id,
 }
 
 RecoverySegments::~RecoverySegments() {
-  stop();
-  thread_.join();
-  if (pool_ != nullptr) {
-    for (auto& r : replicas_) pool_->give(std::move(r->file_bytes));
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
   }
+  wake_.notify_all();
+  thread_.join();
+  // The replicas' buffers go back to the pool as their Bytes are let go: now, or when
+  // the last reply holding them is sent.
 }
 
 namespace {
@@ -637,17 +654,10 @@ std::optional<size_t> RecoverySegments::find(uint64_t segment_id) const {
   return static_cast<size_t>(it - replicas_.begin());
 }
 
-void RecoverySegments::stop() {
-  {
-    std::lock_guard lock(mutex_);
-    stop_ = true;
-  }
-  wake_.notify_all();
-}
-
 Status RecoverySegments::get_pieces(uint64_t segment_id, uint32_t partition_id,
                                     wire::RecoveryDataResponse* head,
-                                    std::vector<std::span<const std::byte>>* pieces) const {
+                                    std::vector<std::span<const std::byte>>* pieces,
+                                    std::shared_ptr<const void>* keep) const {
   std::unique_lock lock(mutex_);
   const auto at = find(segment_id);
   if (!at) return Status::kBadRequest;
@@ -675,6 +685,7 @@ Status RecoverySegments::get_pieces(uint64_t segment_id, uint32_t partition_id,
   pieces->reserve(p.ranges.size());
   for (const Range& range : p.ranges)
     pieces->push_back(r->segment.subspan(range.offset, range.bytes));
+  if (keep != nullptr) *keep = r->bytes;
   return Status::kOk;
 }
 

@@ -29,7 +29,8 @@
 // backup's pool when one is free, or the RAM source's
 // vector moved in), plus 8 bytes per run of consecutive entries of one partition. Nothing
 // is freed before the object is destroyed: a recovery master that fails is replaced by
-// another that asks for the same data.
+// another that asks for the same data. A replica's bytes may outlive the object, held by
+// a reply not sent yet (get_pieces' keep); its buffer goes back to the pool after.
 //
 // Owner: BackupService. Threads: every public method may be called from any one thread
 // (the backup's dispatch thread) while the object's own thread reads and splits; the
@@ -96,9 +97,6 @@ class RecoverySegments {
   RecoverySegments(uint64_t master_id, uint64_t recovery_id, std::vector<RecoverySource> sources,
                    bool defer_reads = false, std::shared_ptr<BufferPool> pool = nullptr);
   ~RecoverySegments();  // stops the thread and joins it
-  // Reads no more: replicas not read by now never are (get_pieces answers kRetry), what
-  // was read stays served. For a recovery its backup dropped while replies still hold it.
-  void stop();
   RecoverySegments(const RecoverySegments&) = delete;
   RecoverySegments& operator=(const RecoverySegments&) = delete;
 
@@ -135,9 +133,12 @@ class RecoverySegments {
   //   kIoError     its file could not be read;
   //   kRetry       the map has not arrived, or the replica is not read and split yet (a
   //                secondary not read yet is queued for reading, first in line).
-  // Changed only on kOk.
+  // Changed only on kOk. *keep (when asked for) holds the replica's bytes, and so the
+  // pieces, valid past this object's end: a reply a socket did not take whole waits in
+  // its connection's queue holding it, and only that replica's buffer waits with it.
   Status get_pieces(uint64_t segment_id, uint32_t partition_id, wire::RecoveryDataResponse* head,
-                    std::vector<std::span<const std::byte>>* pieces) const;
+                    std::vector<std::span<const std::byte>>* pieces,
+                    std::shared_ptr<const void>* keep = nullptr) const;
 
   // For stats: bytes read from disk (replica header blocks included) or taken from RAM so
   // far, and the time the reads took, from the first one's start to the last one's end
@@ -151,6 +152,7 @@ class RecoverySegments {
   size_t replicas_admitted() const;
 
  private:
+  struct Bytes;
   struct Replica;
   struct PartitionMap;
   class Reader;

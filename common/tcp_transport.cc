@@ -65,6 +65,9 @@ namespace {
 
 constexpr size_t kHeaderBytes = sizeof(wire::MessageHeader);
 constexpr size_t kReadChunk = 64 * 1024;
+// Pieces one sendmsg takes at most: a queued recovery data reply is thousands of runs.
+constexpr size_t kMaxIov = 1024;
+static_assert(kMaxIov <= IOV_MAX);
 // Connection::fill stops reading once this much is buffered and holds a whole message.
 constexpr size_t kParseBatchBytes = 256 * 1024;
 
@@ -205,16 +208,14 @@ class OutQueue {
   // Sends as much as the socket takes. false on error.
   bool flush(int fd) {
     while (!chunks_.empty()) {
-      // Up to IOV_MAX: a queued recovery data reply is thousands of runs of entries.
-      constexpr int kMaxIov = 1024;
       iovec iov[kMaxIov];
-      int n = 0;
+      size_t n = 0;
       for (auto it = chunks_.begin(); it != chunks_.end() && n < kMaxIov; ++it, ++n) {
         iov[n] = {const_cast<std::byte*>(it->data + it->sent), it->size - it->sent};
       }
       msghdr msg{};
       msg.msg_iov = iov;
-      msg.msg_iovlen = static_cast<size_t>(n);
+      msg.msg_iovlen = n;
       ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
       if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
       auto left = static_cast<size_t>(w);
@@ -412,7 +413,6 @@ struct Connection {
     if (out.empty()) {
       // Many pieces (a backup's recovery data: thousands of runs of entries) go in
       // batches of up to kMaxIov, for as long as the socket takes them whole.
-      constexpr size_t kMaxIov = 1024;
       iovec iov[kMaxIov];
       size_t next = 0;
       while (next < pieces.size()) {

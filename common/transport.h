@@ -54,6 +54,9 @@ class Reply {
   // What keeps the external pieces' bytes valid and unchanged: a transport that cannot
   // send them at once holds it until it has, instead of copying them (a backup's
   // recovery data: megabytes a reply, most of which a full socket would otherwise copy).
+  // The transport lets go of it on its dispatch thread (once the bytes are sent, or the
+  // connection closes, or in its destructor): whatever it keeps alive must be cheap to
+  // destroy and must not wait for that thread.
   void set_keep(std::shared_ptr<const void> keep) { keep_ = std::move(keep); }
   const std::shared_ptr<const void>& keep() const { return keep_; }
   size_t total_bytes() const;
