@@ -111,7 +111,7 @@ int run_one(const MemoryBenchOptions& o, int utilization, RunResult* out) {
   uint64_t entry = ramkv::entry_bytes(prefix_bytes + o.key_bytes + o.object_bytes);
   uint64_t objects = static_cast<uint64_t>(utilization) * cfg.memory_bytes / 100 / entry;
   // The hash table is sized for the object count at 75% slot load, as an operator would.
-  cfg.hash_table_bytes = std::max<uint64_t>(64, (objects * 4 / 3 / 8 + 1) * 64);
+  cfg.hash_table_bytes = hash_table_bytes_for(objects);
   auto om_result = master::ObjectManager::create(cfg);
   if (!om_result.ok()) {
     fmt::print(stderr, "ramkv-bench memory: cannot create the storage engine: {}\n",
