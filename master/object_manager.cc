@@ -229,13 +229,17 @@ void ObjectManager::count_tombstone(uint64_t named, uint64_t holder, int64_t byt
   if (it == tombstone_bytes_.end()) {
     // Nothing to take back once the named segment has left the log (ids are not reused).
     if (bytes < 0) return;
-    it = tombstone_bytes_.emplace(named, std::unordered_map<uint64_t, int64_t>{}).first;
+    it = tombstone_bytes_.emplace(named, NamedTombstones{}).first;
   }
-  int64_t& held = it->second[holder];
+  NamedTombstones& entry = it->second;
+  int64_t& held = entry.by_holder[holder];
+  const int64_t before = held;
   held += bytes;
   tombstone_bytes_total_ += bytes;
-  if (held == 0) it->second.erase(holder);
-  if (it->second.empty()) tombstone_bytes_.erase(it);
+  entry.dying = entry.dying + static_cast<uint64_t>(std::max<int64_t>(held, 0)) -
+                static_cast<uint64_t>(std::max<int64_t>(before, 0));
+  if (held == 0) entry.by_holder.erase(holder);
+  if (entry.by_holder.empty()) tombstone_bytes_.erase(it);
 }
 
 uint64_t ObjectManager::tombstone_bytes() const {
@@ -246,10 +250,7 @@ uint64_t ObjectManager::tombstone_bytes() const {
 uint64_t ObjectManager::tombstone_bytes_naming(uint64_t segment_id) const {
   std::lock_guard lock(tombstones_mutex_);
   auto it = tombstone_bytes_.find(segment_id);
-  if (it == tombstone_bytes_.end()) return 0;
-  uint64_t bytes = 0;
-  for (const auto& [holder, held] : it->second) bytes += held > 0 ? static_cast<uint64_t>(held) : 0;
-  return bytes;
+  return it == tombstone_bytes_.end() ? 0 : it->second.dying;
 }
 
 uint64_t ObjectManager::segments_left_log(std::span<const uint64_t> segment_ids) {
@@ -258,7 +259,7 @@ uint64_t ObjectManager::segments_left_log(std::span<const uint64_t> segment_ids)
   for (uint64_t id : segment_ids) {
     auto it = tombstone_bytes_.find(id);
     if (it == tombstone_bytes_.end()) continue;
-    for (const auto& [holder, held] : it->second) {
+    for (const auto& [holder, held] : it->second.by_holder) {
       tombstone_bytes_total_ -= held;
       // A holder that left the log took its tombstones with it; a negative count is a
       // holder that a partial combined pass left behind, whose copies count elsewhere.

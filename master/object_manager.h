@@ -369,7 +369,14 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   // Tombstone bytes in the log by the segment they name, then by the segment holding
   // them (invariant 6). Locked after a stripe, before the log's append mutex.
   mutable std::mutex tombstones_mutex_;
-  std::unordered_map<uint64_t, std::unordered_map<uint64_t, int64_t>> tombstone_bytes_;
+  struct NamedTombstones {
+    std::unordered_map<uint64_t, int64_t> by_holder;
+    // The sum of the positive counts in by_holder: what dies with the segment. The
+    // cleaner asks it of every candidate of every combined pass, so it is kept, not
+    // summed.
+    uint64_t dying = 0;
+  };
+  std::unordered_map<uint64_t, NamedTombstones> tombstone_bytes_;
   int64_t tombstone_bytes_total_ = 0;  // the sum of tombstone_bytes_
   std::unique_ptr<Log> log_;
   std::unique_ptr<RpcResults> rpc_results_;  // releases into log_: destroyed before it
