@@ -50,6 +50,7 @@ void LogCleaner::count_copied(uint64_t bytes) {
 void LogCleaner::run() {
   const uint64_t low = log_.low_free_seglets();
   const uint64_t high = 2 * low;
+  bool was_stuck = false;
   std::unique_lock lock(mutex_);
   while (!stop_) {
     cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stop_ || woken_; });
@@ -73,18 +74,31 @@ void LogCleaner::run() {
       std::lock_guard check(mutex_);
       if (stop_) break;
     }
+    if (stuck && !was_stuck) {
+      // Writes of new data answer kNoSpace until something is removed or overwritten.
+      const LogStats stats = log_.stats();
+      LOG_WARNING(
+          "log cleaner: memory is full and cleaning can free none of it: {} of {} bytes "
+          "live ({} of them tombstones)",
+          stats.live_bytes, stats.memory_bytes, handlers_.tombstone_bytes());
+    }
+    was_stuck = stuck;
     log_.finish_cleaning_round(request, stuck);
     lock.lock();
   }
 }
 
-double LogCleaner::score(const Segment& s, uint64_t now_ns, bool combined) const {
+double LogCleaner::score(const Segment& s, uint64_t now_ns, bool combined,
+                         uint64_t dying_tombstones) const {
   double denom = combined ? static_cast<double>(s.capacity())
                           : static_cast<double>(std::max<uint64_t>(s.memory_bytes(), 1));
   double u = std::min(1.0, static_cast<double>(s.live_bytes()) / denom);
+  // Tombstones that die with the segment come back as memory too (at their holders' next
+  // compaction), at no copying cost.
+  double gain = 1.0 - u + static_cast<double>(dying_tombstones) / denom;
   double age =
       1.0 + static_cast<double>(now_ns > s.created_ns() ? now_ns - s.created_ns() : 0) / 1e9;
-  return (1.0 - u) * age / (1.0 + u);
+  return gain * age / (1.0 + u);
 }
 
 uint64_t LogCleaner::clean_once() {
@@ -263,40 +277,91 @@ uint64_t LogCleaner::clean_combined(std::vector<Segment*> candidates) {
 }
 
 uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool memory_only) {
-  uint64_t now = clock_.now_ns();
-  {
-    // Score each candidate once: live bytes change under writers while we sort, and a
-    // comparator whose answers change is not a strict weak ordering (std::sort then
-    // runs off the end of the vector).
-    std::vector<std::pair<double, Segment*>> scored;
-    scored.reserve(candidates.size());
-    for (Segment* s : candidates) scored.emplace_back(score(*s, now, true), s);
-    std::sort(scored.begin(), scored.end(),
-              [](const auto& a, const auto& b) { return a.first > b.first; });
-    for (size_t i = 0; i < scored.size(); ++i) candidates[i] = scored[i].second;
+  // Snapshot each candidate once: live bytes change under writers while we choose, and a
+  // comparator whose answers change is not a strict weak ordering (std::sort then runs
+  // off the end of the vector).
+  struct Candidate {
+    Segment* segment;
+    uint64_t live;
+    uint64_t memory;
+    uint64_t naming;  // bytes of the tombstones that die when it leaves the log
+    double rank;      // cost-benefit; a pass for memory counts the tombstones in
+  };
+  const uint64_t now = clock_.now_ns();
+  std::vector<Candidate> ranked;
+  ranked.reserve(candidates.size());
+  for (Segment* s : candidates) {
+    Candidate c{s, s->live_bytes(), s->memory_bytes(), handlers_.tombstone_bytes_naming(s->id()),
+                0};
+    c.rank = score(*s, now, true, memory_only ? c.naming : 0);
+    ranked.push_back(c);
   }
+  std::sort(ranked.begin(), ranked.end(),
+            [](const Candidate& a, const Candidate& b) { return a.rank > b.rank; });
+
   // Survivors must fit the memory the cleaner can count on (the victims are freed only
   // after them): a seglet of slack per survivor and two for the head.
   const uint64_t segment_bytes = log_.config().segment_bytes;
   const uint64_t reserve_bytes = cleaner_seglets() * seglet_bytes_;
-  std::vector<Segment*> victims;
+  auto fits = [&](uint64_t live) {
+    return live + (live / segment_bytes + 3) * seglet_bytes_ <= reserve_bytes;
+  };
+  // What the pass takes before the victims go: survivors and the new head, at most.
+  auto memory_taken = [&](uint64_t live) {
+    return (live / seglet_bytes_ + live / segment_bytes + 2) * seglet_bytes_;
+  };
+  // Best first, passing over any that no longer fit: stopping at the first one left
+  // passes of a single small segment that gave nothing back while memory ran out.
+  std::vector<const Candidate*> chosen;
   uint64_t live = 0;
-  uint64_t victim_memory = 0;
-  for (Segment* s : candidates) {
-    uint64_t next_live = live + s->live_bytes();
-    uint64_t survivors = next_live / segment_bytes + 1;
-    if (next_live + (survivors + 2) * seglet_bytes_ > reserve_bytes) break;
-    victims.push_back(s);
-    live = next_live;
-    victim_memory += s->memory_bytes();
+  uint64_t given_back = 0;  // victims' memory and the tombstones that die with them
+  for (const Candidate& c : ranked) {
+    if (!fits(live + c.live)) continue;
+    chosen.push_back(&c);
+    live += c.live;
+    given_back += c.memory + c.naming;
+  }
+  if (memory_only) {
+    // The best-ranked few can give back less than one victim that fills the reserve
+    // alone (a knapsack's greedy answer against its best single item): take whichever
+    // gives more. In a memory full of live objects and tombstones, a small segment
+    // ranked first with nothing else fitting beside it left the cleaner stuck
+    // (docs/master-storage.md, "Cleaning").
+    const Candidate* single = nullptr;
+    int64_t single_net = 0;
+    for (const Candidate& c : ranked) {
+      if (!fits(c.live)) continue;
+      const int64_t net =
+          static_cast<int64_t>(c.memory + c.naming) - static_cast<int64_t>(memory_taken(c.live));
+      if (single == nullptr || net > single_net) {
+        single = &c;
+        single_net = net;
+      }
+    }
+    const int64_t chosen_net =
+        static_cast<int64_t>(given_back) - static_cast<int64_t>(memory_taken(live));
+    if (single != nullptr && single_net > chosen_net) {
+      chosen = {single};
+      live = single->live;
+      given_back = single->memory + single->naming;
+    }
+  }
+  // Oldest id first: a tombstone always names a segment older than the one holding it,
+  // so the segment it names has already been moved out when it comes up, and it is
+  // dropped instead of copied.
+  std::sort(chosen.begin(), chosen.end(), [](const Candidate* a, const Candidate* b) {
+    return a->segment->id() < b->segment->id();
+  });
+  std::vector<Segment*> victims;
+  uint64_t dying_tombstones = 0;
+  for (const Candidate* c : chosen) {
+    victims.push_back(c->segment);
+    dying_tombstones += c->naming;
   }
   // The tombstones naming the victims die with them: their bytes come back when the
   // segments holding them are next cleaned (overwrites write one each, so in a memory
   // full of live objects this may be the only way to free any).
-  uint64_t dying_tombstones = 0;
-  for (Segment* v : victims) dying_tombstones += handlers_.tombstone_bytes_naming(v->id());
-  uint64_t expected_memory = (live / seglet_bytes_ + live / segment_bytes + 2) * seglet_bytes_;
-  bool frees_memory = victim_memory + dying_tombstones > expected_memory;
+  bool frees_memory = given_back > memory_taken(live);
   bool frees_segments = victims.size() > live / segment_bytes + 1;
   if (victims.empty() || (victims.size() < 2 && dying_tombstones == 0) ||
       (!frees_memory && (memory_only || !frees_segments))) {

@@ -108,7 +108,10 @@ class LogCleaner {
   uint64_t clean_combined_for(std::vector<Segment*> candidates, bool memory_only);
   // Seglets the cleaner can allocate whatever writers do meanwhile.
   uint64_t cleaner_seglets() const;
-  double score(const Segment& s, uint64_t now_ns, bool combined) const;
+  // Cost-benefit; `dying_tombstones` (bytes of the tombstones naming the segment) count
+  // as space it gives back.
+  double score(const Segment& s, uint64_t now_ns, bool combined,
+               uint64_t dying_tombstones = 0) const;
   void count_copied(uint64_t bytes);
 
   Log& log_;
