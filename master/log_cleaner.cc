@@ -60,6 +60,7 @@ void LogCleaner::run() {
       // Nothing to do; answer writers that asked while memory was fine.
       lock.unlock();
       log_.finish_cleaning_round(log_.cleaning_requests(), false);
+      was_stuck = false;
       lock.lock();
       continue;
     }
@@ -330,7 +331,8 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
     const Candidate* single = nullptr;
     int64_t single_net = 0;
     for (const Candidate& c : ranked) {
-      if (!fits(c.live)) continue;
+      // One without dying tombstones is a compaction's work, not a pass's.
+      if (c.naming == 0 || !fits(c.live)) continue;
       const int64_t net =
           static_cast<int64_t>(c.memory + c.naming) - static_cast<int64_t>(memory_taken(c.live));
       if (single == nullptr || net > single_net) {
@@ -346,9 +348,10 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
       given_back = single->memory + single->naming;
     }
   }
-  // Oldest id first: a tombstone always names a segment older than the one holding it,
-  // so the segment it names has already been moved out when it comes up, and it is
-  // dropped instead of copied.
+  // Oldest id first: a tombstone names a segment no newer than the one holding it (but
+  // for one written into the head during a pass, naming that pass's survivor), so the
+  // segment it names has mostly been moved out when it comes up, and it is dropped
+  // instead of copied. The order only decides how many are copied.
   std::sort(chosen.begin(), chosen.end(), [](const Candidate* a, const Candidate* b) {
     return a->segment->id() < b->segment->id();
   });

@@ -685,10 +685,12 @@ TEST_CASE("log cleaner: random overwrites at 90% utilisation never leave the cle
   // Cleans the way the cleaner thread does (log_cleaner.cc, run()): until twice the low
   // watermark is free. False if nothing could be freed with no memory left for data.
   auto clean = [&] {
-    for (int i = 0; i < 10'000 && log.free_for_data() < 2 * log.low_free_seglets(); ++i) {
+    for (int i = 0; i < 10'000; ++i) {
+      if (log.free_for_data() >= 2 * log.low_free_seglets()) return true;
       if (om.cleaner().clean_once() == 0) return log.free_for_data() > 0;
     }
-    return true;
+    FAIL("10,000 units of cleaning, each reporting progress, and memory still short");
+    return false;
   };
   auto write = [&](uint64_t i) {
     for (int attempt = 0; attempt < 2; ++attempt) {
