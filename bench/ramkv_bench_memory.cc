@@ -27,6 +27,7 @@ struct RunResult {
   double utilization = 0;
   uint64_t rss_bytes = 0;
   uint64_t live_bytes = 0;
+  uint64_t tombstone_bytes = 0;  // still needed, at the end of the writes
   double cleaner_copied_per_written = 0;
   uint64_t objects = 0;
   uint64_t memory_bytes = 0;
@@ -191,6 +192,7 @@ int run_one(const MemoryBenchOptions& o, int utilization, RunResult* out) {
   out->utilization = static_cast<double>(after_writes.log.live_bytes) /
                      static_cast<double>(after_writes.log.memory_bytes);
   out->live_bytes = after_writes.user_bytes;
+  out->tombstone_bytes = after_writes.tombstone_bytes;
   uint64_t written = after_writes.log.appended_bytes - after_fill.log.appended_bytes;
   uint64_t copied = after_writes.cleaner.bytes_copied - after_fill.cleaner.bytes_copied;
   out->cleaner_copied_per_written =
@@ -210,13 +212,14 @@ std::string to_json(const RunResult& r, const MemoryBenchOptions& o) {
   return fmt::format(
       "{{\"target_utilization\": {}, \"utilization\": {:.4f}, \"writes_per_sec\": {:.0f}, "
       "\"reads_per_sec\": {:.0f}, \"rss_bytes\": {}, \"live_bytes\": {}, "
+      "\"tombstone_bytes\": {}, "
       "\"rss_over_live\": {:.4f}, \"cleaner_bytes_copied_per_byte_written\": {:.4f}, "
       "\"objects\": {}, \"object_bytes\": {}, \"key_bytes\": {}, \"distribution\": \"{}\", "
       "\"memory_bytes\": {}, \"hash_table_bytes\": {}, \"compactions\": {}, "
       "\"combined_passes\": {}, \"write_retries\": {}, \"read_errors\": {}, "
       "\"seconds\": {}, \"memcpy_gib_per_sec\": {:.2f}}}",
       r.target_utilization, r.utilization, r.writes_per_sec, r.reads_per_sec, r.rss_bytes,
-      r.live_bytes,
+      r.live_bytes, r.tombstone_bytes,
       static_cast<double>(r.rss_bytes) / static_cast<double>(std::max<uint64_t>(r.live_bytes, 1)),
       r.cleaner_copied_per_written, r.objects, o.object_bytes, o.key_bytes, o.distribution,
       r.memory_bytes, r.hash_table_bytes, r.compactions, r.combined_passes, r.write_retries,
