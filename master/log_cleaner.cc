@@ -307,9 +307,11 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
   auto fits = [&](uint64_t live) {
     return live + (live / segment_bytes + 3) * seglet_bytes_ <= reserve_bytes;
   };
-  // What the pass takes before the victims go: survivors and the new head, at most.
-  auto memory_taken = [&](uint64_t live) {
-    return (live / seglet_bytes_ + live / segment_bytes + 2) * seglet_bytes_;
+  // What a pass gives back (victims' memory and the tombstones that die with them) less
+  // what it takes before the victims go: survivors and the new head, at most.
+  auto net = [&](uint64_t given_back, uint64_t live) {
+    const uint64_t taken = (live / seglet_bytes_ + live / segment_bytes + 2) * seglet_bytes_;
+    return static_cast<int64_t>(given_back) - static_cast<int64_t>(taken);
   };
   // Best first, passing over any that no longer fit: stopping at the first one left
   // passes of a single small segment that gave nothing back while memory ran out.
@@ -333,16 +335,13 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
     for (const Candidate& c : ranked) {
       // One without dying tombstones is a compaction's work, not a pass's.
       if (c.naming == 0 || !fits(c.live)) continue;
-      const int64_t net =
-          static_cast<int64_t>(c.memory + c.naming) - static_cast<int64_t>(memory_taken(c.live));
-      if (single == nullptr || net > single_net) {
+      const int64_t c_net = net(c.memory + c.naming, c.live);
+      if (single == nullptr || c_net > single_net) {
         single = &c;
-        single_net = net;
+        single_net = c_net;
       }
     }
-    const int64_t chosen_net =
-        static_cast<int64_t>(given_back) - static_cast<int64_t>(memory_taken(live));
-    if (single != nullptr && single_net > chosen_net) {
+    if (single != nullptr && single_net > net(given_back, live)) {
       chosen = {single};
       live = single->live;
       given_back = single->memory + single->naming;
@@ -364,7 +363,7 @@ uint64_t LogCleaner::clean_combined_for(std::vector<Segment*> candidates, bool m
   // The tombstones naming the victims die with them: their bytes come back when the
   // segments holding them are next cleaned (overwrites write one each, so in a memory
   // full of live objects this may be the only way to free any).
-  bool frees_memory = given_back > memory_taken(live);
+  bool frees_memory = net(given_back, live) > 0;
   bool frees_segments = victims.size() > live / segment_bytes + 1;
   if (victims.empty() || (victims.size() < 2 && dying_tombstones == 0) ||
       (!frees_memory && (memory_only || !frees_segments))) {
