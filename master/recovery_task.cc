@@ -75,6 +75,7 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
   }
   job.started_ns = clock_.now_ns();
   job.started_cpu_ns = thread_cpu_ns();
+  if (replicas_ != nullptr) job.replica_bytes_at_start = replicas_->stats().bytes_sent;
   LOG_INFO("recovering partition {} of master {} (recovery {}): {} tablets from {} segments",
            req.partition_id, wire::server_id_text(req.crashed_master_id), req.recovery_id,
            req.tablet_count, job.segments.size());
@@ -299,6 +300,7 @@ void RecoveryTask::finish(Job& job) {
     auto position = replicas_->log_position();
     job.durable_segment = position.first;
     job.durable_offset = position.second;
+    job.replica_bytes_at_replayed = replicas_->stats().bytes_sent;
   }
 }
 
@@ -316,17 +318,21 @@ void RecoveryTask::report(const Key& key, Job& job) {
       return to > from ? static_cast<double>(to - from) / 1e9 : 0.0;
     };
     const uint64_t first = job.first_data_ns == 0 ? job.started_ns : job.first_data_ns;
+    const uint64_t replica_bytes = replicas_ != nullptr ? replicas_->stats().bytes_sent : 0;
     LOG_INFO(
         "recovered partition {} of recovery {}: {} objects, {} tombstones, {} in {:.3f} s "
         "(first data after {:.3f} s, replayed after {:.3f} s of which {:.3f} s replaying "
         "({:.3f} s of CPU), "
         "{} early asks answered retry, {} of {} segments from our own backup; durable {:.3f} s "
-        "later; {:.3f} s of CPU in this thread, replication and backup work included)",
+        "later, with {} of replica writes sent after replay and {} before; {:.3f} s of CPU in "
+        "this thread, replication and backup work included)",
         key.second, key.first, job.replay.objects, job.replay.tombstones, format_bytes(job.bytes),
         static_cast<double>(elapsed) / 1e9, seconds(job.started_ns, first),
         seconds(job.started_ns, job.replayed_ns), static_cast<double>(job.replay_ns) / 1e9,
         static_cast<double>(job.replay_cpu_ns) / 1e9, job.retries, job.local_segments,
         job.segments.size(), seconds(job.replayed_ns, clock_.now_ns()),
+        format_bytes(replica_bytes - job.replica_bytes_at_replayed),
+        format_bytes(job.replica_bytes_at_replayed - job.replica_bytes_at_start),
         static_cast<double>(thread_cpu_ns() - job.started_cpu_ns) / 1e9);
   }
   if (++job.report_attempts > kMaxReportAttempts) {

@@ -109,6 +109,11 @@ class RecoveryTask final : public LoopTask {
     uint64_t first_data_ns = 0;    // when the first data arrived (for the log)
     uint64_t replay_ns = 0;        // time spent in ObjectManager::replay (for the log)
     uint64_t replay_cpu_ns = 0;    // and this thread's CPU time in it
+    // Replica bytes this master had sent (ReplicationStats::bytes_sent) when the job
+    // started and when replay ended: how much of the replication waits until after replay
+    // (for the log).
+    uint64_t replica_bytes_at_start = 0;
+    uint64_t replica_bytes_at_replayed = 0;
     uint32_t retries = 0;          // kRetry answers: data asked for before it was ready
     uint32_t local_segments = 0;   // segments had from our own backup (set_local_backup)
     uint64_t durable_segment = 0;  // the log position that must be durable
