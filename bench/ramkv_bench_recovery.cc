@@ -155,13 +155,21 @@ class LocalCluster {
     return -1;
   }
   void stop() {
+    const size_t servers = servers_.size();
     for (auto& s : servers_) reap(s.pid);
     reap(coordinator_pid_);
     servers_.clear();
-    if (owned_dir_ && std::getenv("RAMKV_KEEP_BENCH_DIRS") == nullptr) {
-      std::error_code ec;
+    if (std::getenv("RAMKV_KEEP_BENCH_DIRS") != nullptr) return;
+    std::error_code ec;
+    if (owned_dir_) {
       std::filesystem::remove_all(dir_, ec);
       owned_dir_ = false;
+    } else {
+      // A --dir the user named keeps its logs; the backups' replica files (gigabytes for a
+      // 1 GiB fill, useless once the cluster is gone) go.
+      for (size_t i = 0; i < servers; ++i) {
+        std::filesystem::remove_all(fmt::format("{}/backup-{}", dir_, i + 1), ec);
+      }
     }
   }
 
@@ -514,7 +522,10 @@ void add_recovery_command(CLI::App& app, RecoveryBenchOptions& o) {
   cmd->add_option("--hash-table-bytes", o.hash_table_bytes,
                   "--local: hash-table memory per server (default: sized for the objects "
                   "written, as the replay ceiling's is; 'default': the server's own, memory / 16)");
-  cmd->add_option("--dir", o.dir, "--local: data and logs (default: a fresh /var/tmp dir)");
+  cmd->add_option("--dir", o.dir,
+                  "--local: data and logs (default: a fresh /var/tmp dir, removed after); a dir "
+                  "named here keeps its logs, not the backups' replica files "
+                  "(RAMKV_KEEP_BENCH_DIRS=1 keeps everything)");
   cmd->add_option("--bin", o.bin, "--local: directory of ramkv-coordinator and ramkv-server");
   cmd->add_option("--durability", o.durability, "--local: buffered or disk")
       ->check(CLI::IsMember({"buffered", "disk"}))
