@@ -38,6 +38,7 @@
 #include "master/object_manager.h"
 #include "master/recovery_task.h"
 #include "master/replica_manager.h"
+#include "master/tablet_dropper.h"
 #include "master/tablet_set.h"
 
 namespace ramkv::master {
@@ -65,6 +66,9 @@ class MasterService {
   // Serves kRecover with `recovery` (docs/recovery.md, step 5); without one, kRecover is
   // a bad request.
   void set_recovery(RecoveryTask* recovery) { recovery_ = recovery; }
+  // Dropped tablets are emptied by `dropper` a piece at a time (tablet_dropper.h); without
+  // one, before drop_tablets answers.
+  void set_dropper(TabletDropper* dropper) { dropper_ = dropper; }
   // A server list from the coordinator (pushed, or fetched at start); older versions than
   // the newest seen change nothing.
   void update_server_list(uint64_t version, const std::vector<wire::ServerListItem>& servers);
@@ -135,6 +139,7 @@ class MasterService {
   std::vector<wire::ServerListItem> servers_scratch_;
   ReplicaManager* replicas_ = nullptr;
   RecoveryTask* recovery_ = nullptr;
+  TabletDropper* dropper_ = nullptr;
   std::atomic<bool> fenced_{false};
 };
 

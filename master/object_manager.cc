@@ -441,17 +441,29 @@ Result<uint64_t> ObjectManager::remove_range(uint64_t table_id, uint64_t hash_be
                                              uint64_t hash_end) {
   uint64_t removed = 0;
   uint64_t cursor = 0;
-  std::vector<Object> batch;
   while (cursor != end_cursor()) {
+    auto step = remove_range_step(table_id, hash_begin, hash_end, &cursor, SIZE_MAX);
+    if (!step.ok()) return step.status();
+    removed += *step;
+  }
+  return removed;
+}
+
+Result<uint64_t> ObjectManager::remove_range_step(uint64_t table_id, uint64_t hash_begin,
+                                                  uint64_t hash_end, uint64_t* cursor,
+                                                  size_t max_objects) {
+  uint64_t removed = 0;
+  std::vector<Object> batch;
+  while (*cursor != end_cursor() && removed < max_objects) {
     batch.clear();
-    auto next = enumerate(table_id, hash_begin, hash_end, cursor, 256, &batch);
+    auto next = enumerate(table_id, hash_begin, hash_end, *cursor, 256, &batch);
     if (!next.ok()) return next.status();
     for (const auto& o : batch) {
       auto r = remove(table_id, o.key);
-      if (!r.ok()) return r.status();
+      if (!r.ok()) return r.status();  // the cursor stays: the batch is removed again
       ++removed;
     }
-    cursor = *next;
+    *cursor = *next;
   }
   return removed;
 }

@@ -7,6 +7,7 @@
 #include "common/config.h"
 #include "common/log.h"
 #include "master/replica_manager.h"
+#include "master/tablet_dropper.h"
 
 namespace ramkv::master {
 
@@ -52,6 +53,12 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
   if (!in.at_end()) return Status::kBadRequest;
   const Key key{req.recovery_id, req.partition_id};
   if (jobs_.contains(key)) return Status::kOk;  // a resent recover: already running
+  for (const auto& t : job.tablets) {
+    if (dropper_ == nullptr) break;
+    Status s = dropper_->finish_overlapping(
+        {.table_id = t.table_id, .start_hash = t.start_hash, .end_hash = t.end_hash});
+    if (s != Status::kOk) return Status::kRetry;
+  }
   // A job of an older recovery of the same master over the same keys (the coordinator
   // restarted and began again) is superseded: what it replayed stays (replay is
   // idempotent, and the new job replays it all), and it reports nothing, so that nothing

@@ -33,6 +33,7 @@
 namespace ramkv::master {
 
 class ReplicaManager;
+class TabletDropper;
 
 struct RecoveryTaskStats {
   uint64_t partitions_started = 0;
@@ -75,6 +76,9 @@ class RecoveryTask final : public LoopTask {
       std::function<Status(const wire::GetRecoveryDataRequest&, wire::RecoveryDataResponse* head,
                            std::vector<std::span<const std::byte>>* pieces)>;
   void set_local_backup(LocalData get) { local_ = std::move(get); }
+  // A range this master dropped and has not emptied yet is emptied before it is
+  // recovered into (tablet_dropper.h).
+  void set_dropper(TabletDropper* dropper) { dropper_ = dropper; }
   // kRecover. kBadRequest for a malformed body or a partition already running here.
   Status start(std::span<const std::byte> body);
   const RecoveryTaskStats& stats() const { return stats_; }
@@ -143,6 +147,7 @@ class RecoveryTask final : public LoopTask {
   Options options_;
   ObjectManager& objects_;
   ReplicaManager* replicas_;
+  TabletDropper* dropper_ = nullptr;
   const Clock& clock_;
   std::unique_ptr<ClientTransport> client_;
   bool wait_fd_ready_ = false;  // on_wait_fd_ready(): run() polls even with nothing outstanding

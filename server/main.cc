@@ -34,6 +34,7 @@
 #include "master/master_service.h"
 #include "master/recovery_task.h"
 #include "master/replica_manager.h"
+#include "master/tablet_dropper.h"
 #include "server/failure_detector.h"
 #ifdef RAMKV_HAVE_RDMA
 #include "rdma/rdma_transport.h"
@@ -416,6 +417,7 @@ int run_server(const ServerOptions& o) {
   }
   std::unique_ptr<ramkv::master::ReplicaManager> replicas;
   std::unique_ptr<ramkv::master::RecoveryTask> recovery;
+  std::unique_ptr<ramkv::master::TabletDropper> dropper;
   if (master) {
     if (Status s = master->objects().log().set_master_id(server_id); s != Status::kOk) {
       ramkv::stop_on_signal<ramkv::ServerTransport>(nullptr);
@@ -451,6 +453,12 @@ int run_server(const ServerOptions& o) {
     }
     master->set_recovery(recovery.get());
     transport->add_loop_task(recovery.get());
+    // Dropped tablets are emptied between requests, not in the drop's RPC.
+    dropper = std::make_unique<ramkv::master::TabletDropper>(
+        master->objects(), ramkv::master::TabletDropper::Options{});
+    master->set_dropper(dropper.get());
+    recovery->set_dropper(dropper.get());
+    transport->add_loop_task(dropper.get());
   }
   // The backup's disk writes complete on the dispatch loop, which sends their replies.
   if (backup) backup->attach(*transport);

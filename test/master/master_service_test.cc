@@ -257,6 +257,64 @@ TEST_CASE("master service: dropping a tablet forgets it and removes its objects"
         Status::kOk);
 }
 
+TEST_CASE(
+    "master service: with a dropper, a drop answers at once and empties the range "
+    "a piece at a time, and taking it back empties it first",
+    "[master][master_service]") {
+  auto m = make_service();
+  TabletDropper dropper(m->objects(), {.objects_per_run = 1});
+  m->set_dropper(&dropper);
+  take(*m, {tablet(kTable, 0, kMid), tablet(kTable, kMid + 1, UINT64_MAX)});
+  take(*m, {tablet(kTable + 1, 0, UINT64_MAX)});
+  constexpr int kKeys = 2000;
+  uint64_t upper_count = 0;
+  for (int i = 0; i < kKeys; ++i) {
+    const std::string key = "key-" + std::to_string(i);
+    write_ok(*m, key, "v");
+    upper_count += key_hash(kTable, key) > kMid;
+  }
+  REQUIRE(upper_count > 600);  // more than a few of enumerate's batches
+  REQUIRE(call(*m, Opcode::kWrite, write_body(kTable + 1, "other", "v")).status == Status::kOk);
+
+  // Dropped: not owned at once, nothing removed yet.
+  REQUIRE(
+      call(*m, Opcode::kDropTablets, tablets_body({tablet(kTable, kMid + 1, UINT64_MAX)})).status ==
+      Status::kOk);
+  CHECK(dropper.pending() == 1);
+  CHECK(m->objects().stats().object_count == kKeys + 1);
+  const std::string upper = key_in_half(kTable, false);
+  CHECK(call(*m, Opcode::kRead, read_body(kTable, upper)).status == Status::kUnknownTablet);
+
+  // One pass of the loop removes a piece and asks to be called again at once.
+  CHECK(dropper.run() == 0);
+  const uint64_t after_one = m->objects().stats().object_count;
+  CHECK(after_one < kKeys + 1);
+  CHECK(after_one > kKeys + 1 - upper_count);
+
+  // Taken back before the loop got to the rest: the rest goes first, and only it.
+  take(*m, {tablet(kTable, kMid + 1, UINT64_MAX)});
+  CHECK(dropper.pending() == 0);
+  CHECK(dropper.objects_removed() == upper_count);
+  CHECK(m->objects().stats().object_count == kKeys + 1 - upper_count);
+  CHECK(call(*m, Opcode::kRead, read_body(kTable, upper)).status == Status::kObjectNotFound);
+  CHECK(call(*m, Opcode::kRead, read_body(kTable, key_in_half(kTable, true))).status ==
+        Status::kOk);
+  CHECK(call(*m, Opcode::kRead, read_body(kTable + 1, "other")).status == Status::kOk);
+  CHECK(dropper.run() == UINT64_MAX);  // nothing left: the loop may sleep
+
+  // Dropped again and left to the loop: it empties the range in passes, the other table's
+  // object stays.
+  REQUIRE(call(*m, Opcode::kDropTablets, tablets_body({tablet(kTable, 0, UINT64_MAX)})).status ==
+          Status::kOk);
+  int passes = 0;
+  while (dropper.run() != UINT64_MAX && passes < 100) ++passes;
+  CHECK(passes >= 2);
+  CHECK(passes < 100);
+  CHECK(dropper.pending() == 0);
+  CHECK(m->objects().stats().object_count == 1);
+  CHECK(call(*m, Opcode::kRead, read_body(kTable + 1, "other")).status == Status::kOk);
+}
+
 TEST_CASE("master service: a tablet list with a bad tablet changes nothing",
           "[master][master_service]") {
   auto m = make_service();
