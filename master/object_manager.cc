@@ -453,14 +453,19 @@ Result<uint64_t> ObjectManager::remove_range_step(uint64_t table_id, uint64_t ha
                                                   uint64_t hash_end, uint64_t* cursor,
                                                   size_t max_objects) {
   uint64_t removed = 0;
+  // The buckets walked count too: every table's keys share the buckets, so a small table
+  // on a large master has few objects in many of them.
+  const size_t max_buckets = max_objects > SIZE_MAX / 16 ? SIZE_MAX : max_objects * 16;
   std::vector<Object> batch;
-  while (*cursor != end_cursor() && removed < max_objects) {
+  for (size_t buckets = 0; *cursor != end_cursor() && removed < max_objects &&
+                           buckets < std::max<size_t>(max_buckets, 1);
+       ++buckets) {
     batch.clear();
-    auto next = enumerate(table_id, hash_begin, hash_end, *cursor, 256, &batch);
+    auto next = enumerate(table_id, hash_begin, hash_end, *cursor, 0, &batch);  // a bucket
     if (!next.ok()) return next.status();
     for (const auto& o : batch) {
       auto r = remove(table_id, o.key);
-      if (!r.ok()) return r.status();  // the cursor stays: the batch is removed again
+      if (!r.ok()) return r.status();  // the cursor stays: the bucket is walked again
       ++removed;
     }
     *cursor = *next;

@@ -170,9 +170,10 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   // a write into a tablet that moved gets kUnknownTablet from the service first.
   Result<uint64_t> remove_range(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end);
   // The same a piece at a time (TabletDropper): from where `cursor` (0 at first) says,
-  // removes objects until `max_objects` are gone (one batch of enumerate may pass the mark)
-  // and moves the cursor on; the range is empty once *cursor == end_cursor(). A failed
-  // step leaves the cursor at the batch it failed in.
+  // walks hash-table buckets until `max_objects` are gone (the last bucket may pass the
+  // mark) or 16 x `max_objects` buckets are walked, and moves the cursor on; the range is
+  // empty once *cursor == end_cursor(). A failed step leaves the cursor at the bucket it
+  // failed in.
   Result<uint64_t> remove_range_step(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end,
                                      uint64_t* cursor, size_t max_objects);
   uint64_t end_cursor() const { return hash_table_.bucket_count(); }
