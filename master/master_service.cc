@@ -252,11 +252,8 @@ Status MasterService::take_tablets(std::span<const std::byte> body) {
   std::vector<wire::TabletWire> list;
   if (!decode_tablets(body, &list)) return Status::kBadRequest;
   // What is left of a range dropped here before goes first, or it would show through.
-  for (const auto& t : list) {
-    if (dropper_ == nullptr) break;
-    Status s = dropper_->finish_overlapping(
-        {.table_id = t.table_id, .start_hash = t.start_hash, .end_hash = t.end_hash});
-    if (s != Status::kOk) return Status::kRetry;
+  if (dropper_ != nullptr && dropper_->finish_overlapping(list) != Status::kOk) {
+    return Status::kRetry;
   }
   for (const auto& t : list) tablets_.add(t.table_id, {t.start_hash, t.end_hash});
   LOG_DEBUG("took {} tablets; {} ranges owned", list.size(), tablets_.range_count());
@@ -271,9 +268,7 @@ Status MasterService::drop_tablets(std::span<const std::byte> body) {
   // a failure (kRetry, kNoSpace for tombstones) finishes the job.
   for (const auto& t : list) tablets_.remove(t.table_id, {t.start_hash, t.end_hash});
   if (dropper_ != nullptr) {
-    for (const auto& t : list) {
-      dropper_->add({.table_id = t.table_id, .start_hash = t.start_hash, .end_hash = t.end_hash});
-    }
+    dropper_->add(list);
     return Status::kOk;
   }
   for (const auto& t : list) {

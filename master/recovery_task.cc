@@ -53,11 +53,8 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
   if (!in.at_end()) return Status::kBadRequest;
   const Key key{req.recovery_id, req.partition_id};
   if (jobs_.contains(key)) return Status::kOk;  // a resent recover: already running
-  for (const auto& t : job.tablets) {
-    if (dropper_ == nullptr) break;
-    Status s = dropper_->finish_overlapping(
-        {.table_id = t.table_id, .start_hash = t.start_hash, .end_hash = t.end_hash});
-    if (s != Status::kOk) return Status::kRetry;
+  if (dropper_ != nullptr && dropper_->finish_overlapping(job.tablets) != Status::kOk) {
+    return Status::kRetry;
   }
   // A job of an older recovery of the same master over the same keys (the coordinator
   // restarted and began again) is superseded: what it replayed stays (replay is

@@ -53,6 +53,25 @@ Status TabletDropper::finish_overlapping(const TabletRange& range) {
   return Status::kOk;
 }
 
+namespace {
+
+TabletRange range_of(const wire::TabletWire& t) {
+  return {.table_id = t.table_id, .start_hash = t.start_hash, .end_hash = t.end_hash};
+}
+
+}  // namespace
+
+void TabletDropper::add(std::span<const wire::TabletWire> tablets) {
+  for (const auto& t : tablets) add(range_of(t));
+}
+
+Status TabletDropper::finish_overlapping(std::span<const wire::TabletWire> tablets) {
+  for (const auto& t : tablets) {
+    if (Status s = finish_overlapping(range_of(t)); s != Status::kOk) return s;
+  }
+  return Status::kOk;
+}
+
 uint64_t TabletDropper::run() {
   if (pending_.empty()) return UINT64_MAX;
   const uint64_t now = SystemClock::instance().now_ns();

@@ -15,9 +15,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <span>
 
 #include "common/status.h"
 #include "common/transport.h"
+#include "common/wire_format.h"
 #include "master/object_manager.h"
 
 namespace ramkv::master {
@@ -36,6 +38,9 @@ class TabletDropper final : public LoopTask {
   // Removes now everything still queued over a range that overlaps `range`. kOk when
   // nothing of it is left queued.
   Status finish_overlapping(const TabletRange& range);
+  // The same for each tablet of a list as the coordinator sends them.
+  void add(std::span<const wire::TabletWire> tablets);
+  Status finish_overlapping(std::span<const wire::TabletWire> tablets);
   size_t pending() const { return pending_.size(); }
   uint64_t objects_removed() const { return removed_; }
 
