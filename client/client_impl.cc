@@ -121,6 +121,7 @@ void Client::Impl::send(const OpPtr& op, const std::string& locator) {
                               std::span<const std::byte> body) {
                      Status s = transport_status != Status::kOk ? transport_status
                                                                 : static_cast<Status>(h.status);
+                     if (transport_status != Status::kOk) op->maybe_applied = true;
                      on_reply(op, s, body);
                    });
 }

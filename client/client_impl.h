@@ -69,6 +69,11 @@ struct Op {
   uint64_t map_epoch = 0;  // the table's map epoch when it was routed
   Tablet tablet;           // the tablet of the last send (kRouted)
   Status last_transient = Status::kTimeout;
+  // An attempt went unanswered (timed out, or its connection failed after the send): the
+  // server may have applied it. An operation that is not idempotent reads its final
+  // status in that light (drop_table: kUnknownTable after such an attempt is its own
+  // drop, applied).
+  bool maybe_applied = false;
   Backoff backoff;
 };
 using OpPtr = std::shared_ptr<Op>;

@@ -180,7 +180,9 @@ class Client {
   // Returns the table's id; an existing name returns its id. tablet_count 0: one tablet
   // per master. kRetry (after the deadline) when no master is up.
   Result<uint64_t> create_table(std::string_view name, uint32_t tablet_count = 0);
-  Result<void> drop_table(std::string_view name);  // kUnknownTable if there is none
+  // kUnknownTable if there is none; not for a drop of ours retried after an attempt that
+  // went unanswered (the coordinator may have dropped it then).
+  Result<void> drop_table(std::string_view name);
   Result<uint64_t> get_table_id(std::string_view name);
 
   // ---- Objects (synchronous) ----

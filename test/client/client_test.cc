@@ -139,6 +139,29 @@ TEST_CASE("client: kRetry is retried with back-off, bounded by the deadline", "[
   CHECK(took < 1.5);
 }
 
+TEST_CASE("client: a drop retried after an unanswered attempt that applied it succeeds",
+          "[client][fake]") {
+  FakeCluster cluster;
+  // The first attempt is applied but answered after the client gave up on it; the resend
+  // finds no table.
+  auto c = Client::connect(
+      {.coordinator = cluster.coordinator(), .timeout_ms = 5'000, .rpc_timeout_ms = 150});
+  REQUIRE(c.ok());
+  {
+    std::lock_guard<std::mutex> lock(cluster.mu);
+    cluster.drop_reply_delay_ms = 500;
+  }
+  CHECK((*c)->drop_table("t").ok());
+  {
+    std::lock_guard<std::mutex> lock(cluster.mu);
+    CHECK(cluster.table_dropped);
+    CHECK(cluster.drops_received >= 2);
+  }
+  // A drop answered at once is told the truth: no such table.
+  CHECK((*c)->drop_table("t").status() == Status::kUnknownTable);
+  CHECK((*c)->drop_table("other").status() == Status::kUnknownTable);
+}
+
 TEST_CASE("client: multi-operations split by master, one RPC each", "[client][fake]") {
   FakeCluster cluster;
   auto c = connect_to(cluster);

@@ -5,10 +5,12 @@
 //
 // Knobs: `stale_map_fetches` tablet-map replies name the wrong owners (each master then
 // answers kUnknownTablet) before the right map is given; `retry_replies` requests get
-// kRetry before masters serve. Table "t" (id 1) is split into two halves: the low half on
-// master 1, the high half on master 2.
+// kRetry before masters serve; `drop_reply_delay_ms` delays the answer to the drop that
+// drops table "t" (later drops of it: kUnknownTable). Table "t" (id 1) is split into two halves:
+// the low half on master 1, the high half on master 2.
 #pragma once
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -67,6 +69,9 @@ class FakeCluster {
   std::vector<uint64_t> rpc_seqs;  // of every kWrite received, in order
   std::vector<uint64_t> ack_seqs;  // their ack sequences
   std::vector<int> multi_rpcs_per_master = {0, 0};
+  int drop_reply_delay_ms = 0;
+  int drops_received = 0;
+  bool table_dropped = false;
 
  private:
   struct Stored {
@@ -111,6 +116,21 @@ class FakeCluster {
         if (!in.get_string(name_bytes, &name)) return r.set_status(Status::kBadRequest);
         if (name != "t") return r.set_status(Status::kUnknownTable);
         w.put(wire::TableIdResponse{kTable});
+        return;
+      }
+      case wire::Opcode::kDropTable: {
+        // Table "t" once; the drop that applies it answers `drop_reply_delay_ms` late.
+        uint32_t name_bytes = 0;
+        std::string_view name;
+        if (!in.get(&name_bytes) || !in.get_string(name_bytes, &name)) {
+          return r.set_status(Status::kBadRequest);
+        }
+        ++drops_received;
+        if (name != "t" || table_dropped) return r.set_status(Status::kUnknownTable);
+        table_dropped = true;
+        if (drop_reply_delay_ms > 0) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(drop_reply_delay_ms));
+        }
         return;
       }
       default:
