@@ -1,7 +1,9 @@
 #include "coordinator/master_notifier.h"
 
+#include <algorithm>
 #include <chrono>
 
+#include "common/clock.h"
 #include "common/log.h"
 
 namespace ramkv::coordinator {
@@ -49,40 +51,105 @@ bool MasterNotifier::wait_idle(uint64_t timeout_ns) {
                            [&] { return remaining_.empty(); });
 }
 
+namespace {
+
+bool resent(wire::Opcode opcode, Status s) {
+  return (opcode == wire::Opcode::kTakeTablets || opcode == wire::Opcode::kDropTablets) &&
+         (s == Status::kRetry || s == Status::kTimeout || s == Status::kUnavailable);
+}
+
+}  // namespace
+
 void MasterNotifier::run() {
+  const Clock& clock = SystemClock::instance();
   std::unique_lock lock(mutex_);
   while (true) {
-    work_cv_.wait(lock, [&] { return stop_ || !queue_.empty() || transport_->outstanding() > 0; });
     if (stop_) return;
-    std::deque<Queued> batch;
-    batch.swap(queue_);
+    for (auto& q : queue_) lanes_[q.message.locator].waiting.push_back(std::move(q));
+    queue_.clear();
     lock.unlock();
-    for (auto& item : batch) send(std::move(item));
+    send_ready(clock.now_ns());
     // A short poll, so that messages posted meanwhile are not held up behind a slow peer.
     if (transport_->outstanding() > 0) transport_->poll(1'000'000);
+    const uint64_t next_ns = next_send_ns();
     lock.lock();
+    if (transport_->outstanding() > 0 || !queue_.empty() || stop_) continue;
+    auto woken = [&] { return stop_ || !queue_.empty(); };
+    if (next_ns == UINT64_MAX) {
+      work_cv_.wait(lock, woken);
+    } else {
+      const uint64_t now = clock.now_ns();
+      if (next_ns > now) work_cv_.wait_for(lock, std::chrono::nanoseconds(next_ns - now), woken);
+    }
   }
 }
 
-void MasterNotifier::send(Queued item) {
+void MasterNotifier::send_ready(uint64_t now_ns) {
+  for (auto& [locator, lane] : lanes_) {
+    if (lane.in_flight || lane.waiting.empty() || lane.send_at_ns > now_ns) continue;
+    lane.in_flight = true;
+    send(locator, lane.waiting.front(), now_ns);
+  }
+}
+
+uint64_t MasterNotifier::next_send_ns() const {
+  uint64_t next_ns = UINT64_MAX;
+  for (const auto& [locator, lane] : lanes_) {
+    if (!lane.in_flight && !lane.waiting.empty()) next_ns = std::min(next_ns, lane.send_at_ns);
+  }
+  return next_ns;
+}
+
+void MasterNotifier::send(const std::string& locator, Queued& item, uint64_t now_ns) {
   ClientTransport::Request request{.opcode = item.message.opcode,
                                    .client_id = 0,
                                    .rpc_seq = next_rpc_seq_++,
                                    .timeout_ns = options_.timeout_ns};
-  std::string locator = item.message.locator;
-  wire::Opcode opcode = item.message.opcode;
-  uint64_t ticket = item.ticket;
-  // The transport copies what it cannot send at once, so the body may go after send().
-  transport_->send(locator, request, item.message.body,
-                   [this, locator, opcode, ticket](Status st, const wire::MessageHeader& h,
-                                                   std::span<const std::byte>) {
-                     Status s = st != Status::kOk ? st : static_cast<Status>(h.status);
-                     if (s != Status::kOk) {
-                       LOG_WARNING("{} to {} failed: {}", wire::opcode_name(opcode), locator,
-                                   status_name(s));
-                     }
-                     complete(ticket);
-                   });
+  if (item.attempts++ == 0) {
+    item.first_sent_ns = now_ns;
+    item.retry_delay_ns = options_.retry_initial_ns;
+  }
+  // The transport copies what it cannot send at once; the body stays for resends anyway.
+  // The lane outlives the callback: it is erased only once its last message completed.
+  transport_->send(
+      locator, request, item.message.body,
+      [this, locator](Status st, const wire::MessageHeader& h, std::span<const std::byte>) {
+        on_answer(locator, st != Status::kOk ? st : static_cast<Status>(h.status));
+      });
+}
+
+void MasterNotifier::on_answer(const std::string& locator, Status s) {
+  auto it = lanes_.find(locator);
+  if (it == lanes_.end() || it->second.waiting.empty()) return;
+  Lane& lane = it->second;
+  Queued& item = lane.waiting.front();
+  lane.in_flight = false;
+  const uint64_t now = SystemClock::instance().now_ns();
+  const wire::Opcode opcode = item.message.opcode;
+  const double since = static_cast<double>(now - item.first_sent_ns) / 1e9;
+  if (s != Status::kOk && resent(opcode, s) && now - item.first_sent_ns < options_.give_up_ns) {
+    if (item.attempts == 1) {
+      LOG_WARNING("{} to {} failed: {}; resending until it is answered", wire::opcode_name(opcode),
+                  locator, status_name(s));
+    }
+    lane.send_at_ns = now + item.retry_delay_ns;
+    item.retry_delay_ns = std::min(item.retry_delay_ns * 2, options_.retry_max_ns);
+    return;
+  }
+  if (s != Status::kOk && item.attempts > 1) {
+    LOG_ERROR("{} to {} failed: {}; gave up after {} attempts over {:.1f} s",
+              wire::opcode_name(opcode), locator, status_name(s), item.attempts, since);
+  } else if (s != Status::kOk) {
+    LOG_WARNING("{} to {} failed: {}", wire::opcode_name(opcode), locator, status_name(s));
+  } else if (item.attempts > 1) {
+    LOG_INFO("{} to {} answered after {} attempts over {:.1f} s", wire::opcode_name(opcode),
+             locator, item.attempts, since);
+  }
+  const uint64_t ticket = item.ticket;
+  lane.waiting.pop_front();
+  lane.send_at_ns = 0;
+  if (lane.waiting.empty()) lanes_.erase(it);
+  complete(ticket);
 }
 
 void MasterNotifier::complete(uint64_t ticket) {

@@ -6,16 +6,25 @@
 //
 // A batch of messages is posted and gets a ticket; the poster may wait for the ticket
 // (create table waits, so that masters own their tablets when the reply goes out) or not
-// (re-sends at start and after a re-enlist). A failed send is logged, never retried
-// here: the coordinator re-sends every owned tablet on start, and take tablets is
-// idempotent.
+// (re-sends at start and after a re-enlist).
+//
+// Take and drop tablets are resent until they are answered: a master that timed out, or
+// answered kRetry (it could not yet empty a range dropped there before), would otherwise
+// never own a tablet the coordinator's map gives it, and its clients would retry it until
+// their deadlines. Both are idempotent. Resends back off (retry_initial_ns doubling to
+// retry_max_ns) and stop after give_up_ns (the server is gone; a restarted coordinator
+// sends every owned tablet again). Messages to one locator go one at a time, in the order
+// posted, so a resent take cannot overtake the drop that followed it. A server that
+// restarted on the same locator refuses orders naming the server before it (masters check
+// the server id of every tablet). Server list updates are not resent: a newer one follows.
 //
 // Owner: the CoordinatorService. Threads: post() and wait() from any thread; the
-// ClientTransport is used only by the notifier's own thread.
+// ClientTransport and the lanes are used only by the notifier's own thread.
 // Invariants:
-//   1. Every posted message completes exactly once (answered, failed or timed out), and
+//   1. Every posted message completes exactly once (answered, or failed for good), and
 //      its ticket's count drops by one when it does.
 //   2. At most `max_queued` messages wait to be sent; post() drops (and logs) beyond it.
+//   3. Per locator at most one message is in flight, the oldest posted not yet complete.
 #pragma once
 
 #include <condition_variable>
@@ -35,8 +44,11 @@ namespace ramkv::coordinator {
 class MasterNotifier {
  public:
   struct Options {
-    uint64_t timeout_ns = 2'000'000'000;  // per message
+    uint64_t timeout_ns = 2'000'000'000;  // per attempt
     size_t max_queued = 65536;
+    uint64_t retry_initial_ns = 100'000'000;
+    uint64_t retry_max_ns = 2'000'000'000;
+    uint64_t give_up_ns = 60'000'000'000;  // after the first attempt
   };
   struct Message {
     std::string locator;
@@ -59,9 +71,23 @@ class MasterNotifier {
   struct Queued {
     Message message;
     uint64_t ticket = 0;
+    uint32_t attempts = 0;
+    uint64_t first_sent_ns = 0;
+    uint64_t retry_delay_ns = 0;
+  };
+  // The messages to one locator, oldest first; the front one is the one sent.
+  struct Lane {
+    std::deque<Queued> waiting;
+    bool in_flight = false;
+    uint64_t send_at_ns = 0;  // a resend waits until then
   };
   void run();
-  void send(Queued item);
+  // Sends the front message of every lane that may send now.
+  void send_ready(uint64_t now_ns);
+  // When a lane may send next (UINT64_MAX: none has a message waiting to be sent).
+  uint64_t next_send_ns() const;
+  void send(const std::string& locator, Queued& item, uint64_t now_ns);
+  void on_answer(const std::string& locator, Status s);
   void complete(uint64_t ticket);
 
   Options options_;
@@ -75,6 +101,7 @@ class MasterNotifier {
   uint64_t next_ticket_ = 1;              // guarded by mutex_
   bool stop_ = false;                     // guarded by mutex_
   uint64_t next_rpc_seq_ = 1;             // notifier thread only
+  std::map<std::string, Lane> lanes_;     // notifier thread only
   std::thread thread_;
 };
 

@@ -248,9 +248,29 @@ bool decode_tablets(std::span<const std::byte> body, std::vector<wire::TabletWir
 
 }  // namespace
 
+// A list naming another server was meant for one that had this locator before (the
+// coordinator's notifier resends orders, and a server can restart on the same port):
+// taking or dropping its tablets here would serve or empty ranges that are not ours.
+Status MasterService::decode_own_tablets(wire::Opcode opcode, std::span<const std::byte> body,
+                                         std::vector<wire::TabletWire>* out) const {
+  if (!decode_tablets(body, out)) return Status::kBadRequest;
+  const uint64_t self = objects_->log().master_id();
+  for (const auto& t : *out) {
+    if (self != 0 && t.server_id != self) {
+      LOG_WARNING("refused {}: its tablet {}:[{:#x},{:#x}] names server {}, this is {}",
+                  wire::opcode_name(opcode), t.table_id, t.start_hash, t.end_hash, t.server_id,
+                  self);
+      return Status::kBadRequest;
+    }
+  }
+  return Status::kOk;
+}
+
 Status MasterService::take_tablets(std::span<const std::byte> body) {
   std::vector<wire::TabletWire> list;
-  if (!decode_tablets(body, &list)) return Status::kBadRequest;
+  if (Status s = decode_own_tablets(wire::Opcode::kTakeTablets, body, &list); s != Status::kOk) {
+    return s;
+  }
   // What is left of a range dropped here before goes first, or it would show through.
   if (dropper_ != nullptr && dropper_->finish_overlapping(list) != Status::kOk) {
     return Status::kRetry;
@@ -262,7 +282,9 @@ Status MasterService::take_tablets(std::span<const std::byte> body) {
 
 Status MasterService::drop_tablets(std::span<const std::byte> body) {
   std::vector<wire::TabletWire> list;
-  if (!decode_tablets(body, &list)) return Status::kBadRequest;
+  if (Status s = decode_own_tablets(wire::Opcode::kDropTablets, body, &list); s != Status::kOk) {
+    return s;
+  }
   // Ownership goes first so nothing new lands in a range being emptied. The objects are
   // removed whether or not the range was owned, so a drop the coordinator resends after
   // a failure (kRetry, kNoSpace for tombstones) finishes the job.

@@ -100,6 +100,8 @@ class MasterService {
   Status multi_write(std::span<const std::byte> body, Reply& reply);
   Status multi_remove(std::span<const std::byte> body, Reply& reply);
   Status enumerate(std::span<const std::byte> body, Reply& reply);
+  Status decode_own_tablets(wire::Opcode opcode, std::span<const std::byte> body,
+                            std::vector<wire::TabletWire>* out) const;
   Status take_tablets(std::span<const std::byte> body);
   Status drop_tablets(std::span<const std::byte> body);
   Status server_stats(std::span<const std::byte> body, Reply& reply);

@@ -336,6 +336,27 @@ TEST_CASE("master service: a tablet list with a bad tablet changes nothing",
   CHECK(m->tablets().range_count() == 0);
 }
 
+TEST_CASE("master service: tablets named for another server are neither taken nor dropped",
+          "[master][master_service]") {
+  auto m = make_service();
+  REQUIRE(m->objects().log().set_master_id(7) == Status::kOk);
+  auto mine = tablet(kTable, 0, 100);
+  mine.server_id = 7;
+  take(*m, {mine});
+  REQUIRE(m->tablets().range_count() == 1);
+  // Orders meant for a server that had this locator before: refused whole.
+  auto other = tablet(kTable + 1, 0, 100);
+  other.server_id = 3;
+  CHECK(call(*m, Opcode::kTakeTablets, tablets_body({mine, other})).status == Status::kBadRequest);
+  auto mine_as_other = mine;
+  mine_as_other.server_id = 3;
+  CHECK(call(*m, Opcode::kDropTablets, tablets_body({mine_as_other})).status ==
+        Status::kBadRequest);
+  CHECK(m->tablets().range_count() == 1);
+  CHECK(call(*m, Opcode::kDropTablets, tablets_body({mine})).status == Status::kOk);
+  CHECK(m->tablets().range_count() == 0);
+}
+
 // ---- Multi-operations --------------------------------------------------------------------
 
 TEST_CASE("master service: multi operations answer each item with its own status",
