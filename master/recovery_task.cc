@@ -90,6 +90,10 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
 
 void RecoveryTask::drop(Job& job) {
   objects_.finish_replay(ranges(job), job.request.safe_version);
+  // A partition's worth (hundreds of megabytes) removed in one go would hold the loop for
+  // a large part of a second; nothing owns these keys here, and a take or recovery of
+  // them finishes the removal first.
+  if (dropper_ != nullptr) return dropper_->add(job.tablets);
   for (const auto& t : job.tablets) {
     auto removed = objects_.remove_range(t.table_id, t.start_hash, t.end_hash);
     (void)removed;
