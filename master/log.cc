@@ -91,6 +91,7 @@ Status Log::open_head_locked(bool allow_reserve) {
   }
   head_ = seg.get();
   segments_.emplace(id, std::move(seg));
+  structure_changes_.fetch_add(1, std::memory_order_release);
   changes_.fetch_add(1, std::memory_order_release);
   return Status::kOk;
 }
@@ -299,6 +300,7 @@ void Log::finish_compaction(Segment* victim, std::unique_ptr<Segment> compacted)
     RAMKV_CHECK(it != segments_.end() && it->second.get() == victim);
     old = std::move(it->second);
     it->second = std::move(compacted);
+    structure_changes_.fetch_add(1, std::memory_order_release);
     changes_.fetch_add(1, std::memory_order_release);
   }
   old.reset();  // frees the victim's seglets
@@ -336,6 +338,9 @@ void Log::commit_cleaning(std::vector<std::unique_ptr<Segment>> survivors,
     // complete log and the next head will name the survivors: keeping the head is safe,
     // and it is what happens when the survivors took the last free seglet.
     RAMKV_CHECK_MSG(s == Status::kOk || victims.empty(), "no memory for the head after cleaning");
+    // Survivors came in even where no new head could open.
+    structure_changes_.fetch_add(1, std::memory_order_release);
+    changes_.fetch_add(1, std::memory_order_release);
   }
   dead.clear();
   notify_memory_freed();
@@ -383,6 +388,12 @@ std::vector<Log::SegmentView> Log::replication_view(uint64_t* head_id) const {
             [](const SegmentView& a, const SegmentView& b) { return a.id < b.id; });
   *head_id = head_->id();
   return out;
+}
+
+void Log::head_state(uint64_t* head_id, uint32_t* length) const {
+  std::lock_guard lock(append_mutex_);
+  *head_id = head_->id();
+  *length = head_->length();
 }
 
 bool Log::replication_state(uint64_t segment_id, uint32_t* length, Certificate* certificate,

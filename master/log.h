@@ -134,6 +134,14 @@ class Log {
   void set_replication_required(bool required);
   // Bumped by every change to the log's segments or bytes; any thread.
   uint64_t change_count() const { return changes_.load(std::memory_order_acquire); }
+  // Bumped (before change_count) by every change but an append to the head: a new head,
+  // survivors in, victims out, a compaction. Between two equal counts only the head's
+  // length changed. Any thread.
+  uint64_t structure_change_count() const {
+    return structure_changes_.load(std::memory_order_acquire);
+  }
+  // The head's id and length, read together. Any thread.
+  void head_state(uint64_t* head_id, uint32_t* length) const;
   struct SegmentView {
     uint64_t id = 0;
     uint32_t length = 0;
@@ -225,6 +233,7 @@ class Log {
   bool replication_required_ = false;
   std::unordered_set<uint64_t> replicated_;  // segments the cleaner may take
   std::atomic<uint64_t> changes_{0};
+  std::atomic<uint64_t> structure_changes_{0};
   std::function<void()> wake_cleaner_;
 
   std::atomic<uint64_t> appended_bytes_{0};

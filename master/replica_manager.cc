@@ -47,6 +47,7 @@ Status ReplicaManager::use_log_memory(std::span<const std::byte> arena) {
 }
 
 void ReplicaManager::update_servers(const std::vector<wire::ServerListItem>& servers) {
+  const size_t target_before = target();
   std::map<uint64_t, std::string> backups;
   for (const auto& s : servers) {
     if (s.status == 0 && (s.services & wire::kServiceBackup) != 0 && s.server_id != server_id_) {
@@ -55,6 +56,7 @@ void ReplicaManager::update_servers(const std::vector<wire::ServerListItem>& ser
   }
   backups_ = std::move(backups);
   stats_.backups = static_cast<uint32_t>(backups_.size());
+  if (target() != target_before) unsettle_all();  // rule 11
   // Replicas on a server that is no longer a usable backup are lost: said once per backup.
   std::map<uint64_t, size_t> gone;
   for (auto& [id, seg] : segments_) {
@@ -128,11 +130,9 @@ bool ReplicaManager::replica_needed(uint64_t backup_id, uint64_t segment_id) con
 
 std::pair<uint64_t, uint32_t> ReplicaManager::log_position() const {
   uint64_t head = 0;
-  auto view = log_.replication_view(&head);
-  for (const auto& v : view) {
-    if (v.id == head) return {head, v.length};
-  }
-  return {head, 0};
+  uint32_t length = 0;
+  log_.head_state(&head, &length);
+  return {head, length};
 }
 
 bool ReplicaManager::durable_through(uint64_t segment_id, uint32_t offset) const {
@@ -168,7 +168,8 @@ uint64_t ReplicaManager::run() {
     dirty_ = false;
     next_wake_ns_ = UINT64_MAX;  // the pass below sets it again for what it held back
     refresh_view();
-    for (auto& [id, seg] : segments_) {
+    for (uint64_t id : active_) {
+      Seg& seg = segments_.at(id);
       if (seg.in_log) choose_backups(seg);
     }
     send_writes();
@@ -194,19 +195,46 @@ void ReplicaManager::refresh_view() {
   if (changes != seen_changes_) {
     // Read before the view: a change after this bumps the count again.
     seen_changes_ = changes;
-    uint64_t head = 0;
-    auto view = log_.replication_view(&head);
-    for (auto& [id, seg] : segments_) seg.in_log = false;
-    for (const auto& v : view) {
-      Seg& seg = segments_[v.id];
-      seg.id = v.id;
-      seg.in_log = true;
-      seg.length = v.length;
-      seg.closed = v.closed;
-      seg.has_digest = v.has_digest;
-      if (v.id == head) head_length_ = v.length;
+    const uint64_t structure = log_.structure_change_count();
+    bool whole_view = structure != seen_structure_;
+    if (!whole_view) {
+      // Only the head grew (rule 11): no need to read every segment.
+      uint64_t head = 0;
+      uint32_t length = 0;
+      log_.head_state(&head, &length);
+      auto it = segments_.find(head);
+      if (head != head_id_ || it == segments_.end()) {
+        whole_view = true;
+      } else {
+        it->second.length = length;
+        head_length_ = length;
+      }
     }
-    head_id_ = head;
+    if (whole_view) {
+      seen_structure_ = structure;
+      uint64_t head = 0;
+      auto view = log_.replication_view(&head);
+      for (auto& [id, seg] : segments_) seg.in_log = false;
+      for (const auto& v : view) {
+        auto [it, added] = segments_.try_emplace(v.id);
+        Seg& seg = it->second;
+        if (added) active_.insert(v.id);
+        // A settled segment that changed (compacted) is looked at again.
+        if (seg.length != v.length || seg.has_digest != v.has_digest || seg.closed != v.closed) {
+          unsettle(seg);
+        }
+        seg.id = v.id;
+        seg.in_log = true;
+        seg.length = v.length;
+        seg.closed = v.closed;
+        seg.has_digest = v.has_digest;
+        if (v.id == head) head_length_ = v.length;
+      }
+      head_id_ = head;
+      for (auto& [id, seg] : segments_) {
+        if (!seg.in_log) unsettle(seg);  // to be freed (rule 5)
+      }
+    }
   }
   // Everything the batch just handled wrote at most up to here.
   for (auto it = held_.rbegin(); it != held_.rend() && !it->stamped; ++it) {
@@ -260,8 +288,8 @@ void ReplicaManager::choose_backups(Seg& seg) {
 
 size_t ReplicaManager::writes_in_flight() const {
   size_t n = 0;
-  for (const auto& [id, seg] : segments_) {
-    for (const auto& r : seg.replicas) n += r.in_flight;
+  for (uint64_t id : active_) {  // a settled segment has nothing in flight (rule 11)
+    for (const auto& r : segments_.at(id).replicas) n += r.in_flight;
   }
   return n;
 }
@@ -279,7 +307,8 @@ bool ReplicaManager::head_open_durable() const {
 }
 
 bool ReplicaManager::log_durable(uint32_t* head_acked) const {
-  for (const auto& [id, seg] : segments_) {
+  for (uint64_t id : active_) {  // settled segments are whole (rule 11)
+    const Seg& seg = segments_.at(id);
     if (!seg.in_log || id == head_id_) continue;
     if (!segment_whole(seg)) return false;
   }
@@ -304,26 +333,34 @@ void ReplicaManager::send_writes() {
   // Segments go to the backups in id order (rules 1 and 2): this bounds the replicas open
   // on a backup when many segments wait at once (a recovery master's replay fills dozens
   // in a moment), and keeps "a closed segment with a digest has a durable successor".
+  // Settled segments (rule 11) are whole and durably open: only the active ones can make
+  // either answer below no.
   bool others_whole = true;
-  for (const auto& [id, seg] : segments_) {
-    if (seg.in_log && id != head_id_ && !segment_whole(seg)) others_whole = false;
-  }
-  // Whether a segment with a digest newer than each one is durably open: from the end.
-  std::map<uint64_t, bool> newer_digest_durable;
-  bool seen = false;
-  for (auto it = segments_.rbegin(); it != segments_.rend(); ++it) {
-    newer_digest_durable[it->first] = seen;
-    if (it->second.in_log && it->second.has_digest && open_durable(it->second)) seen = true;
+  // The newest segment with a digest that is durably open (0: none); a segment has a newer
+  // one durably open if this is newer than it.
+  uint64_t newest_durable_digest = settled_digests_.empty() ? 0 : *settled_digests_.rbegin();
+  for (uint64_t id : active_) {
+    const Seg& seg = segments_.at(id);
+    if (!seg.in_log) continue;
+    if (id != head_id_ && !segment_whole(seg)) others_whole = false;
+    if (seg.has_digest && open_durable(seg)) {
+      newest_durable_digest = std::max(newest_durable_digest, id);
+    }
   }
   bool lower_whole = true;  // every lower segment in the log but the head is whole
-  for (auto& [id, seg] : segments_) {
-    if (!seg.in_log) continue;
+  for (auto it = active_.begin(); it != active_.end();) {
+    const uint64_t id = *it;
+    Seg& seg = segments_.at(id);
+    if (!seg.in_log) {
+      ++it;
+      continue;
+    }
     const bool is_head = id == head_id_;
     const bool may_open = is_head ? others_whole : lower_whole;
     // A former head closes once a newer head is durably open; a survivor (no digest,
     // named by no durable digest yet) once it is whole.
-    const bool may_close =
-        !is_head && seg.closed && (seg.has_digest ? newer_digest_durable[id] : segment_whole(seg));
+    const bool may_close = !is_head && seg.closed &&
+                           (seg.has_digest ? newest_durable_digest > id : segment_whole(seg));
     // By index: send_write may lose the replica (erased from seg.replicas) on the spot.
     for (size_t i = 0; i < seg.replicas.size();) {
       Replica& r = seg.replicas[i];
@@ -340,7 +377,41 @@ void ReplicaManager::send_writes() {
     }
     if (is_head) record_epoch(seg);
     if (!is_head && !segment_whole(seg)) lower_whole = false;
+    if (may_settle(seg)) {
+      settle(seg);
+      it = active_.erase(it);
+    } else {
+      ++it;
+    }
   }
+}
+
+bool ReplicaManager::may_settle(const Seg& seg) const {
+  if (!seg.in_log || !seg.closed || seg.id == head_id_ || !seg.marked || seg.epoch_in_flight ||
+      seg.replicas.size() < target()) {
+    return false;
+  }
+  return std::all_of(seg.replicas.begin(), seg.replicas.end(), [&](const Replica& r) {
+    return r.close_acked && r.in_flight == 0 && r.open_acked && r.acked >= seg.length &&
+           r.epoch_acked >= seg.epoch;
+  });
+}
+
+void ReplicaManager::settle(Seg& seg) {
+  seg.settled = true;
+  if (seg.has_digest) settled_digests_.insert(seg.id);
+}
+
+void ReplicaManager::unsettle(Seg& seg) {
+  if (!seg.settled) return;
+  seg.settled = false;
+  settled_digests_.erase(seg.id);
+  active_.insert(seg.id);
+  dirty_ = true;
+}
+
+void ReplicaManager::unsettle_all() {
+  for (auto& [id, seg] : segments_) unsettle(seg);
 }
 
 void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
@@ -633,6 +704,7 @@ bool ReplicaManager::backup_resting(uint64_t backup_id, uint64_t now) const {
 void ReplicaManager::lose_replica(Seg& seg, size_t index, Status why, bool quiet) {
   Replica r = std::move(seg.replicas[index]);
   seg.replicas.erase(seg.replicas.begin() + static_cast<ptrdiff_t>(index));
+  unsettle(seg);  // rule 11
   ++stats_.replicas_lost;
   dirty_ = true;
   if (!quiet) {
@@ -712,18 +784,22 @@ void ReplicaManager::record_epoch(Seg& seg) {
 void ReplicaManager::free_dead_segments() {
   uint32_t head_acked = 0;
   bool durable = log_durable(&head_acked);
-  for (auto it = segments_.begin(); it != segments_.end();) {
-    Seg& seg = it->second;
+  if (!durable) return;
+  for (auto it = active_.begin(); it != active_.end();) {  // one out of the log is active
+    auto seg_it = segments_.find(*it);
+    Seg& seg = seg_it->second;
     bool busy = std::any_of(seg.replicas.begin(), seg.replicas.end(),
                             [](const Replica& r) { return r.in_flight > 0; });
     // Rule 5: only once the head whose digest drops it is durable.
-    if (seg.in_log || busy || !durable || seg.epoch_in_flight) {
+    if (seg.in_log || busy || seg.epoch_in_flight) {
       ++it;
       continue;
     }
     for (const auto& r : seg.replicas) send_free(r.locator, seg.id);
     ++stats_.segments_freed;
-    it = segments_.erase(it);
+    awaiting_pin_.erase(seg.id);
+    segments_.erase(seg_it);
+    it = active_.erase(it);
   }
 }
 

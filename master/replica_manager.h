@@ -58,6 +58,15 @@
 //      that doubles while it keeps failing, so a dead backup the coordinator has not
 //      declared yet is not tried again and again (one log line per backoff, not one per
 //      replica).
+//  11. A pass looks only at the segments with something left to do (active_). A segment
+//      settles once it is closed, not the head, marked (rule 9), and on as many replicas
+//      as it needs, each holding all of it at its epoch, closed, with nothing in flight.
+//      It is active again when it loses a replica, leaves the log or changes there, or
+//      when the number of replicas a segment needs changes. A settled segment is whole
+//      and durably open, which is all that rules 1-3 and 5 ask of it, and nothing is due
+//      for it. So a pass costs what is under way, not the log's size (a 10 GiB master has
+//      about 1,300 segments, and every batch of writes makes a pass); a pass reads the
+//      whole log's view only when more than the head's length changed.
 //
 // Owner: the server (server/main.cc). Threads: every method runs on the dispatch thread.
 #pragma once
@@ -140,6 +149,8 @@ class ReplicaManager final : public LoopTask {
   bool durable_through(uint64_t segment_id, uint32_t offset) const;
   const ReplicationStats& stats() const { return stats_; }
   size_t held_replies() const { return held_.size(); }
+  // Segments a pass looks at (rule 11): those not settled.
+  size_t active_segments() const { return active_.size(); }
   // Replication writes sent and not yet answered (closes included): 0 once every backup
   // has what it was sent, and every close is in its file.
   size_t writes_in_flight() const;
@@ -189,6 +200,7 @@ class ReplicaManager final : public LoopTask {
     std::shared_ptr<const void> pin;
     std::vector<Replica> replicas;
     std::set<uint64_t> avoid;  // backups that failed this segment
+    bool settled = false;      // rule 11: not in active_
   };
   struct Held {
     ReplyToken token;
@@ -252,6 +264,11 @@ class ReplicaManager final : public LoopTask {
   // All R replicas hold every byte of the segment at its current epoch.
   bool segment_whole(const Seg& seg) const;
   void fail_held(Status s);
+  // Rule 11.
+  bool may_settle(const Seg& seg) const;
+  void settle(Seg& seg);
+  void unsettle(Seg& seg);
+  void unsettle_all();
 
   Options options_;
   Log& log_;
@@ -260,6 +277,9 @@ class ReplicaManager final : public LoopTask {
   uint64_t server_id_ = 0;
   std::map<uint64_t, std::string> backups_;  // usable backups: id -> locator
   std::map<uint64_t, Seg> segments_;
+  std::set<uint64_t> active_;           // rule 11: the segments not settled
+  std::set<uint64_t> settled_digests_;  // settled segments with a digest
+  uint64_t seen_structure_ = UINT64_MAX;
   uint64_t head_id_ = 0;
   uint32_t head_length_ = 0;
   uint64_t seen_changes_ = UINT64_MAX;

@@ -319,6 +319,48 @@ TEST_CASE("replica manager: a backup that keeps refusing loses the replica, made
   CHECK(held(c) == segments);
 }
 
+TEST_CASE("replica manager: settled segments leave the passes until a backup comes or goes",
+          "[replica_manager]") {
+  TestBackup a(101), b(102), c(103);
+  master::ReplicaManager::Options o;
+  o.replicas = 2;
+  Master m(o);
+  // One backup: every segment on it alone (rule 7).
+  m.replicas->update_servers({a.item()});
+  for (int batch = 0; batch < 20; ++batch) {
+    m.append(60);
+    m.replicas->run();
+  }
+  REQUIRE(m.pump(20, [&] { return m.durable() && m.replicas->writes_in_flight() == 0; }));
+  m.pump(0.05, [] { return false; });  // the last closes' answers taken in
+  const size_t in_log = log_segments(*m.log).size();
+  REQUIRE(in_log >= 15);
+  // Whole, closed, marked segments are settled: a pass looks at the head and the segment
+  // before it at most.
+  CHECK(m.replicas->active_segments() <= 2);
+  // A second backup: a segment now needs two replicas, and every settled one gets its
+  // second.
+  m.replicas->update_servers({a.item(), b.item()});
+  CHECK(m.replicas->active_segments() >= in_log);
+  REQUIRE(m.pump(20, [&] {
+    return m.durable() && m.replicas->writes_in_flight() == 0 && m.replicas->active_segments() <= 2;
+  }));
+  // Backup a leaves: its replicas are lost and made again on c.
+  m.replicas->update_servers({b.item(), c.item()});
+  CHECK(m.replicas->active_segments() >= in_log);
+  REQUIRE(m.pump(20, [&] {
+    return m.durable() && m.replicas->writes_in_flight() == 0 && m.replicas->active_segments() <= 2;
+  }));
+  m.append(10);  // settled segments do not keep appends from going out
+  REQUIRE(m.pump(20, [&] { return m.durable(); }));
+  a.stop();
+  b.stop();
+  c.stop();
+  const auto segments = log_segments(*m.log);
+  CHECK(held(b) == segments);
+  CHECK(held(c) == segments);
+}
+
 // A port nothing listens on (yet).
 std::string free_locator() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
