@@ -410,7 +410,7 @@ Result<ObjectManager::Incremented> ObjectManager::increment(uint64_t table_id, s
 
 Result<uint64_t> ObjectManager::enumerate(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end,
                                           uint64_t cursor, size_t max_objects,
-                                          std::vector<Object>* out) {
+                                          std::vector<Object>* out, bool values) {
   if (cursor > end_cursor() || hash_begin > hash_end) return Status::kBadRequest;
   cursor = std::max(cursor, hash_table_.bucket_of(hash_begin));
   const uint64_t last = hash_table_.bucket_of(hash_end);
@@ -428,7 +428,8 @@ Result<uint64_t> ObjectManager::enumerate(uint64_t table_id, uint64_t hash_begin
         uint64_t h = key_hash(table_id, obj->key);
         if (h < hash_begin || h > hash_end) return;
       }
-      out->push_back({std::string(obj->key), std::string(obj->value), obj->version});
+      out->push_back(
+          {std::string(obj->key), values ? std::string(obj->value) : std::string(), obj->version});
       ++added;
     });
     ++cursor;
@@ -461,7 +462,8 @@ Result<uint64_t> ObjectManager::remove_range_step(uint64_t table_id, uint64_t ha
                            buckets < std::max<size_t>(max_buckets, 1);
        ++buckets) {
     batch.clear();
-    auto next = enumerate(table_id, hash_begin, hash_end, *cursor, 0, &batch);  // a bucket
+    // A bucket; the values are not needed to remove them.
+    auto next = enumerate(table_id, hash_begin, hash_end, *cursor, 0, &batch, /*values=*/false);
     if (!next.ok()) return next.status();
     for (const auto& o : batch) {
       auto r = remove(table_id, o.key);

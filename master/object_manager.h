@@ -161,8 +161,10 @@ class ObjectManager final : public HeadMetadataSource, public LogEntryHandlers {
   }
   // The same over one tablet: only keys whose hash is in [hash_begin, hash_end]. Buckets
   // are in hash order, so the walk covers just the tablet's buckets.
+  // `values` false: keys and versions only (the values are left empty).
   Result<uint64_t> enumerate(uint64_t table_id, uint64_t hash_begin, uint64_t hash_end,
-                             uint64_t cursor, size_t max_objects, std::vector<Object>* out);
+                             uint64_t cursor, size_t max_objects, std::vector<Object>* out,
+                             bool values = true);
   // Removes every object of the table whose key hash is in [hash_begin, hash_end] (a
   // dropped table or a tablet given away). Returns how many.
   //
