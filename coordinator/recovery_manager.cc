@@ -361,6 +361,14 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body, Reply& 
   if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
   dirty_ = true;
   Recovery* r = find(req.recovery_id);
+  // A resent report of a partition whose tablets already moved to that master: kOk in any
+  // phase. Once the last partition moved the recovery is done, and an answer of
+  // kUnknownTablet would make the master drop keys it owns and serves.
+  if (r != nullptr && req.partition_id < r->partitions.size() &&
+      r->partitions[req.partition_id].done &&
+      r->partitions[req.partition_id].master_id == req.recovery_master_id) {
+    return Status::kOk;
+  }
   if (r == nullptr || r->phase != Phase::kReplaying || req.partition_id >= r->partitions.size()) {
     // A recovery this coordinator does not run (a previous incarnation's, or one that
     // failed since): the master must drop what it replayed, those tablets are not its.
@@ -369,7 +377,6 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body, Reply& 
     return Status::kUnknownTablet;
   }
   Partition& p = r->partitions[req.partition_id];
-  if (p.done && p.master_id == req.recovery_master_id) return Status::kOk;  // a resent report
   if (p.done || p.master_id != req.recovery_master_id) return Status::kUnknownTablet;
   const auto status = static_cast<Status>(req.status);
   if (status == Status::kIncomplete) {

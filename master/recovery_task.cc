@@ -90,11 +90,23 @@ Status RecoveryTask::start(std::span<const std::byte> body) {
 
 void RecoveryTask::drop(Job& job) {
   objects_.finish_replay(ranges(job), job.request.safe_version);
+  std::vector<wire::TabletWire> gone;
+  for (const auto& t : job.tablets) {
+    if (owned_ == nullptr || !owned_->overlaps(t.table_id, {t.start_hash, t.end_hash})) {
+      gone.push_back(t);
+    }
+  }
+  if (gone.size() != job.tablets.size()) {
+    LOG_ERROR(
+        "recovery {} partition {}: not dropping {} of its tablets: this master owns them (the "
+        "coordinator moved them here)",
+        job.request.recovery_id, job.request.partition_id, job.tablets.size() - gone.size());
+  }
   // A partition's worth (hundreds of megabytes) removed in one go would hold the loop for
   // a large part of a second; nothing owns these keys here, and a take or recovery of
   // them finishes the removal first.
-  if (dropper_ != nullptr) return dropper_->add(job.tablets);
-  for (const auto& t : job.tablets) {
+  if (dropper_ != nullptr) return dropper_->add(gone);
+  for (const auto& t : gone) {
     auto removed = objects_.remove_range(t.table_id, t.start_hash, t.end_hash);
     (void)removed;
   }

@@ -29,6 +29,7 @@
 #include "common/transport.h"
 #include "common/wire_format.h"
 #include "master/object_manager.h"
+#include "master/tablet_set.h"
 
 namespace ramkv::master {
 
@@ -79,6 +80,10 @@ class RecoveryTask final : public LoopTask {
   // A range this master dropped and has not emptied yet is emptied before it is
   // recovered into (tablet_dropper.h).
   void set_dropper(TabletDropper* dropper) { dropper_ = dropper; }
+  // The tablets this master owns (MasterService::tablets()): what a partition dropped here
+  // covers of them is never removed. Only a partition the coordinator moved here can
+  // overlap them, and its keys are this master's to serve whatever a report's answer said.
+  void set_owned(const TabletSet* owned) { owned_ = owned; }
   // kRecover. kBadRequest for a malformed body or a partition already running here.
   Status start(std::span<const std::byte> body);
   const RecoveryTaskStats& stats() const { return stats_; }
@@ -148,6 +153,7 @@ class RecoveryTask final : public LoopTask {
   ObjectManager& objects_;
   ReplicaManager* replicas_;
   TabletDropper* dropper_ = nullptr;
+  const TabletSet* owned_ = nullptr;
   const Clock& clock_;
   std::unique_ptr<ClientTransport> client_;
   bool wait_fd_ready_ = false;  // on_wait_fd_ready(): run() polls even with nothing outstanding

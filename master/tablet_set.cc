@@ -81,6 +81,15 @@ bool TabletSet::covers(uint64_t table_id, Range range) const {
   return r != nullptr && range.end_hash <= r->end_hash;
 }
 
+bool TabletSet::overlaps(uint64_t table_id, Range range) const {
+  auto it = tables_.find(table_id);
+  if (it == tables_.end() || range.start_hash > range.end_hash) return false;
+  // The first range ending at or after the start (invariant 1: sorted and disjoint).
+  auto r = std::lower_bound(it->second.begin(), it->second.end(), range.start_hash,
+                            [](const Range& a, uint64_t hash) { return a.end_hash < hash; });
+  return r != it->second.end() && r->start_hash <= range.end_hash;
+}
+
 size_t TabletSet::range_count() const {
   size_t n = 0;
   for (const auto& [id, ranges] : tables_) n += ranges.size();

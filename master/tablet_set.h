@@ -32,6 +32,8 @@ class TabletSet {
   bool contains(uint64_t table_id, uint64_t hash) const;
   // Whether every hash of the range is owned.
   bool covers(uint64_t table_id, Range range) const;
+  // Whether any hash of the range is owned.
+  bool overlaps(uint64_t table_id, Range range) const;
   // How many merged ranges there are, over all tables.
   size_t range_count() const;
   std::vector<Range> ranges(uint64_t table_id) const;

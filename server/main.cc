@@ -458,6 +458,7 @@ int run_server(const ServerOptions& o) {
         master->objects(), ramkv::master::TabletDropper::Options{});
     master->set_dropper(dropper.get());
     recovery->set_dropper(dropper.get());
+    recovery->set_owned(&master->tablets());
     transport->add_loop_task(dropper.get());
   }
   // The backup's disk writes complete on the dispatch loop, which sends their replies.

@@ -166,6 +166,23 @@ TEST_CASE("recovery: a master killed under writes comes back with every acknowle
   INFO("segments had locally " << local << ", by RPC " << remote);
   CHECK(local + remote >= static_cast<int64_t>(row->partitions.size()));
   CHECK((local + remote) % static_cast<int64_t>(row->partitions.size()) == 0);
+  // A recovery master's report resent after the recovery ended (its answer was lost) is
+  // answered kOk: kUnknownTablet would have it drop keys it owns. Another master's is not.
+  auto transport = make_client_transport({});
+  for (const auto& p : row->partitions) {
+    for (const uint64_t claimed : {p.recovery_master_id, victim}) {
+      std::vector<std::byte> body;
+      wire::BodyWriter(&body).put(
+          wire::RecoveryMasterFinishedRequest{.recovery_id = row->info.recovery_id,
+                                              .recovery_master_id = claimed,
+                                              .partition_id = p.partition_id,
+                                              .status = static_cast<uint16_t>(Status::kOk)});
+      auto r = call(*transport, cluster.coordinator(),
+                    {.opcode = wire::Opcode::kRecoveryMasterFinished, .timeout_ns = 5'000'000'000},
+                    body);
+      CHECK(r.status == (claimed == victim ? Status::kUnknownTablet : Status::kOk));
+    }
+  }
 }
 
 TEST_CASE("recovery: a log with a segment missing everywhere stops with an error",

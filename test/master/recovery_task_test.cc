@@ -184,6 +184,33 @@ TEST_CASE("recovery task: a failed partition's objects go through the dropper",
   CHECK(objects->read(kTable, "b", &value).status() == Status::kObjectNotFound);
 }
 
+TEST_CASE("recovery task: a partition is never dropped over tablets this master owns",
+          "[master][recovery_task]") {
+  auto objects = testing::make(testing::small_config(false));
+  TabletDropper dropper(*objects, {});
+  TabletSet owned;
+  RecoveryTask task({.coordinator = kNowhere}, *objects, nullptr);
+  task.set_server_id(kSelf);
+  task.set_dropper(&dropper);
+  task.set_owned(&owned);
+  const Bytes first = concat_entries({object_entry("a", 5, "apple")});
+  task.set_local_backup([&](const wire::GetRecoveryDataRequest& r, wire::RecoveryDataResponse* head,
+                            std::vector<std::span<const std::byte>>* pieces) {
+    if (r.segment_id != 1) return Status::kIoError;
+    *head = {.epoch = 1, .entry_bytes = static_cast<uint32_t>(first.size()), .entry_count = 1};
+    pieces->assign({std::span<const std::byte>(first)});
+    return Status::kOk;
+  });
+  // The keys are this master's (as after the coordinator moved the partition here and the
+  // answer to the report was lost): a failure later must not remove them.
+  owned.add(kTable, {0, UINT64_MAX});
+  REQUIRE(task.start(recover_body({{1, {kSelf}}, {2, {kSelf}}})) == Status::kOk);
+  REQUIRE(run_until(task, [&] { return task.stats().partitions_failed == 1; }));
+  CHECK(dropper.pending() == 0);
+  std::string value;
+  CHECK(objects->read(kTable, "a", &value).ok());
+}
+
 TEST_CASE("recovery task: without a local backup, our own id is asked by RPC like any other",
           "[master][recovery_task]") {
   auto objects = testing::make(testing::small_config(false));

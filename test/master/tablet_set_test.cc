@@ -48,6 +48,23 @@ TEST_CASE("tablet set: overlapping, duplicate and adjacent ranges merge", "[mast
   CHECK(s.covers(1, {0, UINT64_MAX}));
 }
 
+TEST_CASE("tablet set: a range overlaps where any of its hashes is owned", "[master][tablet_set]") {
+  TabletSet s;
+  CHECK_FALSE(s.overlaps(1, {0, UINT64_MAX}));
+  s.add(1, {100, 200});
+  s.add(1, {300, 400});
+  CHECK(s.overlaps(1, {0, 100}));
+  CHECK(s.overlaps(1, {200, 250}));
+  CHECK(s.overlaps(1, {150, 160}));
+  CHECK(s.overlaps(1, {0, UINT64_MAX}));
+  CHECK(s.overlaps(1, {250, 300}));
+  CHECK_FALSE(s.overlaps(1, {0, 99}));
+  CHECK_FALSE(s.overlaps(1, {201, 299}));
+  CHECK_FALSE(s.overlaps(1, {401, UINT64_MAX}));
+  CHECK_FALSE(s.overlaps(2, {0, UINT64_MAX}));
+  CHECK_FALSE(s.overlaps(1, {300, 299}));  // empty
+}
+
 TEST_CASE("tablet set: removing a range cuts exactly its hashes out", "[master][tablet_set]") {
   TabletSet s;
   s.add(1, {0, UINT64_MAX});
