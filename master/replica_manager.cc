@@ -414,14 +414,22 @@ void ReplicaManager::unsettle_all() {
   for (auto& [id, seg] : segments_) unsettle(seg);
 }
 
+void ReplicaManager::view_stale() {
+  // Not marked out of the log here: a segment cleaned away is named by the digest of every
+  // head this manager knows of, so its replicas must stay until the head that drops it is
+  // durable (rule 5), and a compacted one is still in the log. The next pass reads the
+  // whole view again and finds out which.
+  seen_structure_ = UINT64_MAX;
+  seen_changes_ = UINT64_MAX;
+  dirty_ = true;
+}
+
 void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
   uint32_t length = 0;
   Certificate cert;
   bool closed = false;
   if (!log_.replication_state(seg.id, &length, &cert, &closed)) {
-    seg.in_log = false;  // cleaned since the view; freed once the log is durable
-    dirty_ = true;
-    return;
+    return view_stale();  // cleaned since the view
   }
   if (length < r.sent) {
     // Only a compacted segment shrinks, and only replicated ones are compacted.
@@ -459,9 +467,7 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
     // segment is marked replicated, and it is not while the transport holds its pin.
     views_.clear();
     if (!log_.replication_views(seg.id, r.sent, req.length, &views_)) {
-      seg.in_log = false;  // cleaned since its state was read
-      dirty_ = true;
-      return;
+      return view_stale();  // cleaned (or compacted) since its state was read
     }
     if (seg.pin == nullptr) seg.pin = std::make_shared<char>();
     client_->send_pieces(r.locator, request, std::as_bytes(std::span(&req, 1)), views_, seg.pin,
@@ -474,9 +480,7 @@ void ReplicaManager::send_write(Seg& seg, Replica& r, bool close) {
       copy_.segment_id = 0;
       copy_.buffer = take_buffer(req.length);
       if (!log_.read_for_replication(seg.id, r.sent, {copy_.buffer->bytes.get(), req.length})) {
-        seg.in_log = false;  // cleaned (or compacted) since its state was read
-        dirty_ = true;
-        return;
+        return view_stale();  // cleaned (or compacted) since its state was read
       }
       copy_.segment_id = seg.id;
       copy_.from = r.sent;
@@ -528,9 +532,7 @@ void ReplicaManager::send_remote(Seg& seg, Replica& r, uint32_t length, const Ce
   const wire::BackupWriteResponse& region = *r.region;
   views_.clear();
   if (!log_.replication_views(seg.id, r.sent, length - r.sent, &views_)) {
-    seg.in_log = false;  // cleaned (or compacted) since its state was read
-    dirty_ = true;
-    return;
+    return view_stale();  // cleaned (or compacted) since its state was read
   }
   remote_writes_.clear();
   uint64_t at = region.address + region.data_offset + r.sent;

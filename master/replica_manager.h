@@ -217,6 +217,9 @@ class ReplicaManager final : public LoopTask {
   void choose_backups(Seg& seg);
   void send_writes();
   void send_write(Seg& seg, Replica& r, bool close);
+  // A segment changed under a write being made (cleaned or compacted since the view):
+  // the next pass reads the whole view again.
+  void view_stale();
   // Rule 8: appends [r.sent, length) with RDMA WRITEs, then the certificate slot.
   void send_remote(Seg& seg, Replica& r, uint32_t length, const Certificate& cert);
   // `rpc`: a write RPC's answer (else a one-sided append's completion).
