@@ -27,11 +27,12 @@ uint64_t MasterNotifier::post(std::vector<Message> messages) {
   uint64_t ticket = next_ticket_++;
   size_t count = 0;
   for (auto& m : messages) {
-    if (queue_.size() >= options_.max_queued) {
+    if (pending_ >= options_.max_queued) {
       LOG_WARNING("notifier queue full: dropping {} to {}", wire::opcode_name(m.opcode), m.locator);
       continue;
     }
     queue_.push_back({std::move(m), ticket});
+    ++pending_;
     ++count;
   }
   if (count > 0) remaining_[ticket] = count;
@@ -53,11 +54,15 @@ bool MasterNotifier::wait_idle(uint64_t timeout_ns) {
 
 namespace {
 
-bool resent(wire::Opcode opcode, Status s) {
-  return (opcode == wire::Opcode::kTakeTablets || opcode == wire::Opcode::kDropTablets) &&
-         (s == Status::kRetry || s == Status::kTimeout || s == Status::kUnavailable);
+// Orders that go one at a time per server, in order, resent until answered.
+bool ordered(wire::Opcode opcode) {
+  return opcode == wire::Opcode::kTakeTablets || opcode == wire::Opcode::kDropTablets;
 }
 
+bool resent(wire::Opcode opcode, Status s) {
+  return ordered(opcode) &&
+         (s == Status::kRetry || s == Status::kTimeout || s == Status::kUnavailable);
+}
 }  // namespace
 
 void MasterNotifier::run() {
@@ -65,9 +70,18 @@ void MasterNotifier::run() {
   std::unique_lock lock(mutex_);
   while (true) {
     if (stop_) return;
-    for (auto& q : queue_) lanes_[q.message.locator].waiting.push_back(std::move(q));
+    // Server lists go at once, never behind an order being resent to the same server.
+    std::vector<Queued> direct;
+    for (auto& q : queue_) {
+      if (ordered(q.message.opcode)) {
+        lanes_[q.message.locator].waiting.push_back(std::move(q));
+      } else {
+        direct.push_back(std::move(q));
+      }
+    }
     queue_.clear();
     lock.unlock();
+    for (auto& q : direct) send_once(q);
     send_ready(clock.now_ns());
     // A short poll, so that messages posted meanwhile are not held up behind a slow peer.
     if (transport_->outstanding() > 0) transport_->poll(1'000'000);
@@ -118,6 +132,23 @@ void MasterNotifier::send(const std::string& locator, Queued& item, uint64_t now
       });
 }
 
+void MasterNotifier::send_once(const Queued& item) {
+  ClientTransport::Request request{.opcode = item.message.opcode,
+                                   .client_id = 0,
+                                   .rpc_seq = next_rpc_seq_++,
+                                   .timeout_ns = options_.timeout_ns};
+  transport_->send(
+      item.message.locator, request, item.message.body,
+      [this, locator = item.message.locator, opcode = item.message.opcode, ticket = item.ticket](
+          Status st, const wire::MessageHeader& h, std::span<const std::byte>) {
+        Status s = st != Status::kOk ? st : static_cast<Status>(h.status);
+        if (s != Status::kOk) {
+          LOG_WARNING("{} to {} failed: {}", wire::opcode_name(opcode), locator, status_name(s));
+        }
+        complete(ticket);
+      });
+}
+
 void MasterNotifier::on_answer(const std::string& locator, Status s) {
   auto it = lanes_.find(locator);
   if (it == lanes_.end() || it->second.waiting.empty()) return;
@@ -154,6 +185,7 @@ void MasterNotifier::on_answer(const std::string& locator, Status s) {
 
 void MasterNotifier::complete(uint64_t ticket) {
   std::lock_guard lock(mutex_);
+  --pending_;
   auto it = remaining_.find(ticket);
   if (it != remaining_.end() && --it->second == 0) remaining_.erase(it);
   done_cv_.notify_all();

@@ -13,18 +13,21 @@
 // never own a tablet the coordinator's map gives it, and its clients would retry it until
 // their deadlines. Both are idempotent. Resends back off (retry_initial_ns doubling to
 // retry_max_ns) and stop after give_up_ns (the server is gone; a restarted coordinator
-// sends every owned tablet again). Messages to one locator go one at a time, in the order
+// sends every owned tablet again). Orders to one locator go one at a time, in the order
 // posted, so a resent take cannot overtake the drop that followed it. A server that
 // restarted on the same locator refuses orders naming the server before it (masters check
-// the server id of every tablet). Server list updates are not resent: a newer one follows.
+// the server id of every tablet). Server list updates are not resent (a newer one follows)
+// and never wait behind an order being resent to the same server.
 //
 // Owner: the CoordinatorService. Threads: post() and wait() from any thread; the
 // ClientTransport and the lanes are used only by the notifier's own thread.
 // Invariants:
 //   1. Every posted message completes exactly once (answered, or failed for good), and
 //      its ticket's count drops by one when it does.
-//   2. At most `max_queued` messages wait to be sent; post() drops (and logs) beyond it.
-//   3. Per locator at most one message is in flight, the oldest posted not yet complete.
+//   2. At most `max_queued` messages are posted and not complete; post() drops (and logs)
+//      beyond it.
+//   3. Per locator at most one take or drop is in flight, the oldest posted not yet
+//      complete; server lists go outside that order, at once.
 #pragma once
 
 #include <condition_variable>
@@ -87,6 +90,8 @@ class MasterNotifier {
   // When a lane may send next (UINT64_MAX: none has a message waiting to be sent).
   uint64_t next_send_ns() const;
   void send(const std::string& locator, Queued& item, uint64_t now_ns);
+  // A message outside the lanes (a server list): sent once, now.
+  void send_once(const Queued& item);
   void on_answer(const std::string& locator, Status s);
   void complete(uint64_t ticket);
 
@@ -98,6 +103,7 @@ class MasterNotifier {
   std::condition_variable done_cv_;
   std::deque<Queued> queue_;              // guarded by mutex_
   std::map<uint64_t, size_t> remaining_;  // ticket -> messages not yet complete
+  size_t pending_ = 0;                    // posted and not yet complete; guarded by mutex_
   uint64_t next_ticket_ = 1;              // guarded by mutex_
   bool stop_ = false;                     // guarded by mutex_
   uint64_t next_rpc_seq_ = 1;             // notifier thread only

@@ -95,14 +95,37 @@ TEST_CASE("master notifier: a server that never answers is given up on, and the 
 TEST_CASE("master notifier: refusals and server lists are not resent", "[coordinator][notifier]") {
   ScriptedServer server({Status::kBadRequest, Status::kRetry});
   MasterNotifier notifier(quick());
+  // The take is refused (kBadRequest), then the list is answered kRetry: neither again.
   uint64_t take = notifier.post(
       {{.locator = server.locator(), .opcode = wire::Opcode::kTakeTablets, .body = {}}});
+  CHECK(notifier.wait(take, 5 * kSeconds));
   uint64_t list = notifier.post(
       {{.locator = server.locator(), .opcode = wire::Opcode::kServerListUpdate, .body = {}}});
-  CHECK(notifier.wait(take, 5 * kSeconds));
   CHECK(notifier.wait(list, 5 * kSeconds));
+  CHECK(notifier.wait_idle(kSeconds));
   CHECK(server.received() ==
         std::vector<wire::Opcode>{wire::Opcode::kTakeTablets, wire::Opcode::kServerListUpdate});
+}
+
+TEST_CASE("master notifier: a server list never waits behind an order being resent",
+          "[coordinator][notifier]") {
+  ScriptedServer server(std::vector<Status>(1, Status::kRetry));
+  auto options = quick();
+  options.retry_initial_ns = 300'000'000;  // the take waits 300 ms before its resend
+  MasterNotifier notifier(options);
+  uint64_t take = notifier.post(
+      {{.locator = server.locator(), .opcode = wire::Opcode::kTakeTablets, .body = {}}});
+  // Once the take has been refused, a server list goes out at once, ahead of its resend.
+  for (int i = 0; i < 200 && server.received().empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  uint64_t list = notifier.post(
+      {{.locator = server.locator(), .opcode = wire::Opcode::kServerListUpdate, .body = {}}});
+  CHECK(notifier.wait(list, 5 * kSeconds));
+  CHECK(notifier.wait(take, 5 * kSeconds));
+  CHECK(server.received() == std::vector<wire::Opcode>{wire::Opcode::kTakeTablets,
+                                                       wire::Opcode::kServerListUpdate,
+                                                       wire::Opcode::kTakeTablets});
 }
 
 TEST_CASE("master notifier: one slow server holds up only its own messages",
