@@ -231,9 +231,11 @@ struct ServerIdRequest {
   uint64_t server_id = 0;
 };
 static_assert(sizeof(ServerIdRequest) == 8);
-// kRecoveryMasterFinished: RecoveryMasterFinishedRequest. Empty response. kOk in
-// `status` when the partition is replayed and durable; anything else gives it to
-// another master.
+// kRecoveryMasterFinished: RecoveryMasterFinishedRequest, then optionally the partition's
+// tablets (TabletListHeader + count x TabletWire). Empty response. kOk in `status` when
+// the partition is replayed and durable; anything else gives it to another master. The
+// tablets let a coordinator that no longer knows the recovery (restarted, or retrying it)
+// see in its persisted map that they were moved to this master already.
 struct RecoveryMasterFinishedRequest {
   uint64_t recovery_id = 0;
   uint64_t recovery_master_id = 0;

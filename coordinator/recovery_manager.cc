@@ -15,6 +15,27 @@ namespace {
 
 constexpr uint64_t kInFlightWakeNs = 20'000'000;
 
+// Whether every hash of each of `tablets` lies in a tablet of `master_id` in `state`.
+bool owned_by(const CoordinatorState& state, const std::vector<wire::TabletWire>& tablets,
+              uint64_t master_id) {
+  for (const auto& t : tablets) {
+    if (t.table_id == 0) return false;  // tablets(0) would be every table's
+    uint64_t next = t.start_hash;       // the first hash not yet seen owned
+    bool covered = false;
+    for (const Tablet& s : state.tablets(t.table_id)) {  // by start_hash, disjoint
+      if (s.end_hash < next) continue;
+      if (s.start_hash > next || s.server_id != master_id) break;
+      if (s.end_hash >= t.end_hash) {
+        covered = true;
+        break;
+      }
+      next = s.end_hash + 1;
+    }
+    if (!covered) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 RecoveryManager::RecoveryManager(const RecoveryOptions& options, RecoveryHost& host,
@@ -358,7 +379,18 @@ void RecoveryManager::partition_failed(Recovery& r, Partition& p, Status why) {
 Status RecoveryManager::master_finished(std::span<const std::byte> body, Reply& reply) {
   wire::BodyReader in(body);
   wire::RecoveryMasterFinishedRequest req;
-  if (!in.get(&req) || !in.at_end()) return Status::kBadRequest;
+  if (!in.get(&req)) return Status::kBadRequest;
+  std::vector<wire::TabletWire> tablets;
+  if (!in.at_end()) {
+    wire::TabletListHeader h;
+    if (!in.get(&h) || in.remaining() != uint64_t{h.count} * sizeof(wire::TabletWire)) {
+      return Status::kBadRequest;
+    }
+    tablets.resize(h.count);
+    for (auto& t : tablets) {
+      if (!in.get(&t) || t.start_hash > t.end_hash) return Status::kBadRequest;
+    }
+  }
   dirty_ = true;
   Recovery* r = find(req.recovery_id);
   // A resent report of a partition whose tablets already moved to that master: kOk in any
@@ -367,6 +399,12 @@ Status RecoveryManager::master_finished(std::span<const std::byte> body, Reply& 
   if (r != nullptr && req.partition_id < r->partitions.size() &&
       r->partitions[req.partition_id].done &&
       r->partitions[req.partition_id].master_id == req.recovery_master_id) {
+    return Status::kOk;
+  }
+  // The same once the recovery is forgotten (a restart, or a retry of a recovery that
+  // failed): the persisted map says whether the tablets are that master's.
+  if (static_cast<Status>(req.status) == Status::kOk && !tablets.empty() &&
+      owned_by(host_.state(), tablets, req.recovery_master_id)) {
     return Status::kOk;
   }
   if (r == nullptr || r->phase != Phase::kReplaying || req.partition_id >= r->partitions.size()) {
@@ -441,6 +479,9 @@ void RecoveryManager::commit_finished() {
     Partition& p = r->partitions[f->partition_id];
     if (committed != Status::kOk) {
       partition_failed(*r, p, committed);
+      // Nothing moved: what the master replayed is not its own.
+      host_.answer(f->token, Status::kUnknownTablet);
+      continue;
     } else {
       p.done = true;
       p.bytes = f->bytes;

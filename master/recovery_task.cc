@@ -371,6 +371,11 @@ void RecoveryTask::report(const Key& key, Job& job) {
                                           .bytes = job.bytes,
                                           .replay_ns = elapsed,
                                           .missing_segment_id = job.missing_segment});
+  {
+    wire::BodyWriter w(&body);
+    w.put(wire::TabletListHeader{.count = static_cast<uint32_t>(job.tablets.size())});
+    for (const auto& t : job.tablets) w.put(t);
+  }
   job.report_in_flight = true;
   client_->send(
       options_.coordinator,

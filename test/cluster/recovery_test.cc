@@ -183,6 +183,28 @@ TEST_CASE("recovery: a master killed under writes comes back with every acknowle
       CHECK(r.status == (claimed == victim ? Status::kUnknownTablet : Status::kOk));
     }
   }
+  // A report the coordinator cannot place (a recovery it does not know: it restarted, or
+  // is retrying one that failed) is kOk when the tablets it names are that master's in
+  // the persisted map, kUnknownTablet when they are not.
+  REQUIRE(!tablets->empty());
+  const TabletInfo& mine = tablets->front();
+  for (const uint64_t claimed : {mine.server_id, victim}) {
+    std::vector<std::byte> body;
+    wire::BodyWriter w(&body);
+    w.put(wire::RecoveryMasterFinishedRequest{.recovery_id = 1,
+                                              .recovery_master_id = claimed,
+                                              .partition_id = 0,
+                                              .status = static_cast<uint16_t>(Status::kOk)});
+    w.put(wire::TabletListHeader{.count = 1});
+    w.put(wire::TabletWire{.table_id = mine.table_id,
+                           .start_hash = mine.start_hash,
+                           .end_hash = mine.end_hash,
+                           .server_id = claimed});
+    auto r =
+        call(*transport, cluster.coordinator(),
+             {.opcode = wire::Opcode::kRecoveryMasterFinished, .timeout_ns = 5'000'000'000}, body);
+    CHECK(r.status == (claimed == victim ? Status::kUnknownTablet : Status::kOk));
+  }
 }
 
 TEST_CASE("recovery: a log with a segment missing everywhere stops with an error",
