@@ -36,12 +36,19 @@ uint64_t MasterNotifier::post(std::vector<Message> messages) {
     ++count;
   }
   if (count > 0) remaining_[ticket] = count;
+  if (count < messages.size()) {
+    short_tickets_.push_back(ticket);
+    if (short_tickets_.size() > 1024) short_tickets_.pop_front();
+  }
   work_cv_.notify_one();
   return ticket;
 }
 
 bool MasterNotifier::wait(uint64_t ticket, uint64_t timeout_ns) {
   std::unique_lock lock(mutex_);
+  if (std::find(short_tickets_.begin(), short_tickets_.end(), ticket) != short_tickets_.end()) {
+    return false;
+  }
   return done_cv_.wait_for(lock, std::chrono::nanoseconds(timeout_ns),
                            [&] { return !remaining_.contains(ticket); });
 }

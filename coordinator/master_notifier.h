@@ -66,6 +66,7 @@ class MasterNotifier {
 
   uint64_t post(std::vector<Message> messages);
   // Waits until every message of `ticket` completed, or `timeout_ns`; true if they did.
+  // False at once for a ticket post() had to drop messages of (queue full).
   bool wait(uint64_t ticket, uint64_t timeout_ns);
   // Waits until nothing is queued or in flight (tests).
   bool wait_idle(uint64_t timeout_ns);
@@ -104,6 +105,7 @@ class MasterNotifier {
   std::deque<Queued> queue_;              // guarded by mutex_
   std::map<uint64_t, size_t> remaining_;  // ticket -> messages not yet complete
   size_t pending_ = 0;                    // posted and not yet complete; guarded by mutex_
+  std::deque<uint64_t> short_tickets_;    // the latest tickets post() dropped messages of
   uint64_t next_ticket_ = 1;              // guarded by mutex_
   bool stop_ = false;                     // guarded by mutex_
   uint64_t next_rpc_seq_ = 1;             // notifier thread only

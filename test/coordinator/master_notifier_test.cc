@@ -128,6 +128,23 @@ TEST_CASE("master notifier: a server list never waits behind an order being rese
                                                        wire::Opcode::kTakeTablets});
 }
 
+TEST_CASE("master notifier: a ticket whose messages did not all fit is not waited for",
+          "[coordinator][notifier]") {
+  ScriptedServer server({});
+  auto options = quick();
+  options.max_queued = 1;
+  MasterNotifier notifier(options);
+  uint64_t ticket = notifier.post(
+      {{.locator = server.locator(), .opcode = wire::Opcode::kTakeTablets, .body = {}},
+       {.locator = server.locator(), .opcode = wire::Opcode::kTakeTablets, .body = {}}});
+  CHECK_FALSE(notifier.wait(ticket, 5 * kSeconds));
+  CHECK(notifier.wait_idle(5 * kSeconds));
+  CHECK(server.received().size() == 1);
+  uint64_t fits = notifier.post(
+      {{.locator = server.locator(), .opcode = wire::Opcode::kTakeTablets, .body = {}}});
+  CHECK(notifier.wait(fits, 5 * kSeconds));
+}
+
 TEST_CASE("master notifier: one slow server holds up only its own messages",
           "[coordinator][notifier]") {
   ScriptedServer slow(std::vector<Status>(100, Status::kRetry));
