@@ -130,6 +130,12 @@ void Client::Impl::on_reply(const OpPtr& op, Status status, std::span<const std:
   // A master the coordinator declared crashed answers kFenced: its tablets are going to
   // recovery masters. For the client that is "not mine" (docs/recovery.md).
   if (op->target == Target::kRouted && status == Status::kFenced) status = Status::kUnknownTablet;
+  // The last attempt's RPC timeout is cut to what is left of the operation's: its timeout
+  // at the deadline says nothing new, and the answer before it (kRetry from a server that
+  // kept refusing, say) stays the operation's.
+  if (op->resend && status == Status::kTimeout && op->attempts > 1 && now_ns() >= op->deadline_ns) {
+    return finish(op, op->last_transient, {});
+  }
   if (!op->resend || !client::should_resend(status)) return finish(op, status, body);
   if (op->target == Target::kRouted && tables_[op->table_id].epoch == op->map_epoch) {
     mark_stale(op->table_id);
