@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   std::string transport = "tcp";
   std::string rdma_device;
   uint32_t rdma_port = 1;
+  std::string tcp_congestion = "cubic";
   for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
     if (sub->get_name() == "memory" || sub->get_name() == "replay" ||
         sub->get_name() == "backup-disk") {
@@ -48,6 +49,10 @@ int main(int argc, char** argv) {
     sub->add_option("--rdma-port", rdma_port, "rdma: the device port")
         ->check(CLI::Range(1, 255))
         ->capture_default_str();
+    sub->add_option("--tcp-congestion", tcp_congestion,
+                    "tcp: the congestion control of this process's sockets (and, with "
+                    "recovery --local, of the cluster's), or 'default' for the kernel's")
+        ->capture_default_str();
   }
   try {
     app.parse(argc, argv);
@@ -59,6 +64,15 @@ int main(int argc, char** argv) {
   // The clients of latency and throughput make their transport from these (as
   // ClientOptions); everything else here (recovery's clients, the servers it starts)
   // follows the process-wide choice below.
+  bool congestion_given = false;
+  for (CLI::App* sub : app.get_subcommands()) {
+    const CLI::Option* opt = sub->get_option_no_throw("--tcp-congestion");
+    congestion_given = congestion_given || (opt != nullptr && opt->count() > 0);
+  }
+  if (std::string why; !ramkv::choose_tcp_congestion(tcp_congestion, congestion_given, &why)) {
+    std::fprintf(stderr, "ramkv-bench: bad --tcp-congestion: %s\n", why.c_str());
+    return 2;
+  }
   cluster.transport = transport;
   cluster.rdma_device = rdma_device;
   cluster.rdma_port = rdma_port;

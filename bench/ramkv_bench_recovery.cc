@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <fmt/format.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -92,6 +93,12 @@ class LocalCluster {
     const std::string transport(client_transport_name());
     argv.push_back("--transport");
     argv.push_back(transport);
+    // And its sockets use this process's congestion control (ramkv-bench --tcp-congestion),
+    // which the network floor's streams use too.
+    const std::string congestion =
+        tcp_congestion().empty() ? std::string("default") : std::string(tcp_congestion());
+    argv.push_back("--tcp-congestion");
+    argv.push_back(congestion);
     if (!o.partition_bytes.empty()) {
       argv.push_back("--recovery-partition-bytes");
       argv.push_back(o.partition_bytes);
@@ -136,7 +143,9 @@ class LocalCluster {
                                        "--data-dir",
                                        fmt::format("{}/backup-{}", dir_, i + 1),
                                        "--transport",
-                                       transport};
+                                       transport,
+                                       "--tcp-congestion",
+                                       congestion};
       if (table != "default") {
         args.push_back("--hash-table-bytes");
         args.push_back(table);
@@ -372,6 +381,15 @@ double cpu_of_children() {
 
 // Runs in a forked child: no allocation, no logging, _exit only. Writes a byte to `ready`
 // once its buffer is touched.
+// The cluster's congestion control (tcp_congestion()) on a floor stream's socket, without
+// allocating or logging (a forked child); the parent checked at start that it is usable.
+void set_congestion(int fd) {
+  const std::string_view name = tcp_congestion();
+  if (fd >= 0 && !name.empty()) {
+    ::setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name.data(), static_cast<socklen_t>(name.size()));
+  }
+}
+
 [[noreturn]] void floor_child(bool sender, int listen_fd, uint16_t port, int barrier, int ready,
                               uint64_t bytes) {
   constexpr size_t kChunk = 1u << 20;
@@ -402,6 +420,7 @@ double cpu_of_children() {
   while (::read(barrier, &c, 1) > 0) {
   }
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  set_congestion(fd);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
@@ -432,6 +451,7 @@ std::optional<NetworkFloor> network_floor(uint64_t bytes, uint32_t streams) {
   bool ok = true;
   for (uint32_t i = 0; i < streams && ok; ++i) {
     int listen_fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    set_congestion(listen_fd);  // accepted sockets inherit it
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);

@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <charconv>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -72,6 +73,7 @@ static_assert(kMaxIov <= IOV_MAX);
 constexpr size_t kParseBatchBytes = 256 * 1024;
 
 void set_socket_options(int fd, const TransportOptions& o) {
+  apply_tcp_congestion(fd);
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   unsigned timeout = o.tcp_user_timeout_ms;
@@ -959,6 +961,71 @@ std::unique_ptr<ClientTransport> make_client_transport(const TransportOptions& o
 }
 
 void set_client_transport_name(std::string_view name) { g_client_transport_name = name; }
+
+namespace {
+std::string g_tcp_congestion = "cubic";  // set at start, before threads
+std::atomic<bool> g_tcp_congestion_refused{false};
+}  // namespace
+
+void set_tcp_congestion(std::string_view name) { g_tcp_congestion = name; }
+std::string_view tcp_congestion() { return g_tcp_congestion; }
+
+bool tcp_congestion_usable(std::string_view name, std::string* why) {
+  if (name.empty()) return true;
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    if (why != nullptr) *why = std::strerror(errno);
+    return false;
+  }
+  const std::string n(name);
+  const bool ok = ::setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, n.data(),
+                               static_cast<socklen_t>(n.size())) == 0;
+  if (!ok && why != nullptr) *why = std::strerror(errno);
+  ::close(fd);
+  return ok;
+}
+
+bool choose_tcp_congestion(std::string_view flag, bool given, std::string* error) {
+  const std::string_view name = flag == "default" ? std::string_view() : flag;
+  std::string why;
+  if (tcp_congestion_usable(name, &why)) {
+    set_tcp_congestion(name);
+    return true;
+  }
+  std::string offered;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/tcp_allowed_congestion_control", "r")) {
+    char line[256] = {};
+    if (std::fgets(line, sizeof(line), f) != nullptr) offered = line;
+    std::fclose(f);
+    while (!offered.empty() && offered.back() == '\n') offered.pop_back();
+  }
+  std::string text =
+      std::string("TCP congestion control '") + std::string(name) + "': the kernel refused it (" +
+      why + ")" +
+      (offered.empty() ? std::string() : "; it lets sockets use: " + offered + ", or 'default'");
+  if (given) {
+    if (error != nullptr) *error = std::move(text);
+    return false;
+  }
+  LOG_WARNING("{}; sockets keep the kernel's default", text);
+  set_tcp_congestion({});
+  return true;
+}
+
+bool apply_tcp_congestion(int fd) {
+  const std::string& name = g_tcp_congestion;
+  if (name.empty()) return true;
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name.data(),
+                   static_cast<socklen_t>(name.size())) == 0) {
+    return true;
+  }
+  const int err = errno;
+  if (!g_tcp_congestion_refused.exchange(true)) {
+    LOG_WARNING("TCP congestion control {}: {}; sockets keep the kernel's default", name,
+                std::strerror(err));
+  }
+  return false;
+}
 std::string_view client_transport_name() { return g_client_transport_name; }
 
 CallResult call(ClientTransport& transport, const std::string& locator,

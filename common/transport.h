@@ -286,6 +286,27 @@ std::unique_ptr<ClientTransport> make_client_transport(const TransportOptions& o
 void set_client_transport_name(std::string_view name);
 std::string_view client_transport_name();
 
+// The congestion control every TCP socket of this process uses (TCP_CONGESTION), set on
+// each socket before it connects or as it is accepted. "cubic" unless the process chose
+// another at start, before making any transport (`--tcp-congestion`); "" leaves the
+// kernel's default (net.ipv4.tcp_congestion_control). Why not the kernel's default: where
+// that is BBR, every connection is paced by the kernel (a timer per burst), and on the
+// machines we measure on a loopback stream then costs twice the CPU per byte (the bench's
+// network floor: 1.02 CPU-s for 2.95 GB against 0.47 with cubic; docs/recovery.md).
+void set_tcp_congestion(std::string_view name);
+std::string_view tcp_congestion();
+// Whether this kernel lets a socket use `name` (probes a socket of its own); errno's text
+// in *why when not. "" is always usable.
+bool tcp_congestion_usable(std::string_view name, std::string* why);
+// A program's `--tcp-congestion NAME` flag ("default": the kernel's). Sets it when the
+// kernel lets sockets use it and returns true; otherwise, when the flag was given
+// (`given`), returns false with the reason in *error (what the kernel offers included),
+// and when it was not (the built-in "cubic"), logs a warning and leaves the kernel's.
+bool choose_tcp_congestion(std::string_view flag, bool given, std::string* error);
+// Sets tcp_congestion() on a socket; a refusal is logged once per process (the socket
+// keeps the kernel's default) and returns false.
+bool apply_tcp_congestion(int fd);
+
 // A synchronous call on a client transport: sends and polls until the response or the
 // timeout. status is the transport's or, on delivery, the response header's status.
 struct CallResult {

@@ -21,6 +21,7 @@ struct Flags {
   std::string listen = "127.0.0.1:12246";
   std::string data_dir;
   std::string poll = "block";
+  std::string tcp_congestion = "cubic";
   std::string log_level = "info";
   uint32_t verify_timeout_ms = 500;
   uint32_t verify_attempts = 3;
@@ -59,6 +60,10 @@ int main(int argc, char** argv) {
                  "crash recovery: the share of a crashed master's data each recovery master "
                  "replays (about a second of work each), e.g. 512M")
       ->capture_default_str();
+  app.add_option("--tcp-congestion", flags.tcp_congestion,
+                 "tcp: the congestion control of the coordinator's sockets, or 'default' for "
+                 "the kernel's (see ramkv-server --help)")
+      ->capture_default_str();
   app.add_option("--transport", flags.transport,
                  "RPC transport: tcp, or rdma (every process of the cluster must use the same)")
       ->check(CLI::IsMember({"tcp", "rdma"}))
@@ -83,6 +88,11 @@ int main(int argc, char** argv) {
   LogLevel level;
   parse_log_level(flags.log_level, &level);
   set_log_level(level);
+  if (std::string why;
+      !choose_tcp_congestion(flags.tcp_congestion, app.count("--tcp-congestion") > 0, &why)) {
+    std::fprintf(stderr, "ramkv-coordinator: bad --tcp-congestion: %s\n", why.c_str());
+    return 2;
+  }
 
   auto store = coordinator::FileStore::open(flags.data_dir);
   if (!store.ok()) {
@@ -134,7 +144,11 @@ int main(int argc, char** argv) {
   }
   stop_on_signal(service->get());
   install_stop_signals();
-  LOG_INFO("coordinator listening on {} ({})", (*service)->locator(), flags.transport);
+  LOG_INFO("coordinator listening on {} ({})", (*service)->locator(),
+           flags.transport == "rdma" ? std::string("rdma")
+           : tcp_congestion().empty()
+               ? std::string("tcp, the kernel's congestion control")
+               : "tcp, " + std::string(tcp_congestion()) + " congestion control");
   (*service)->run();
   stop_on_signal<coordinator::CoordinatorService>(nullptr);
   LOG_INFO("coordinator stopped");

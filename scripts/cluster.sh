@@ -5,7 +5,7 @@
 #                             [--durability buffered|disk] [--dir DIR] [--port P]
 #                             [--memory SIZE] [--poll block|busy] [--bin DIR]
 #                             [--transport tcp|rdma] [--rdma-device NAME]
-#                             [--backup-buffers-at-start N]
+#                             [--backup-buffers-at-start N] [--tcp-congestion NAME]
 #   scripts/cluster.sh status [--dir DIR]
 #   scripts/cluster.sh stop   [--dir DIR]
 #   scripts/cluster.sh kill   ADDRESS [--dir DIR]
@@ -30,6 +30,9 @@
 #                 segment buffers each backup allocates and touches at start (default:
 #                 ramkv-server's): a backup reads its share of a crashed master into
 #                 them, fast where memory touched for the first time is slow (VMs)
+#   --tcp-congestion NAME
+#                 the congestion control of every process's TCP sockets (default: the
+#                 programs' own, cubic; 'default': the kernel's)
 # Server n logs to DIR/logs/server-<n>.log; a backup keeps its replica files in
 # DIR/backup-<n>; PIDs go to DIR/pids, the coordinator's state to DIR/coordinator. All of
 # it is started afresh (a new cluster's masters are empty, so old replicas and state
@@ -60,6 +63,7 @@ poll=block
 transport=tcp
 rdma_device=""
 backup_buffers_at_start=""
+tcp_congestion=""
 bin="$root/build/bin"
 
 # The header comment above, without the '#'.
@@ -67,7 +71,7 @@ usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport|--rdma-device|--backup-buffers-at-start)
+    --dir|--servers|--masters|--backups|--replicas|--durability|--port|--memory|--poll|--bin|--transport|--rdma-device|--backup-buffers-at-start|--tcp-congestion)
       [ $# -ge 2 ] || die "$1 needs a value (see --help)"
       case "$1" in
         --dir) dir=$2 ;;
@@ -82,6 +86,7 @@ while [ $# -gt 0 ]; do
         --transport) transport=$2 ;;
         --rdma-device) rdma_device=$2 ;;
         --backup-buffers-at-start) backup_buffers_at_start=$2 ;;
+        --tcp-congestion) tcp_congestion=$2 ;;
         --bin) bin=$2 ;;
       esac
       shift 2 ;;
@@ -106,6 +111,7 @@ fi
 # The transport flags every process gets.
 transport_args=(--transport "$transport")
 if [ -n "$rdma_device" ]; then transport_args+=(--rdma-device "$rdma_device"); fi
+if [ -n "$tcp_congestion" ]; then transport_args+=(--tcp-congestion "$tcp_congestion"); fi
 total=$((servers + masters + backups))
 
 # Checks the shape of the cluster asked for (start only; stop and status ignore it).

@@ -53,6 +53,7 @@ struct ServerOptions {
   std::string segment_bytes;
   std::string hash_table_bytes;
   std::string poll = "block";
+  std::string tcp_congestion = "cubic";
   std::string log_level;
   std::string data_dir;
   uint32_t replicas = 3;
@@ -157,6 +158,11 @@ void add_flags(CLI::App& app, ServerOptions& o) {
   app.add_option("--segment-bytes", o.segment_bytes, "log segment size, e.g. 8M (default 8M)");
   app.add_option("--hash-table-bytes", o.hash_table_bytes,
                  "hash-table memory (default: memory / 16)");
+  app.add_option("--tcp-congestion", o.tcp_congestion,
+                 "tcp: the congestion control of this server's sockets, or 'default' for the "
+                 "kernel's (net.ipv4.tcp_congestion_control); cubic because the kernel's "
+                 "pacing under BBR doubles the CPU a byte costs on loopback (docs/rpc.md)")
+      ->capture_default_str();
   app.add_option("--poll", o.poll, "dispatch loop: busy (spin) or block (sleep in the kernel)")
       ->check(CLI::IsMember({"busy", "block"}))
       ->capture_default_str();
@@ -513,15 +519,19 @@ int run_server(const ServerOptions& o) {
       collector->start();
     }
   }
-  LOG_INFO("server {} listening on {} ({}{}{})", server_id, locator,
-           master ? fmt::format("master with {} of log memory, a {} hash table, {} replicas",
-                                ramkv::format_bytes(master->objects().config().memory_bytes),
-                                ramkv::format_bytes(master->objects().stats().hash_table_bytes),
-                                o.replicas)
-                  : std::string(),
-           master && backup ? "; " : "",
-           backup ? fmt::format("backup in {}, {} durability", o.data_dir, o.durability)
-                  : std::string());
+  LOG_INFO(
+      "server {} listening on {} ({}{}{}; {})", server_id, locator,
+      master
+          ? fmt::format("master with {} of log memory, a {} hash table, {} replicas",
+                        ramkv::format_bytes(master->objects().config().memory_bytes),
+                        ramkv::format_bytes(master->objects().stats().hash_table_bytes), o.replicas)
+          : std::string(),
+      master && backup ? "; " : "",
+      backup ? fmt::format("backup in {}, {} durability", o.data_dir, o.durability) : std::string(),
+      o.transport == "rdma" ? std::string("rdma")
+      : ramkv::tcp_congestion().empty()
+          ? std::string("tcp, the kernel's congestion control")
+          : fmt::format("tcp, {} congestion control", ramkv::tcp_congestion()));
   transport->run([&](const ramkv::wire::MessageHeader& h, std::span<const std::byte> body,
                      ramkv::Reply& reply) {
     const auto op = static_cast<ramkv::wire::Opcode>(h.opcode);
@@ -614,6 +624,10 @@ int main(int argc, char** argv) {
   }
   if (auto loc = ramkv::parse_locator(options.listen); !loc.ok()) {
     return fail(2, "bad --listen '{}': expected HOST:PORT", options.listen);
+  }
+  if (std::string why; !ramkv::choose_tcp_congestion(options.tcp_congestion,
+                                                     app.count("--tcp-congestion") > 0, &why)) {
+    return fail(2, "bad --tcp-congestion: {}", why);
   }
   ramkv::install_stop_signals();
   return run_server(options);

@@ -6,12 +6,15 @@
 
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <set>
 
 #include "common/checksum.h"
 #include "common/clock.h"
 #include "test/cluster/cluster_fixture.h"
+#include "test/temp_dir.h"
 
 namespace ramkv::test {
 namespace {
@@ -41,8 +44,8 @@ std::vector<std::byte> read_request(uint64_t table, std::string_view key) {
 
 // Bounded: a tool that hangs ends with 124 and what it printed, not the test's timeout
 // (it happened once, over emulated verbs, and could not be reproduced in 271 runs).
-int run_tool(const std::string& args, std::string* output) {
-  std::string cmd = "timeout -k 5 60 " + std::string(RAMKV_BIN_DIR) + "/ramkv";
+int run_program(const std::string& program, const std::string& args, std::string* output) {
+  std::string cmd = "timeout -k 5 60 " + std::string(RAMKV_BIN_DIR) + "/" + program;
   for (const auto& a : transport_args()) cmd += " " + a;
   cmd += " " + args + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
@@ -53,8 +56,13 @@ int run_tool(const std::string& args, std::string* output) {
   int status = ::pclose(p);
   const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   if (code == 124)
-    WARN("`ramkv " << args << "` ran past 60 s and was stopped; it printed: " << *output);
+    WARN("`" << program << " " << args
+             << "` ran past 60 s and was stopped; it printed: " << *output);
   return code;
+}
+
+int run_tool(const std::string& args, std::string* output) {
+  return run_program("ramkv", args, output);
 }
 
 }  // namespace
@@ -308,6 +316,27 @@ TEST_CASE("cluster: the ramkv tool puts, gets, and reports a missing key with ex
 }  // namespace ramkv::test
 
 namespace ramkv::test {
+
+TEST_CASE("cluster: a congestion control the kernel refuses stops the programs at start",
+          "[cluster]") {
+  TempDir dir;
+  std::string out;
+  CHECK(run_program("ramkv-server",
+                    "--coordinator 127.0.0.1:1 --listen 127.0.0.1:0 --tcp-congestion no-such-cc",
+                    &out) == 2);
+  CHECK(out.find("--tcp-congestion") != std::string::npos);
+  CHECK(out.find("no-such-cc") != std::string::npos);
+  CHECK(run_program("ramkv-coordinator",
+                    "--listen 127.0.0.1:0 --data-dir " + dir.path + " --tcp-congestion no-such-cc",
+                    &out) == 2);
+  CHECK(out.find("no-such-cc") != std::string::npos);
+  // What a cluster's servers chose is in their start line.
+  LocalCluster cluster(1);
+  std::ifstream in(cluster.server(0).log_path());
+  const std::string log((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(log.find(test_transport() == "rdma" ? "; rdma)" : "; tcp, cubic congestion control)") !=
+        std::string::npos);
+}
 
 TEST_CASE("cluster: every server is told the server list when a server enlists", "[cluster]") {
   LocalCluster cluster(3);

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -103,6 +105,77 @@ TEST_CASE("tcp transport: parse_locator accepts host:port and rejects the rest",
   for (const char* bad : {"", "127.0.0.1", ":80", "host:", "host:99999", "host:12x", "host:-1"}) {
     CHECK(parse_locator(bad).status() == Status::kInvalidArgument);
   }
+}
+
+// The congestion control of this process's connected TCP sockets that have `port` at
+// either end, by their descriptors in /proc/self/fd.
+std::vector<std::string> congestion_of_sockets_on(uint16_t port) {
+  std::vector<std::string> names;
+  for (int fd = 0; fd < 4096; ++fd) {
+    int domain = 0;
+    int type = 0;
+    socklen_t len = sizeof(int);
+    if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_INET) continue;
+    len = sizeof(int);
+    if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) continue;
+    sockaddr_in local{};
+    sockaddr_in peer{};
+    socklen_t alen = sizeof(local);
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &alen) != 0) continue;
+    alen = sizeof(peer);
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &alen) != 0) continue;
+    if (ntohs(local.sin_port) != port && ntohs(peer.sin_port) != port) continue;
+    char name[32] = {};
+    len = sizeof(name);
+    REQUIRE(::getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name, &len) == 0);
+    names.emplace_back(name);
+  }
+  return names;
+}
+
+TEST_CASE("tcp transport: every socket uses the process's congestion control", "[common][tcp]") {
+  // One the kernel would not have given them: reno unless that is its default.
+  std::string kernel_default;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/tcp_congestion_control", "r")) {
+    char line[64] = {};
+    if (std::fgets(line, sizeof(line), f) != nullptr) kernel_default = line;
+    std::fclose(f);
+  }
+  while (!kernel_default.empty() && kernel_default.back() == '\n') kernel_default.pop_back();
+  const std::string chosen = kernel_default == "reno" ? "cubic" : "reno";
+  REQUIRE(tcp_congestion() == "cubic");  // the built-in choice
+  std::string why;
+  REQUIRE(tcp_congestion_usable(chosen, &why));
+  set_tcp_congestion(chosen);
+  {
+    EchoServer server;
+    auto client = make_tcp_client_transport({});
+    REQUIRE(echo(*client, server.locator(), "congestion").status == Status::kOk);
+    auto port = parse_locator(server.locator())->port;
+    auto names = congestion_of_sockets_on(port);
+    CHECK(names.size() == 2);  // the client's socket and the one the server accepted
+    for (const auto& n : names) CHECK(n == chosen);
+  }
+  // "default" leaves the kernel's; an unknown name is refused with what the kernel offers
+  // when given, and falls back to the kernel's (with a warning) when not.
+  REQUIRE(choose_tcp_congestion("default", true, &why));
+  CHECK(tcp_congestion().empty());
+  {
+    EchoServer server;
+    auto client = make_tcp_client_transport({});
+    REQUIRE(echo(*client, server.locator(), "congestion").status == Status::kOk);
+    auto names = congestion_of_sockets_on(parse_locator(server.locator())->port);
+    CHECK(names.size() == 2);
+    for (const auto& n : names) CHECK(n == kernel_default);
+  }
+  why.clear();
+  CHECK_FALSE(choose_tcp_congestion("no-such-cc", true, &why));
+  CHECK(why.find("no-such-cc") != std::string::npos);
+  CHECK(tcp_congestion().empty());  // unchanged by a refusal
+  set_tcp_congestion("cubic");
+  CHECK(choose_tcp_congestion("no-such-cc", false, &why));
+  CHECK(tcp_congestion().empty());
+  set_tcp_congestion("cubic");
 }
 
 TEST_CASE("tcp transport: an echo request comes back with its body", "[common][tcp]") {
