@@ -962,6 +962,8 @@ std::unique_ptr<ClientTransport> make_client_transport(const TransportOptions& o
 
 void set_client_transport_name(std::string_view name) { g_client_transport_name = name; }
 
+std::string_view client_transport_name() { return g_client_transport_name; }
+
 namespace {
 std::string g_tcp_congestion = "cubic";  // set at start, before threads
 std::atomic<bool> g_tcp_congestion_refused{false};
@@ -1026,7 +1028,6 @@ bool apply_tcp_congestion(int fd) {
   }
   return false;
 }
-std::string_view client_transport_name() { return g_client_transport_name; }
 
 CallResult call(ClientTransport& transport, const std::string& locator,
                 const ClientTransport::Request& request, std::span<const std::byte> body) {
