@@ -94,11 +94,13 @@ class LocalCluster {
     argv.push_back("--transport");
     argv.push_back(transport);
     // And its sockets use this process's congestion control (ramkv-bench --tcp-congestion),
-    // which the network floor's streams use too.
+    // which the network floor's streams use too. Named only when it is not the programs'
+    // own (cubic), so that --bin can still name a build from before the flag.
     const std::string congestion =
         tcp_congestion().empty() ? std::string("default") : std::string(tcp_congestion());
-    argv.push_back("--tcp-congestion");
-    argv.push_back(congestion);
+    std::vector<std::string> congestion_args;
+    if (congestion != "cubic") congestion_args = {"--tcp-congestion", congestion};
+    argv.insert(argv.end(), congestion_args.begin(), congestion_args.end());
     if (!o.partition_bytes.empty()) {
       argv.push_back("--recovery-partition-bytes");
       argv.push_back(o.partition_bytes);
@@ -143,9 +145,8 @@ class LocalCluster {
                                        "--data-dir",
                                        fmt::format("{}/backup-{}", dir_, i + 1),
                                        "--transport",
-                                       transport,
-                                       "--tcp-congestion",
-                                       congestion};
+                                       transport};
+      args.insert(args.end(), congestion_args.begin(), congestion_args.end());
       if (table != "default") {
         args.push_back("--hash-table-bytes");
         args.push_back(table);
@@ -379,16 +380,20 @@ double cpu_of_children() {
   return sec(u.ru_utime) + sec(u.ru_stime);
 }
 
-// Runs in a forked child: no allocation, no logging, _exit only. Writes a byte to `ready`
-// once its buffer is touched.
 // The cluster's congestion control (tcp_congestion()) on a floor stream's socket, without
 // allocating or logging (a forked child); the parent checked at start that it is usable.
+// Set before connect() or listen(): an established socket switched away from BBR stays
+// paced (the kernel never clears the pacing BBR asked for), and accepted sockets inherit
+// the listener's choice.
 void set_congestion(int fd) {
   const std::string_view name = tcp_congestion();
   if (fd >= 0 && !name.empty()) {
     ::setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name.data(), static_cast<socklen_t>(name.size()));
   }
 }
+
+// Runs in a forked child: no allocation, no logging, _exit only. Writes a byte to `ready`
+// once its buffer is touched.
 
 [[noreturn]] void floor_child(bool sender, int listen_fd, uint16_t port, int barrier, int ready,
                               uint64_t bytes) {

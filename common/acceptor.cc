@@ -11,6 +11,7 @@
 #include <ctime>
 
 #include "common/log.h"
+#include "common/transport.h"
 
 namespace ramkv {
 
@@ -54,6 +55,11 @@ Result<int> listen_tcp(const std::string& text, std::string* bound) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   int one = 1;
   if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  // The process's congestion control, on the listener: accepted sockets inherit it from
+  // their first packet. Set after accept() instead, a switch away from the kernel's BBR
+  // would leave the socket paced (BBR turns pacing on when the connection is established,
+  // and nothing turns it off), which is the cost the choice is there to avoid.
+  if (fd >= 0) apply_tcp_congestion(fd);
   if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr)) != 0 ||
       ::listen(fd, 1024) != 0) {
     LOG_ERROR("cannot listen on {}: {}", text, std::strerror(errno));

@@ -994,22 +994,27 @@ bool choose_tcp_congestion(std::string_view flag, bool given, std::string* error
     set_tcp_congestion(name);
     return true;
   }
-  std::string offered;
-  if (FILE* f = std::fopen("/proc/sys/net/ipv4/tcp_allowed_congestion_control", "r")) {
-    char line[256] = {};
-    if (std::fgets(line, sizeof(line), f) != nullptr) offered = line;
-    std::fclose(f);
-    while (!offered.empty() && offered.back() == '\n') offered.pop_back();
-  }
-  std::string text =
-      std::string("TCP congestion control '") + std::string(name) + "': the kernel refused it (" +
-      why + ")" +
-      (offered.empty() ? std::string() : "; it lets sockets use: " + offered + ", or 'default'");
+  auto read_line = [](const char* path) {
+    std::string out;
+    if (FILE* f = std::fopen(path, "r")) {
+      char line[256] = {};
+      if (std::fgets(line, sizeof(line), f) != nullptr) out = line;
+      std::fclose(f);
+    }
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    return out;
+  };
+  const std::string available = read_line("/proc/sys/net/ipv4/tcp_available_congestion_control");
+  const std::string allowed = read_line("/proc/sys/net/ipv4/tcp_allowed_congestion_control");
+  std::string text = std::string("TCP congestion control '") + std::string(name) +
+                     "': the kernel refused it (" + why + ")";
+  if (!available.empty()) text += "; loaded: " + available;
+  if (!allowed.empty()) text += "; allowed without CAP_NET_ADMIN: " + allowed;
   if (given) {
-    if (error != nullptr) *error = std::move(text);
+    if (error != nullptr) *error = text + "; or 'default' for the kernel's own";
     return false;
   }
-  LOG_WARNING("{}; sockets keep the kernel's default", text);
+  LOG_WARNING("{}. Sockets keep the kernel's default", text);
   set_tcp_congestion({});
   return true;
 }

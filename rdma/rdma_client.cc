@@ -234,6 +234,7 @@ class RdmaClientTransport final : public ClientTransport {
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    apply_tcp_congestion(fd);
     int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&*addr), sizeof(*addr));
     if (rc != 0 && errno != EINPROGRESS) {
       ::close(fd);
