@@ -331,11 +331,19 @@ TEST_CASE("cluster: a congestion control the kernel refuses stops the programs a
                     &out) == 2);
   CHECK(out.find("no-such-cc") != std::string::npos);
   // What a cluster's servers chose is in their start line.
+  // (It is written once the server has enlisted, maybe after the cluster is up: wait for
+  // it, bounded.)
   LocalCluster cluster(1);
-  std::ifstream in(cluster.server(0).log_path());
-  const std::string log((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  CHECK(log.find(test_transport() == "rdma" ? "; rdma)" : "; tcp, cubic congestion control)") !=
-        std::string::npos);
+  const std::string line =
+      test_transport() == "rdma" ? "; rdma)" : "; tcp, cubic congestion control)";
+  std::string log;
+  for (int i = 0; i < 1000 && log.find(" listening on ") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::ifstream in(cluster.server(0).log_path());
+    log.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  INFO(log);
+  CHECK(log.find(line) != std::string::npos);
 }
 
 TEST_CASE("cluster: every server is told the server list when a server enlists", "[cluster]") {
