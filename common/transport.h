@@ -287,7 +287,8 @@ void set_client_transport_name(std::string_view name);
 std::string_view client_transport_name();
 
 // The congestion control every TCP socket of this process uses (TCP_CONGESTION), set on
-// each socket before it connects or as it is accepted. "cubic" unless the process chose
+// each socket before it connects, and on listeners (accepted sockets inherit it: set
+// after the handshake, a socket BBR had paced would stay paced). "cubic" unless the process chose
 // another at start, before making any transport (`--tcp-congestion`); "" leaves the
 // kernel's default (net.ipv4.tcp_congestion_control). Why not the kernel's default: where
 // that is BBR, every connection is paced by the kernel (a timer per burst), and on the
